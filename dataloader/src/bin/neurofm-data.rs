@@ -1,0 +1,141 @@
+//! `neurofm-data`: inspect single-cell files, convert them to neurofm stores, make synthetic data.
+//! Exit codes: 0 ok, 1 runtime failure, 2 bad input or usage.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use dataloader::convert::{self, ConvertOptions, CountsChoice};
+use dataloader::select::{GeneSelection, KeepFilter};
+use dataloader::synth::{self, SynthOptions};
+use dataloader::DataError;
+
+#[derive(Parser)]
+#[command(name = "neurofm-data", version, about = "Single-cell data for neurofm: inspect, convert to Zarr, synthesize")]
+struct Cli {
+    /// Less output: no progress bar, warnings and errors only.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Summarize an .h5ad or .loom file: shape, where raw counts are, obs/var columns.
+    Inspect {
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert an .h5ad or .loom file into an AnnData-compatible Zarr v3 store.
+    Convert(ConvertArgs),
+    /// Write a synthetic h5ad (or loom) with known cell types, for demos and tests.
+    Synth(SynthOptions),
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    input: PathBuf,
+    output: PathBuf,
+    /// Count matrix: auto (first integer-valued of X, layers/counts, layers/*, raw/X), X, raw or layers/NAME.
+    #[arg(long, default_value = "auto")]
+    counts: CountsChoice,
+    /// Keep cells whose obs column has one of the values: COL=V1,V2 (repeatable; all must hold).
+    #[arg(long, value_name = "COL=V1,V2")]
+    keep: Vec<KeepFilter>,
+    /// CSV of per-cell metadata to join on obs names (e.g. the Allen atlas cell_metadata.csv).
+    #[arg(long, requires = "metadata_key")]
+    cell_metadata: Option<PathBuf>,
+    /// Column of --cell-metadata holding the obs names.
+    #[arg(long, requires = "cell_metadata")]
+    metadata_key: Option<String>,
+    /// Genes to keep: all, detected:N, hvg:N (Seurat dispersion) or list:FILE.
+    #[arg(long, default_value = "all")]
+    genes: GeneSelection,
+    /// Seed of the cell-order shuffle (recorded in the store).
+    #[arg(long, default_value_t = 0)]
+    shuffle_seed: u64,
+    /// Keep the source's cell order.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Store non-integer values (normalized data) instead of refusing them.
+    #[arg(long)]
+    allow_non_integer: bool,
+    /// Replace an existing output store.
+    #[arg(long)]
+    force: bool,
+    /// zstd level of the store's chunks.
+    #[arg(long, default_value_t = 3)]
+    zstd_level: i32,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = if cli.quiet { "warn" } else { "info" };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let code = e.downcast_ref::<DataError>().map(DataError::exit_code).unwrap_or(1);
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inspect { file, json } => {
+            let report = dataloader::inspect::inspect(&file)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+        }
+        Command::Convert(a) => {
+            let opts = ConvertOptions {
+                counts: a.counts,
+                keep: a.keep,
+                cell_metadata: a.cell_metadata.zip(a.metadata_key),
+                genes: a.genes,
+                shuffle_seed: (!a.no_shuffle).then_some(a.shuffle_seed),
+                allow_non_integer: a.allow_non_integer,
+                force: a.force,
+                zstd_level: a.zstd_level,
+                progress: !cli.quiet,
+                ..ConvertOptions::default()
+            };
+            let s = convert::convert(&a.input, &a.output, &opts)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!(
+                    "{}: {} cells × {} genes, {} non-zeros from {} in {:.2} s ({:.1} MB/s of input), store {:.1} MB",
+                    s.output.display(),
+                    s.n_cells,
+                    s.n_genes,
+                    s.nnz,
+                    s.counts_source,
+                    s.seconds,
+                    s.input_bytes as f64 / 1e6 / s.seconds.max(1e-9),
+                    s.output_bytes as f64 / 1e6
+                );
+            }
+        }
+        Command::Synth(opts) => {
+            let s = synth::write(&opts)?;
+            println!("{}: {} cells × {} genes, {} types, {} non-zeros", opts.output.display(), s.n_cells, s.n_genes, s.n_types, s.nnz);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,506 @@
+//! `.h5ad`/`.loom` → neurofm store, streaming in blocks of cells with bounded memory.
+//!
+//! Pipeline: a reader thread pulls blocks of selected cells from the source (HDF5 decoding is
+//! single-threaded) while this thread validates, shuffles and hands full shards to zarrs, which
+//! compresses their chunks on all cores. The store is built in a temp directory beside the
+//! output and renamed into place only when complete; `uns/neurofm` is written last.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::csr::CsrRows;
+use crate::error::{DataError, Result};
+use crate::rng::rng_for;
+use crate::select::{self, GeneScan, GeneSelection, KeepFilter};
+use crate::source::{self, CountsLocation, MatrixInfo, RowSource, SourceFile};
+use crate::store::write::StoreWriter;
+use crate::store::{Provenance, STORE_FORMAT_VERSION};
+
+/// Largest integer a `float32` holds exactly; counts above it would be silently rounded.
+const F32_EXACT_MAX: f32 = 16_777_216.0;
+/// Values examined per candidate matrix by `--counts auto`.
+const AUTO_SAMPLE: usize = 1 << 20;
+
+/// Where to take counts from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CountsChoice {
+    /// The first integer-valued matrix among `X`, `layers/counts`, other layers, `raw/X`.
+    Auto,
+    At(CountsLocation),
+}
+
+impl std::str::FromStr for CountsChoice {
+    type Err = DataError;
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "auto" {
+            Ok(CountsChoice::Auto)
+        } else {
+            CountsLocation::parse(s).map(CountsChoice::At)
+        }
+    }
+}
+
+/// Settings of one conversion (the `convert` command's flags).
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    pub counts: CountsChoice,
+    pub keep: Vec<KeepFilter>,
+    /// Per-cell CSV joined on obs names, and its key column.
+    pub cell_metadata: Option<(PathBuf, String)>,
+    pub genes: GeneSelection,
+    /// `None` keeps the source's cell order.
+    pub shuffle_seed: Option<u64>,
+    pub allow_non_integer: bool,
+    pub force: bool,
+    pub zstd_level: i32,
+    /// Non-zeros per source read; also the unit of shuffling (blocks are permuted globally,
+    /// cells are shuffled within a window of `window_blocks` blocks).
+    pub block_entries: u64,
+    pub window_blocks: usize,
+    pub progress: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            counts: CountsChoice::Auto,
+            keep: Vec::new(),
+            cell_metadata: None,
+            genes: GeneSelection::All,
+            shuffle_seed: Some(0),
+            allow_non_integer: false,
+            force: false,
+            zstd_level: 3,
+            block_entries: 1 << 20,
+            window_blocks: 4,
+            progress: false,
+        }
+    }
+}
+
+/// What a conversion did, printed by the CLI and used by benchmarks.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvertSummary {
+    pub output: PathBuf,
+    pub counts_source: String,
+    pub n_cells: usize,
+    pub n_genes: usize,
+    pub nnz: u64,
+    pub non_integer_values: u64,
+    pub seconds: f64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+}
+
+/// Deletes the temp directory unless the conversion committed it.
+struct TempDir(PathBuf, bool);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.1 {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Converts `input` into a store at `output`.
+pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<ConvertSummary> {
+    let started = Instant::now();
+    if output.exists() && !opts.force {
+        return Err(DataError::OutputExists { path: output.to_path_buf() });
+    }
+    let src = SourceFile::open(input)?;
+    let (loc, info) = resolve_counts(&src, opts)?;
+    tracing::info!("{}: counts from {loc} ({:?}, {}, {} cells × {} genes)", input.display(), info.layout, info.dtype, info.n_cells, info.n_genes);
+
+    let mut obs = src.obs()?;
+    let var = src.var(&loc)?;
+    if obs.len() != info.n_cells {
+        return Err(DataError::field(input, "obs", format!("has {} rows but {loc} has {} cells", obs.len(), info.n_cells)));
+    }
+    if var.len() != info.n_genes {
+        return Err(DataError::field(input, "var", format!("has {} rows but {loc} has {} genes", var.len(), info.n_genes)));
+    }
+    if let Some((csv, key)) = &opts.cell_metadata {
+        let unmatched = select::join_cell_metadata(&mut obs, csv, key)?;
+        if unmatched > 0 {
+            tracing::warn!("{}: {unmatched} cells have no row in the metadata CSV", csv.display());
+        }
+    }
+    let rows = select::apply_keep(&obs, &opts.keep, input)?;
+    if rows.is_empty() {
+        return Err(DataError::input(input, "zero cells left after --keep; check the filter values"));
+    }
+
+    let tmp = temp_path(output);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut guard = TempDir(tmp.clone(), false);
+    let scratch = tmp.join("_scratch");
+    let mut rowsrc = src.open_rows(&loc, Some(&scratch))?;
+
+    let scan = if opts.genes.needs_scan() {
+        let mut scan = GeneScan::new(info.n_genes);
+        for block in plan_blocks(rowsrc.as_ref(), &rows, opts.block_entries) {
+            scan.add(&source::read_selected(rowsrc.as_mut(), &block)?);
+        }
+        Some(scan)
+    } else {
+        None
+    };
+    let kept_genes = select::choose_genes(&opts.genes, &var, scan.as_ref(), input)?;
+    let mut gene_map: Vec<Option<u32>> = vec![None; info.n_genes];
+    for (j, &g) in kept_genes.iter().enumerate() {
+        gene_map[g] = Some(j as u32);
+    }
+
+    let mut blocks = plan_blocks(rowsrc.as_ref(), &rows, opts.block_entries);
+    if let Some(seed) = opts.shuffle_seed {
+        blocks.shuffle(&mut rng_for(&[seed, 0]));
+    }
+
+    let writer = StoreWriter::create(&tmp, opts.zstd_level)?;
+    let ctx = WriteContext { path: input, loc: loc.clone(), obs_names: &obs.index, allow_non_integer: opts.allow_non_integer };
+    let bar = progress_bar(opts.progress, rows.len() as u64);
+
+    let (written, sha) = std::thread::scope(|scope| -> Result<(Written, String)> {
+        let sha = scope.spawn(|| sha256_file(input));
+        let (tx, rx) = sync_channel::<Result<(Vec<usize>, CsrRows)>>(2);
+        let blocks_ref = &blocks;
+        let reader = scope.spawn(move || {
+            for block in blocks_ref {
+                let read = source::read_selected(rowsrc.as_mut(), block).map(|b| (block.clone(), b));
+                let failed = read.is_err();
+                if tx.send(read).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let written = write_matrix(&writer, rx, &ctx, &gene_map, kept_genes.len(), opts, &bar);
+        drop(reader.join());
+        let sha = sha.join().map_err(|_| DataError::Config("sha256 thread panicked".into()))??;
+        Ok((written?, sha))
+    })?;
+    bar.finish_and_clear();
+
+    let mut obs_out = obs.take(&written.source_rows);
+    let renamed_cells = obs_out.make_index_unique();
+    let mut var_out = var.take(&kept_genes);
+    let renamed_genes = var_out.make_index_unique();
+    writer.frame("obs", &obs_out)?;
+    writer.frame("var", &var_out)?;
+    for d in ["layers", "obsm", "obsp", "varm", "varp", "uns"] {
+        writer.dict(d)?;
+    }
+    let provenance = Provenance {
+        format_version: STORE_FORMAT_VERSION,
+        created_by: format!("neurofm-data {}", env!("CARGO_PKG_VERSION")),
+        source_path: std::fs::canonicalize(input).unwrap_or_else(|_| input.to_path_buf()).display().to_string(),
+        source_sha256: sha,
+        source_format: format!("{:?}", src.format).to_lowercase(),
+        counts_source: loc.to_string(),
+        source_layout: format!("{:?}", info.layout).to_lowercase(),
+        keep: opts.keep.iter().map(|k| k.to_string()).collect(),
+        cell_metadata: opts.cell_metadata.as_ref().map(|(p, k)| format!("{}#{k}", p.display())),
+        gene_selection: opts.genes.to_string(),
+        shuffle_seed: opts.shuffle_seed,
+        allow_non_integer: opts.allow_non_integer,
+        non_integer_values: written.non_integer,
+        n_cells: written.source_rows.len(),
+        n_genes: kept_genes.len(),
+        nnz: written.nnz,
+        renamed_duplicate_cells: renamed_cells,
+        renamed_duplicate_genes: renamed_genes,
+    };
+    write_uns_neurofm(&writer, &written, &provenance)?;
+
+    let _ = std::fs::remove_dir_all(&scratch);
+    commit(&tmp, output, opts.force)?;
+    guard.1 = true;
+    Ok(ConvertSummary {
+        output: output.to_path_buf(),
+        counts_source: loc.to_string(),
+        n_cells: provenance.n_cells,
+        n_genes: provenance.n_genes,
+        nnz: provenance.nnz,
+        non_integer_values: written.non_integer,
+        seconds: started.elapsed().as_secs_f64(),
+        input_bytes: std::fs::metadata(input).map(|m| m.len()).unwrap_or(0),
+        output_bytes: dir_size(output),
+    })
+}
+
+/// Picks the count matrix, checking a sample for integer values.
+fn resolve_counts(src: &SourceFile, opts: &ConvertOptions) -> Result<(CountsLocation, MatrixInfo)> {
+    let non_integer_fraction = |loc: &CountsLocation| -> Result<f64> {
+        let v = src.sample_values(loc, AUTO_SAMPLE)?;
+        Ok(if v.is_empty() { 0.0 } else { v.iter().filter(|x| x.fract() != 0.0).count() as f64 / v.len() as f64 })
+    };
+    match &opts.counts {
+        CountsChoice::At(loc) => {
+            let info = src.matrix_info(loc)?;
+            let frac = non_integer_fraction(loc)?;
+            if frac > 0.0 && !opts.allow_non_integer {
+                return Err(non_integer_error(&src.path, loc, frac));
+            }
+            Ok((loc.clone(), info))
+        }
+        CountsChoice::Auto => {
+            let candidates = src.matrices()?;
+            let mut seen = Vec::new();
+            for m in &candidates {
+                let frac = non_integer_fraction(&m.location)?;
+                if frac == 0.0 {
+                    return Ok((m.location.clone(), m.clone()));
+                }
+                seen.push(format!("{} ({:.1}% non-integer)", m.location, 100.0 * frac));
+            }
+            if opts.allow_non_integer {
+                let first = candidates[0].clone();
+                tracing::warn!("{}: no integer-valued matrix; using {} as allowed", src.path.display(), first.location);
+                return Ok((first.location.clone(), first));
+            }
+            Err(DataError::field(
+                &src.path,
+                "X",
+                format!(
+                    "no matrix holds raw integer counts: {}. Log-normalized or RPKM/TPM data is not counts; \
+                     point --counts at the raw counts, or pass --allow-non-integer to store the values as they are",
+                    seen.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+fn non_integer_error(path: &Path, loc: &CountsLocation, frac: f64) -> DataError {
+    DataError::field(
+        path,
+        format!("{loc}"),
+        format!(
+            "{:.2}% of the values examined are not integers (log-normalized or RPKM/TPM data?); \
+             neurofm expects raw counts. Choose another --counts source or pass --allow-non-integer",
+            100.0 * frac
+        ),
+    )
+}
+
+/// Groups selected rows into read blocks of about `target` entries each.
+fn plan_blocks(src: &dyn RowSource, rows: &[usize], target: u64) -> Vec<Vec<usize>> {
+    let mut blocks = Vec::new();
+    let mut cur = Vec::new();
+    let mut cost = 0;
+    for &r in rows {
+        cur.push(r);
+        cost += src.entries_in(r..r + 1).max(1);
+        if cost >= target {
+            blocks.push(std::mem::take(&mut cur));
+            cost = 0;
+        }
+    }
+    if !cur.is_empty() {
+        blocks.push(cur);
+    }
+    blocks
+}
+
+struct WriteContext<'a> {
+    path: &'a Path,
+    loc: CountsLocation,
+    obs_names: &'a [String],
+    allow_non_integer: bool,
+}
+
+/// What writing the matrix produced, per stored cell and gene.
+struct Written {
+    source_rows: Vec<usize>,
+    cell_total: Vec<f64>,
+    cell_nnz: Vec<i64>,
+    gene_nnz: Vec<i64>,
+    gene_sum: Vec<f64>,
+    gene_sum_sq: Vec<f64>,
+    non_integer: u64,
+    values_seen: u64,
+    nnz: u64,
+}
+
+fn write_matrix(
+    writer: &StoreWriter,
+    rx: std::sync::mpsc::Receiver<Result<(Vec<usize>, CsrRows)>>,
+    ctx: &WriteContext,
+    gene_map: &[Option<u32>],
+    n_genes: usize,
+    opts: &ConvertOptions,
+    bar: &indicatif::ProgressBar,
+) -> Result<Written> {
+    let mut csr = writer.csr("X")?;
+    let mut w = Written {
+        source_rows: Vec::new(),
+        cell_total: Vec::new(),
+        cell_nnz: Vec::new(),
+        gene_nnz: vec![0; n_genes],
+        gene_sum: vec![0.0; n_genes],
+        gene_sum_sq: vec![0.0; n_genes],
+        non_integer: 0,
+        values_seen: 0,
+        nnz: 0,
+    };
+    let mut window_rows: Vec<usize> = Vec::new();
+    let mut window = CsrRows::new();
+    let mut n_in_window = 0;
+    let mut window_index = 0u64;
+    let mut received = rx.iter().peekable();
+    while let Some(msg) = received.next() {
+        let (rows, block) = msg?;
+        let block = block.select_genes(gene_map);
+        validate(&block, &rows, ctx, &mut w)?;
+        for i in 0..block.n_rows() {
+            window.push_row_from(&block, i);
+        }
+        window_rows.extend_from_slice(&rows);
+        n_in_window += 1;
+        if n_in_window == opts.window_blocks.max(1) || received.peek().is_none() {
+            let mut order: Vec<usize> = (0..window_rows.len()).collect();
+            if let Some(seed) = opts.shuffle_seed {
+                order.shuffle(&mut rng_for(&[seed, 1, window_index]));
+            }
+            let mut out = CsrRows::with_capacity(order.len(), window.nnz());
+            for &i in &order {
+                out.push_row_from(&window, i);
+                w.source_rows.push(window_rows[i]);
+            }
+            accumulate(&out, &mut w);
+            csr.push(&out)?;
+            bar.inc(order.len() as u64);
+            window = CsrRows::new();
+            window_rows.clear();
+            n_in_window = 0;
+            window_index += 1;
+        }
+    }
+    w.nnz = writer.finish_csr(csr, n_genes)?;
+    Ok(w)
+}
+
+/// Refuses negative, NaN, infinite and (unless allowed) non-integer counts, naming the cell.
+fn validate(block: &CsrRows, rows: &[usize], ctx: &WriteContext, w: &mut Written) -> Result<()> {
+    for i in 0..block.n_rows() {
+        let (_, vals) = block.row(i);
+        for &v in vals {
+            let problem = if !v.is_finite() {
+                Some(format!("value {v}"))
+            } else if v < 0.0 {
+                Some(format!("negative value {v}"))
+            } else if v > F32_EXACT_MAX {
+                Some(format!("value {v} exceeds 2^24, the largest count stored exactly"))
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                return Err(DataError::field(
+                    ctx.path,
+                    ctx.loc.to_string(),
+                    format!("{p} in cell `{}` (row {}); counts must be finite and non-negative", ctx.obs_names[rows[i]], rows[i]),
+                ));
+            }
+            if v.fract() != 0.0 {
+                w.non_integer += 1;
+            }
+        }
+        w.values_seen += vals.len() as u64;
+        if w.non_integer > 0 && !ctx.allow_non_integer {
+            return Err(non_integer_error(ctx.path, &ctx.loc, w.non_integer as f64 / w.values_seen as f64));
+        }
+    }
+    Ok(())
+}
+
+fn accumulate(block: &CsrRows, w: &mut Written) {
+    for i in 0..block.n_rows() {
+        let (idx, vals) = block.row(i);
+        let mut total = 0.0;
+        for (&g, &v) in idx.iter().zip(vals) {
+            let (g, v) = (g as usize, v as f64);
+            total += v;
+            w.gene_nnz[g] += (v != 0.0) as i64;
+            w.gene_sum[g] += v;
+            w.gene_sum_sq[g] += v * v;
+        }
+        w.cell_total.push(total);
+        w.cell_nnz.push(idx.len() as i64);
+    }
+}
+
+fn write_uns_neurofm(writer: &StoreWriter, w: &Written, provenance: &Provenance) -> Result<()> {
+    writer.dict("uns/neurofm")?;
+    writer.array("uns/neurofm/gene_nnz", &w.gene_nnz)?;
+    writer.array("uns/neurofm/gene_sum", &w.gene_sum)?;
+    writer.array("uns/neurofm/gene_sum_sq", &w.gene_sum_sq)?;
+    writer.array("uns/neurofm/cell_total", &w.cell_total)?;
+    writer.array("uns/neurofm/cell_nnz", &w.cell_nnz)?;
+    let src_rows: Vec<i64> = w.source_rows.iter().map(|&r| r as i64).collect();
+    writer.array("uns/neurofm/cell_source_row", &src_rows)?;
+    let json = serde_json::to_string_pretty(provenance).map_err(|e| DataError::Config(e.to_string()))?;
+    // Last: its presence is what marks the store complete.
+    writer.string_scalar("uns/neurofm/provenance", &json)
+}
+
+/// `.NAME.tmp-PID` beside the output, so the final rename stays on one filesystem.
+fn temp_path(output: &Path) -> PathBuf {
+    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "store".into());
+    output.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Moves the finished store into place, replacing an old one only when `force` is set.
+fn commit(tmp: &Path, output: &Path, force: bool) -> Result<()> {
+    if output.exists() {
+        if !force {
+            return Err(DataError::OutputExists { path: output.to_path_buf() });
+        }
+        let trash = tmp.with_extension("old");
+        std::fs::rename(output, &trash).map_err(|e| DataError::io(output, e))?;
+        std::fs::rename(tmp, output).map_err(|e| DataError::io(output, e))?;
+        let _ = if trash.is_dir() { std::fs::remove_dir_all(&trash) } else { std::fs::remove_file(&trash) };
+        return Ok(());
+    }
+    std::fs::rename(tmp, output).map_err(|e| DataError::io(output, e))
+}
+
+/// SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| DataError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Total bytes of the files under a directory.
+pub fn dir_size(path: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(path) else { return std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) };
+    rd.flatten().map(|e| if e.path().is_dir() { dir_size(&e.path()) } else { e.metadata().map(|m| m.len()).unwrap_or(0) }).sum()
+}
+
+/// A progress bar on stderr when asked for and stderr is a terminal; hidden otherwise.
+pub fn progress_bar(enabled: bool, len: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} cells {per_sec} eta {eta}") {
+        bar.set_style(style);
+    }
+    bar
+}

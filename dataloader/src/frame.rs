@@ -1,0 +1,190 @@
+//! `Frame`: AnnData's `obs`/`var` dataframes held in memory.
+//!
+//! Per-cell metadata is O(cells), not O(cells × genes), so holding it is fine even for atlases;
+//! the expression matrix is what must stream.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// One dataframe column in AnnData's encodings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Column {
+    /// Codes into `categories`; `-1` is missing (pandas' convention).
+    Categorical { codes: Vec<i32>, categories: Vec<String>, ordered: bool },
+    Strings(Vec<String>),
+    Float(Vec<f64>),
+    Int(Vec<i64>),
+    Bool(Vec<bool>),
+}
+
+impl Column {
+    pub fn len(&self) -> usize {
+        match self {
+            Column::Categorical { codes, .. } => codes.len(),
+            Column::Strings(v) => v.len(),
+            Column::Float(v) => v.len(),
+            Column::Int(v) => v.len(),
+            Column::Bool(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Row `i` as text, the form `--keep` filters and labels compare against.
+    pub fn text(&self, i: usize) -> String {
+        match self {
+            Column::Categorical { codes, categories, .. } => {
+                usize::try_from(codes[i]).ok().and_then(|c| categories.get(c)).cloned().unwrap_or_default()
+            }
+            Column::Strings(v) => v[i].clone(),
+            Column::Float(v) => format_float(v[i]),
+            Column::Int(v) => v[i].to_string(),
+            Column::Bool(v) => if v[i] { "True" } else { "False" }.to_string(),
+        }
+    }
+
+    /// A short type name for reports.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Column::Categorical { .. } => "categorical",
+            Column::Strings(_) => "string",
+            Column::Float(_) => "float",
+            Column::Int(_) => "int",
+            Column::Bool(_) => "bool",
+        }
+    }
+
+    /// The rows `rows` in that order; categoricals keep their category list.
+    pub fn take(&self, rows: &[usize]) -> Column {
+        match self {
+            Column::Categorical { codes, categories, ordered } => Column::Categorical {
+                codes: rows.iter().map(|&r| codes[r]).collect(),
+                categories: categories.clone(),
+                ordered: *ordered,
+            },
+            Column::Strings(v) => Column::Strings(rows.iter().map(|&r| v[r].clone()).collect()),
+            Column::Float(v) => Column::Float(rows.iter().map(|&r| v[r]).collect()),
+            Column::Int(v) => Column::Int(rows.iter().map(|&r| v[r]).collect()),
+            Column::Bool(v) => Column::Bool(rows.iter().map(|&r| v[r]).collect()),
+        }
+    }
+
+    /// Value counts, most frequent first (ties by value), for inspection.
+    pub fn top_values(&self, k: usize) -> Vec<(String, usize)> {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for i in 0..self.len() {
+            *counts.entry(self.text(i)).or_default() += 1;
+        }
+        let mut v: Vec<(String, usize)> = counts.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v.truncate(k);
+        v
+    }
+
+    /// Number of distinct values.
+    pub fn n_distinct(&self) -> usize {
+        match self {
+            Column::Categorical { categories, .. } => categories.len(),
+            _ => (0..self.len()).map(|i| self.text(i)).collect::<std::collections::HashSet<_>>().len(),
+        }
+    }
+
+    /// Turns text values into a categorical (what pandas does with few distinct strings).
+    pub fn categorical_from_text(values: Vec<String>) -> Column {
+        let mut categories: Vec<String> = values.clone();
+        categories.sort();
+        categories.dedup();
+        let lookup: HashMap<&str, i32> = categories.iter().enumerate().map(|(i, c)| (c.as_str(), i as i32)).collect();
+        let codes = values.iter().map(|v| lookup[v.as_str()]).collect();
+        Column::Categorical { codes, categories, ordered: false }
+    }
+}
+
+fn format_float(x: f64) -> String {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{x:.1}")
+    } else {
+        format!("{x}")
+    }
+}
+
+/// A dataframe: an index of unique names plus named columns, all of one length.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Frame {
+    /// Name of the index column in the source (`_index`, `cell_label`, ...).
+    pub index_name: String,
+    pub index: Vec<String>,
+    pub columns: Vec<(String, Column)>,
+}
+
+impl Frame {
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|(n, _)| n == name).map(|(_, c)| c)
+    }
+
+    pub fn column_names(&self) -> Vec<&str> {
+        self.columns.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// The rows `rows` in that order.
+    pub fn take(&self, rows: &[usize]) -> Frame {
+        Frame {
+            index_name: self.index_name.clone(),
+            index: rows.iter().map(|&r| self.index[r].clone()).collect(),
+            columns: self.columns.iter().map(|(n, c)| (n.clone(), c.take(rows))).collect(),
+        }
+    }
+
+    /// Makes index names unique the way AnnData's `obs_names_make_unique` does:
+    /// the second `x` becomes `x-1`, the third `x-2`. Returns how many were renamed.
+    pub fn make_index_unique(&mut self) -> usize {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let all: std::collections::HashSet<String> = self.index.iter().cloned().collect();
+        let mut renamed = 0;
+        for name in self.index.iter_mut() {
+            let count = seen.entry(name.clone()).or_insert(0);
+            if *count > 0 {
+                let mut k = *count;
+                let mut candidate = format!("{name}-{k}");
+                while all.contains(&candidate) {
+                    k += 1;
+                    candidate = format!("{name}-{k}");
+                }
+                *count = k + 1;
+                *name = candidate;
+                renamed += 1;
+            } else {
+                *count = 1;
+            }
+        }
+        renamed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicate_names_get_anndata_style_suffixes() {
+        let mut f = Frame { index: ["a", "b", "a", "a"].map(String::from).to_vec(), ..Default::default() };
+        assert_eq!(f.make_index_unique(), 2);
+        assert_eq!(f.index, vec!["a", "b", "a-1", "a-2"]);
+    }
+
+    #[test]
+    fn categorical_text_and_missing_code() {
+        let c = Column::Categorical { codes: vec![1, -1, 0], categories: vec!["x".into(), "y".into()], ordered: false };
+        assert_eq!((c.text(0), c.text(1), c.text(2)), ("y".to_string(), String::new(), "x".to_string()));
+        assert_eq!(c.top_values(1), vec![(String::new(), 1)]);
+    }
+}

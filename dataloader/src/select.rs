@@ -1,0 +1,363 @@
+//! Choosing cells and genes at conversion: what the original `s4`, `s6`, `s7` and `s8` did.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::error::{DataError, Result};
+use crate::frame::{Column, Frame};
+
+/// `--keep COL=V1,V2`: keep cells whose `obs[COL]` is one of the values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeepFilter {
+    pub column: String,
+    pub values: Vec<String>,
+}
+
+impl FromStr for KeepFilter {
+    type Err = DataError;
+    fn from_str(s: &str) -> Result<Self> {
+        let (col, vals) = s
+            .split_once('=')
+            .ok_or_else(|| DataError::Config(format!("--keep `{s}`: expected COLUMN=VALUE[,VALUE...]")))?;
+        let values: Vec<String> = vals.split(',').map(|v| v.trim().trim_matches('"').to_string()).filter(|v| !v.is_empty()).collect();
+        if col.is_empty() || values.is_empty() {
+            return Err(DataError::Config(format!("--keep `{s}`: expected COLUMN=VALUE[,VALUE...]")));
+        }
+        Ok(KeepFilter { column: col.trim().to_string(), values })
+    }
+}
+
+impl fmt::Display for KeepFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.column, self.values.join(","))
+    }
+}
+
+/// Rows (ascending) of `obs` passing every filter. A missing column or value is an error that
+/// lists what exists, since a typo would otherwise silently select nothing.
+pub fn apply_keep(obs: &Frame, filters: &[KeepFilter], path: &Path) -> Result<Vec<usize>> {
+    let mut keep = vec![true; obs.len()];
+    for f in filters {
+        let col = obs.column(&f.column).ok_or_else(|| {
+            DataError::field(path, format!("obs/{}", f.column), format!("no such column for --keep; obs has: {}", obs.column_names().join(", ")))
+        })?;
+        let present: HashSet<String> = (0..col.len()).map(|i| col.text(i)).collect();
+        if let Some(missing) = f.values.iter().find(|v| !present.contains(*v)) {
+            let examples: Vec<String> = col.top_values(10).into_iter().map(|(v, n)| format!("{v} ({n})")).collect();
+            return Err(DataError::field(
+                path,
+                format!("obs/{}", f.column),
+                format!("value `{missing}` in --keep does not occur; most common values: {}", examples.join(", ")),
+            ));
+        }
+        let wanted: HashSet<&str> = f.values.iter().map(String::as_str).collect();
+        for (i, k) in keep.iter_mut().enumerate() {
+            *k = *k && wanted.contains(col.text(i).as_str());
+        }
+    }
+    Ok(keep.iter().enumerate().filter(|(_, &k)| k).map(|(i, _)| i).collect())
+}
+
+/// Adds the columns of a per-cell CSV (e.g. the Allen atlas `cell_metadata.csv`) to `obs`,
+/// matched on `key` against obs names. Returns how many cells had no row in the CSV.
+pub fn join_cell_metadata(obs: &mut Frame, csv: &Path, key: &str) -> Result<usize> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(csv).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => DataError::NotFound { path: csv.to_path_buf() },
+        _ => DataError::io(csv, e),
+    })?;
+    // Streamed line by line: the Allen atlas metadata is ~1 GB, we keep only matched rows.
+    let mut lines = std::io::BufReader::new(file).lines();
+    let header = parse_csv_line(&lines.next().transpose().map_err(|e| DataError::io(csv, e))?.unwrap_or_default());
+    let key_col = header.iter().position(|h| h == key).ok_or_else(|| {
+        DataError::field(csv, key, format!("--metadata-key column not in the CSV header; it has: {}", header.join(", ")))
+    })?;
+    let row_of: HashMap<&str, usize> = obs.index.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+    let mut values: Vec<Vec<String>> = vec![vec![String::new(); obs.len()]; header.len()];
+    let mut matched = vec![false; obs.len()];
+    for (lineno, line) in lines.enumerate() {
+        let line = line.map_err(|e| DataError::io(csv, e))?;
+        if line.is_empty() {
+            continue;
+        }
+        let fields = parse_csv_line(&line);
+        if fields.len() != header.len() {
+            return Err(DataError::input(csv, format!("line {}: {} fields, header has {}", lineno + 2, fields.len(), header.len())));
+        }
+        if let Some(&r) = row_of.get(fields[key_col].as_str()) {
+            matched[r] = true;
+            for (c, v) in fields.into_iter().enumerate() {
+                values[c][r] = v;
+            }
+        }
+    }
+    if !matched.iter().any(|&m| m) {
+        return Err(DataError::field(csv, key, "no value matches an obs name; is --metadata-key the column of cell labels?"));
+    }
+    for (c, name) in header.iter().enumerate() {
+        if c == key_col {
+            continue;
+        }
+        if obs.column(name).is_some() {
+            tracing::warn!("{}: column `{name}` already in obs; keeping the file's own", csv.display());
+            continue;
+        }
+        let col = std::mem::take(&mut values[c]);
+        let numeric: Option<Vec<f64>> =
+            col.iter().map(|v| if v.is_empty() { Some(f64::NAN) } else { v.parse::<f64>().ok() }).collect();
+        let column = match numeric {
+            Some(v) => Column::Float(v),
+            None => Column::categorical_from_text(col),
+        };
+        obs.columns.push((name.clone(), column));
+    }
+    Ok(matched.iter().filter(|&&m| !m).count())
+}
+
+/// Splits one CSV line (RFC 4180 quoting, no embedded newlines).
+fn parse_csv_line(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.trim_end_matches('\r').chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// `--genes`: which genes the store keeps.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GeneSelection {
+    All,
+    /// The N genes detected (non-zero) in the most selected cells.
+    Detected(usize),
+    /// The N most variable genes (Seurat v1 / scanpy `flavor="seurat"` dispersion).
+    Hvg(usize),
+    /// Genes named in a file, one per line, matched against var names.
+    List(PathBuf),
+}
+
+impl GeneSelection {
+    /// True if choosing needs a statistics pass over the counts first.
+    pub fn needs_scan(&self) -> bool {
+        matches!(self, GeneSelection::Detected(_) | GeneSelection::Hvg(_))
+    }
+}
+
+impl FromStr for GeneSelection {
+    type Err = DataError;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || DataError::Config(format!("--genes `{s}`: expected all, detected:N, hvg:N or list:FILE"));
+        let n = |v: &str| v.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(bad);
+        match s.split_once(':') {
+            None if s == "all" => Ok(GeneSelection::All),
+            Some(("detected", v)) => Ok(GeneSelection::Detected(n(v)?)),
+            Some(("hvg", v)) => Ok(GeneSelection::Hvg(n(v)?)),
+            Some(("list", f)) if !f.is_empty() => Ok(GeneSelection::List(PathBuf::from(f))),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for GeneSelection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GeneSelection::All => write!(f, "all"),
+            GeneSelection::Detected(n) => write!(f, "detected:{n}"),
+            GeneSelection::Hvg(n) => write!(f, "hvg:{n}"),
+            GeneSelection::List(p) => write!(f, "list:{}", p.display()),
+        }
+    }
+}
+
+/// Per-gene statistics over the selected cells, for gene selection. Values are normalized
+/// to 10,000 counts per cell (CP10k), as scanpy's `highly_variable_genes` expects.
+#[derive(Debug, Clone, Default)]
+pub struct GeneScan {
+    pub n_cells: u64,
+    pub detected: Vec<u64>,
+    pub sum: Vec<f64>,
+    pub sum_sq: Vec<f64>,
+}
+
+impl GeneScan {
+    pub fn new(n_genes: usize) -> Self {
+        GeneScan { n_cells: 0, detected: vec![0; n_genes], sum: vec![0.0; n_genes], sum_sq: vec![0.0; n_genes] }
+    }
+
+    /// Adds every cell of a block.
+    pub fn add(&mut self, block: &crate::csr::CsrRows) {
+        for i in 0..block.n_rows() {
+            let (idx, val) = block.row(i);
+            let total: f64 = val.iter().map(|&v| v as f64).sum();
+            let scale = if total > 0.0 { 1e4 / total } else { 0.0 };
+            for (&g, &v) in idx.iter().zip(val) {
+                let x = v as f64 * scale;
+                self.detected[g as usize] += (v != 0.0) as u64;
+                self.sum[g as usize] += x;
+                self.sum_sq[g as usize] += x * x;
+            }
+            self.n_cells += 1;
+        }
+    }
+}
+
+/// The kept genes (ascending source indices).
+pub fn choose_genes(sel: &GeneSelection, var: &Frame, scan: Option<&GeneScan>, path: &Path) -> Result<Vec<usize>> {
+    let n = var.len();
+    let top = |scores: Vec<f64>, k: usize| -> Vec<usize> {
+        let mut order: Vec<usize> = (0..n).collect();
+        // Highest score first; ties by gene order so selection is deterministic.
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        let mut kept: Vec<usize> = order.into_iter().take(k.min(n)).collect();
+        kept.sort_unstable();
+        kept
+    };
+    match sel {
+        GeneSelection::All => Ok((0..n).collect()),
+        GeneSelection::Detected(k) => {
+            let scan = scan.ok_or_else(|| DataError::Config("gene scan missing".into()))?;
+            Ok(top(scan.detected.iter().map(|&d| d as f64).collect(), *k))
+        }
+        GeneSelection::Hvg(k) => {
+            let scan = scan.ok_or_else(|| DataError::Config("gene scan missing".into()))?;
+            Ok(top(seurat_dispersion(scan), *k))
+        }
+        GeneSelection::List(file) => {
+            let text = std::fs::read_to_string(file).map_err(|_| DataError::NotFound { path: file.clone() })?;
+            let pos: HashMap<&str, usize> = var.index.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
+            let wanted: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+            let missing: Vec<&str> = wanted.iter().copied().filter(|g| !pos.contains_key(g)).collect();
+            if !missing.is_empty() {
+                return Err(DataError::input(
+                    file,
+                    format!(
+                        "{} of {} genes are not var names of {}: {}",
+                        missing.len(),
+                        wanted.len(),
+                        path.display(),
+                        missing.iter().take(10).copied().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+            let mut kept: Vec<usize> = wanted.iter().map(|g| pos[g]).collect();
+            kept.sort_unstable();
+            kept.dedup();
+            Ok(kept)
+        }
+    }
+}
+
+/// Normalized dispersion per gene, scanpy's `flavor="seurat"` (Satija et al. 2015): mean and
+/// variance of CP10k values, dispersion = var/mean, log dispersion z-scored within 20 bins of
+/// log1p(mean). Genes never detected score −∞.
+pub fn seurat_dispersion(scan: &GeneScan) -> Vec<f64> {
+    let n = scan.n_cells.max(2) as f64;
+    let g = scan.sum.len();
+    let mut mean_log = vec![0.0; g];
+    let mut disp_log = vec![f64::NEG_INFINITY; g];
+    for i in 0..g {
+        let mean = scan.sum[i] / n;
+        let var = ((scan.sum_sq[i] - n * mean * mean) / (n - 1.0)).max(0.0);
+        mean_log[i] = (1.0 + mean).ln();
+        if mean > 0.0 && var > 0.0 {
+            disp_log[i] = (var / mean).ln();
+        }
+    }
+    let finite: Vec<f64> = mean_log.iter().zip(&disp_log).filter(|(_, d)| d.is_finite()).map(|(m, _)| *m).collect();
+    let (lo, hi) = finite.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &m| (a.min(m), b.max(m)));
+    let width = ((hi - lo) / 20.0).max(f64::MIN_POSITIVE);
+    let bin_of = |m: f64| (((m - lo) / width) as usize).min(19);
+    let mut acc = [(0.0f64, 0.0f64, 0usize); 20];
+    for i in 0..g {
+        if disp_log[i].is_finite() {
+            let b = &mut acc[bin_of(mean_log[i])];
+            b.0 += disp_log[i];
+            b.1 += disp_log[i] * disp_log[i];
+            b.2 += 1;
+        }
+    }
+    (0..g)
+        .map(|i| {
+            if !disp_log[i].is_finite() {
+                return f64::NEG_INFINITY;
+            }
+            let (s, ss, c) = acc[bin_of(mean_log[i])];
+            let mu = s / c as f64;
+            let sd = if c > 1 { ((ss - c as f64 * mu * mu) / (c as f64 - 1.0)).max(0.0).sqrt() } else { 0.0 };
+            // A gene alone in its bin (sd undefined) gets normalized dispersion 1, as in scanpy.
+            if sd > 0.0 { (disp_log[i] - mu) / sd } else { 1.0 }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::csr::CsrRows;
+
+    fn obs() -> Frame {
+        Frame {
+            index_name: "_index".into(),
+            index: vec!["c0".into(), "c1".into(), "c2".into()],
+            columns: vec![("t".into(), Column::categorical_from_text(vec!["a".into(), "b".into(), "a".into()]))],
+        }
+    }
+
+    #[test]
+    fn keep_selects_matching_rows_and_names_missing_values() {
+        let f: KeepFilter = "t=a".parse().unwrap();
+        assert_eq!(apply_keep(&obs(), &[f], Path::new("x.h5ad")).unwrap(), vec![0, 2]);
+        let bad: KeepFilter = "t=zzz".parse().unwrap();
+        let e = apply_keep(&obs(), &[bad], Path::new("x.h5ad")).unwrap_err().to_string();
+        assert!(e.contains("zzz") && e.contains("a (2)"), "{e}");
+        let nocol: KeepFilter = "nope=a".parse().unwrap();
+        assert!(apply_keep(&obs(), &[nocol], Path::new("x.h5ad")).unwrap_err().to_string().contains("obs has: t"));
+    }
+
+    #[test]
+    fn csv_quotes_and_commas() {
+        assert_eq!(parse_csv_line(r#"a,"b,c","d""e""#), vec!["a", "b,c", "d\"e"]);
+    }
+
+    #[test]
+    fn detected_picks_most_detected_genes_in_order() {
+        let mut scan = GeneScan::new(3);
+        scan.add(&CsrRows::from_dense(2, 3, &[1.0, 0.0, 2.0, 0.0, 0.0, 3.0]));
+        let var = Frame { index: vec!["g0".into(), "g1".into(), "g2".into()], ..Default::default() };
+        assert_eq!(choose_genes(&GeneSelection::Detected(2), &var, Some(&scan), Path::new("x")).unwrap(), vec![0, 2]);
+    }
+
+    #[test]
+    fn hvg_prefers_the_overdispersed_gene_at_equal_mean() {
+        // Two genes with the same mean CP10k; gene 1 is bursty (high variance).
+        let mut scan = GeneScan::new(3);
+        let mut dense = Vec::new();
+        for c in 0..100 {
+            let bursty = if c % 10 == 0 { 100.0 } else { 0.0 };
+            dense.extend_from_slice(&[10.0, bursty, 1000.0 - 10.0 - bursty]);
+        }
+        scan.add(&CsrRows::from_dense(100, 3, &dense));
+        let scores = seurat_dispersion(&scan);
+        assert!(scores[1] > scores[0], "{scores:?}");
+    }
+
+    #[test]
+    fn gene_selection_parses() {
+        assert_eq!("hvg:2000".parse::<GeneSelection>().unwrap(), GeneSelection::Hvg(2000));
+        assert!("hvg:0".parse::<GeneSelection>().is_err());
+        assert!("bogus".parse::<GeneSelection>().is_err());
+    }
+}

@@ -1,0 +1,161 @@
+//! Thin, error-naming helpers over `hdf5` for the AnnData and loom readers.
+
+use std::path::Path;
+
+use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
+use hdf5::{Dataset, Group, Location};
+
+use crate::error::{DataError, Result};
+
+/// Opens an HDF5 file read-only, telling "missing" apart from "not HDF5 / truncated".
+pub fn open_file(path: &Path) -> Result<hdf5::File> {
+    if !path.exists() {
+        return Err(DataError::NotFound { path: path.to_path_buf() });
+    }
+    hdf5::File::open(path)
+        .map_err(|e| DataError::NotHdf5 { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+/// Wraps an `hdf5` error with the file and the field it concerned.
+pub fn h5err(path: &Path, field: &str) -> impl Fn(hdf5::Error) -> DataError {
+    let (path, field) = (path.to_path_buf(), field.to_string());
+    move |e| DataError::Hdf5 { path: path.clone(), field: field.clone(), message: e.to_string() }
+}
+
+/// A string attribute (any HDF5 string encoding), or `None` if absent or not a string.
+pub fn attr_string(loc: &Location, name: &str) -> Option<String> {
+    let attr = loc.attr(name).ok()?;
+    match attr.dtype().ok()?.to_descriptor().ok()? {
+        TypeDescriptor::VarLenUnicode => attr.read_scalar::<VarLenUnicode>().ok().map(|s| s.to_string()),
+        TypeDescriptor::VarLenAscii => attr.read_scalar::<VarLenAscii>().ok().map(|s| s.to_string()),
+        TypeDescriptor::FixedAscii(_) => attr.read_scalar::<FixedAscii<1024>>().ok().map(|s| s.to_string()),
+        TypeDescriptor::FixedUnicode(_) => attr.read_scalar::<FixedUnicode<1024>>().ok().map(|s| s.to_string()),
+        _ => None,
+    }
+}
+
+/// A 1-D string-list attribute such as AnnData's `column-order` (empty if absent).
+pub fn attr_string_list(loc: &Location, name: &str) -> Vec<String> {
+    let Ok(attr) = loc.attr(name) else { return Vec::new() };
+    if attr.is_scalar() || attr.size() == 0 {
+        return Vec::new();
+    }
+    if let Ok(v) = attr.read_raw::<VarLenUnicode>() {
+        return v.into_iter().map(|s| s.to_string()).collect();
+    }
+    if let Ok(v) = attr.read_raw::<VarLenAscii>() {
+        return v.into_iter().map(|s| s.to_string()).collect();
+    }
+    attr.read_raw::<FixedAscii<1024>>().map(|v| v.into_iter().map(|s| s.to_string()).collect()).unwrap_or_default()
+}
+
+/// An integer-list attribute such as AnnData's `shape`.
+pub fn attr_u64_list(loc: &Location, name: &str) -> Option<Vec<u64>> {
+    loc.attr(name).ok()?.read_raw::<i64>().ok().map(|v| v.into_iter().map(|x| x.max(0) as u64).collect())
+}
+
+/// Reads a 1-D dataset of strings, whatever the HDF5 string flavour.
+pub fn read_strings(ds: &Dataset, path: &Path, field: &str) -> Result<Vec<String>> {
+    let err = h5err(path, field);
+    let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(&err)?;
+    macro_rules! fixed {
+        ($ty:ident, $n:expr) => {{
+            // HDF5 converts fixed strings between lengths, so one buffer width per size class.
+            if $n <= 32 {
+                ds.read_raw::<$ty<32>>().map(|v| v.into_iter().map(|s| s.to_string()).collect())
+            } else if $n <= 256 {
+                ds.read_raw::<$ty<256>>().map(|v| v.into_iter().map(|s| s.to_string()).collect())
+            } else {
+                ds.read_raw::<$ty<4096>>().map(|v| v.into_iter().map(|s| s.to_string()).collect())
+            }
+        }};
+    }
+    let out: hdf5::Result<Vec<String>> = match desc {
+        TypeDescriptor::VarLenUnicode => ds.read_raw::<VarLenUnicode>().map(|v| v.into_iter().map(|s| s.to_string()).collect()),
+        TypeDescriptor::VarLenAscii => ds.read_raw::<VarLenAscii>().map(|v| v.into_iter().map(|s| s.to_string()).collect()),
+        TypeDescriptor::FixedAscii(n) => fixed!(FixedAscii, n),
+        TypeDescriptor::FixedUnicode(n) => fixed!(FixedUnicode, n),
+        other => return Err(DataError::field(path, field, format!("expected strings, found {other:?}"))),
+    };
+    out.map_err(err)
+}
+
+/// What kind of values a dataset holds, for choosing how to read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueKind {
+    Int,
+    Float,
+    Bool,
+    String,
+    Other,
+}
+
+/// Classifies a dataset's element type.
+pub fn value_kind(ds: &Dataset) -> ValueKind {
+    match ds.dtype().and_then(|t| t.to_descriptor()) {
+        Ok(TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_)) => ValueKind::Int,
+        Ok(TypeDescriptor::Float(_)) => ValueKind::Float,
+        Ok(TypeDescriptor::Boolean) => ValueKind::Bool,
+        Ok(TypeDescriptor::Enum(e)) if e.members.len() == 2 => ValueKind::Bool,
+        Ok(
+            TypeDescriptor::VarLenUnicode
+            | TypeDescriptor::VarLenAscii
+            | TypeDescriptor::FixedAscii(_)
+            | TypeDescriptor::FixedUnicode(_),
+        ) => ValueKind::String,
+        _ => ValueKind::Other,
+    }
+}
+
+/// A short dtype name in NumPy's words (`int32`, `float32`, `str`), for reports.
+pub fn dtype_name(ds: &Dataset) -> String {
+    match ds.dtype().and_then(|t| t.to_descriptor()) {
+        Ok(TypeDescriptor::Integer(s)) => format!("int{}", s as usize * 8),
+        Ok(TypeDescriptor::Unsigned(s)) => format!("uint{}", s as usize * 8),
+        Ok(TypeDescriptor::Float(s)) => format!("float{}", s as usize * 8),
+        Ok(TypeDescriptor::Boolean) | Ok(TypeDescriptor::Enum(_)) => "bool".into(),
+        Ok(TypeDescriptor::VarLenUnicode | TypeDescriptor::VarLenAscii) => "str".into(),
+        Ok(TypeDescriptor::FixedAscii(n) | TypeDescriptor::FixedUnicode(n)) => format!("S{n}"),
+        Ok(other) => format!("{other:?}"),
+        Err(_) => "unknown".into(),
+    }
+}
+
+/// The dataset's compression filter, for reports ("gzip", "lzf", "none", ...).
+pub fn compression_name(ds: &Dataset) -> String {
+    let names: Vec<String> = ds
+        .filters()
+        .iter()
+        .filter_map(|f| match f {
+            hdf5::filters::Filter::Deflate(_) => Some("gzip".to_string()),
+            hdf5::filters::Filter::LZF => Some("lzf".to_string()),
+            hdf5::filters::Filter::Shuffle | hdf5::filters::Filter::Fletcher32 => None,
+            other => Some(format!("{other:?}").to_lowercase()),
+        })
+        .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join("+")
+    }
+}
+
+/// Opens `name` under `group` as a dataset, naming the field if it is missing.
+pub fn dataset(group: &Group, name: &str, path: &Path, field: &str) -> Result<Dataset> {
+    group.dataset(name).map_err(|_| DataError::field(path, field, "missing"))
+}
+
+/// Reads a whole 1-D integer dataset as `i64`.
+pub fn read_i64(ds: &Dataset, path: &Path, field: &str) -> Result<Vec<i64>> {
+    ds.read_raw::<i64>().map_err(h5err(path, field))
+}
+
+/// Reads a whole 1-D numeric dataset as `f64`.
+pub fn read_f64(ds: &Dataset, path: &Path, field: &str) -> Result<Vec<f64>> {
+    ds.read_raw::<f64>().map_err(h5err(path, field))
+}
+
+/// True if `name` is a direct child link of `group`.
+pub fn has(group: &Group, name: &str) -> bool {
+    group.link_exists(name)
+}

@@ -1,0 +1,198 @@
+//! Row readers over HDF5 matrices: CSR by hyperslab, dense (either orientation) by slab.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use hdf5::{Dataset, Group};
+
+use super::h5;
+use crate::csr::CsrRows;
+use crate::error::{DataError, Result};
+
+/// Random access to blocks of cells of one count matrix.
+pub trait RowSource: Send {
+    fn n_rows(&self) -> usize;
+    fn n_cols(&self) -> usize;
+    /// Entries a read of `rows` touches (non-zeros, or cells × genes for dense), to size blocks.
+    fn entries_in(&self, rows: Range<usize>) -> u64;
+    /// Reads `rows` as CSR with sorted, in-range gene indices.
+    fn read_rows(&mut self, rows: Range<usize>) -> Result<CsrRows>;
+}
+
+/// CSR matrix in an AnnData group (`data`, `indices`, `indptr`).
+pub struct H5Csr {
+    path: PathBuf,
+    field: String,
+    data: Dataset,
+    indices: Dataset,
+    indptr: Vec<u64>,
+    n_cols: usize,
+}
+
+impl H5Csr {
+    /// Opens the group and checks `indptr` against `shape` and the array lengths.
+    pub fn open(g: &Group, path: &Path, field: &str, n_rows: usize, n_cols: usize) -> Result<Self> {
+        let data = h5::dataset(g, "data", path, &format!("{field}/data"))?;
+        let indices = h5::dataset(g, "indices", path, &format!("{field}/indices"))?;
+        let raw = h5::read_i64(&h5::dataset(g, "indptr", path, &format!("{field}/indptr"))?, path, &format!("{field}/indptr"))?;
+        let indptr = check_indptr(&raw, n_rows, data.size(), indices.size(), path, field, "rows")?;
+        Ok(H5Csr { path: path.to_path_buf(), field: field.to_string(), data, indices, indptr, n_cols })
+    }
+}
+
+/// Validates a compressed-sparse pointer array and returns it as `u64`.
+pub(super) fn check_indptr(
+    raw: &[i64],
+    n_major: usize,
+    n_data: usize,
+    n_indices: usize,
+    path: &Path,
+    field: &str,
+    major: &str,
+) -> Result<Vec<u64>> {
+    let f = format!("{field}/indptr");
+    if raw.len() != n_major + 1 {
+        return Err(DataError::field(
+            path,
+            &f,
+            format!(
+                "has {} entries but the `shape` attribute says {n_major} {major} (expected {}); the shape attribute and the arrays disagree",
+                raw.len(),
+                n_major + 1
+            ),
+        ));
+    }
+    if raw[0] != 0 {
+        return Err(DataError::field(path, &f, format!("must start at 0, starts at {}", raw[0])));
+    }
+    if let Some(i) = raw.windows(2).position(|w| w[1] < w[0]) {
+        return Err(DataError::field(
+            path,
+            &f,
+            format!("is not monotonic: entry {} is {} but entry {} is {}", i, raw[i], i + 1, raw[i + 1]),
+        ));
+    }
+    let last = raw[n_major] as usize;
+    if last != n_data || last != n_indices {
+        return Err(DataError::field(
+            path,
+            &f,
+            format!("ends at {last} but `data` has {n_data} and `indices` has {n_indices} entries"),
+        ));
+    }
+    Ok(raw.iter().map(|&x| x as u64).collect())
+}
+
+/// Turns raw (index, value) entries of one block into sorted CSR, checking index range.
+/// Unsorted rows are sorted and duplicate entries summed, as SciPy does.
+pub(super) fn build_rows(
+    indptr: &[u64],
+    indices: &[i64],
+    values: Vec<f32>,
+    n_cols: usize,
+    path: &Path,
+    field: &str,
+    first_row: usize,
+) -> Result<CsrRows> {
+    let base = indptr[0];
+    let mut out = CsrRows::with_capacity(indptr.len() - 1, values.len());
+    for r in 0..indptr.len() - 1 {
+        let (a, b) = ((indptr[r] - base) as usize, (indptr[r + 1] - base) as usize);
+        let idx = &indices[a..b];
+        if let Some(k) = idx.iter().position(|&g| g < 0 || g as usize >= n_cols) {
+            return Err(DataError::field(
+                path,
+                format!("{field}/indices"),
+                format!(
+                    "entry of row {} is {}, out of range for {n_cols} genes (the `shape` attribute)",
+                    first_row + r,
+                    idx[k]
+                ),
+            ));
+        }
+        if idx.windows(2).all(|w| w[0] < w[1]) {
+            out.indices.extend(idx.iter().map(|&g| g as u32));
+            out.values.extend_from_slice(&values[a..b]);
+        } else {
+            let mut pairs: Vec<(u32, f32)> = idx.iter().map(|&g| g as u32).zip(values[a..b].iter().copied()).collect();
+            pairs.sort_by_key(|p| p.0);
+            for (g, v) in pairs {
+                if out.indices.len() > out.indptr[r] as usize && out.indices.last() == Some(&g) {
+                    *out.values.last_mut().unwrap_or(&mut 0.0) += v;
+                } else {
+                    out.indices.push(g);
+                    out.values.push(v);
+                }
+            }
+        }
+        out.indptr.push(out.indices.len() as u64);
+    }
+    Ok(out)
+}
+
+impl RowSource for H5Csr {
+    fn n_rows(&self) -> usize {
+        self.indptr.len() - 1
+    }
+    fn n_cols(&self) -> usize {
+        self.n_cols
+    }
+    fn entries_in(&self, rows: Range<usize>) -> u64 {
+        self.indptr[rows.end] - self.indptr[rows.start]
+    }
+    fn read_rows(&mut self, rows: Range<usize>) -> Result<CsrRows> {
+        let ptr = &self.indptr[rows.start..=rows.end];
+        let (lo, hi) = (ptr[0] as usize, ptr[ptr.len() - 1] as usize);
+        let (values, indices) = if hi > lo {
+            let v = self.data.read_slice_1d::<f32, _>(lo..hi).map_err(h5::h5err(&self.path, &format!("{}/data", self.field)))?;
+            let i = self.indices.read_slice_1d::<i64, _>(lo..hi).map_err(h5::h5err(&self.path, &format!("{}/indices", self.field)))?;
+            (v.to_vec(), i.to_vec())
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        build_rows(ptr, &indices, values, self.n_cols, &self.path, &self.field, rows.start)
+    }
+}
+
+/// Dense matrix: cells × genes (AnnData) or genes × cells (loom).
+pub struct H5Dense {
+    path: PathBuf,
+    field: String,
+    ds: Dataset,
+    n_rows: usize,
+    n_cols: usize,
+    transposed: bool,
+}
+
+impl H5Dense {
+    pub fn new(ds: Dataset, path: &Path, field: &str, transposed: bool) -> Self {
+        let shape = ds.shape();
+        let (n_rows, n_cols) = if transposed { (shape[1], shape[0]) } else { (shape[0], shape[1]) };
+        H5Dense { path: path.to_path_buf(), field: field.to_string(), ds, n_rows, n_cols, transposed }
+    }
+}
+
+impl RowSource for H5Dense {
+    fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+    fn n_cols(&self) -> usize {
+        self.n_cols
+    }
+    fn entries_in(&self, rows: Range<usize>) -> u64 {
+        (rows.len() * self.n_cols) as u64
+    }
+    fn read_rows(&mut self, rows: Range<usize>) -> Result<CsrRows> {
+        let err = h5::h5err(&self.path, &self.field);
+        let n = rows.len();
+        if self.transposed {
+            let slab = self.ds.read_slice_2d::<f32, _>((.., rows)).map_err(err)?;
+            let cells_major = slab.t().as_standard_layout().into_owned();
+            Ok(CsrRows::from_dense(n, self.n_cols, cells_major.as_slice().unwrap_or_default()))
+        } else {
+            let slab = self.ds.read_slice_2d::<f32, _>((rows, ..)).map_err(err)?;
+            let slab = slab.as_standard_layout();
+            Ok(CsrRows::from_dense(n, self.n_cols, slab.as_slice().unwrap_or_default()))
+        }
+    }
+}

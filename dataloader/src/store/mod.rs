@@ -1,0 +1,302 @@
+//! The neurofm store: an AnnData Zarr v3 directory with raw counts in `X` (CSR) and
+//! `uns/neurofm` written last. `Store::open` refuses a store without it, so an opened store is
+//! always complete.
+
+pub mod write;
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use zarrs::array::{Array, ArrayError, ElementOwned};
+use zarrs::filesystem::FilesystemStore;
+
+use crate::csr::CsrRows;
+use crate::error::{DataError, Result};
+use crate::frame::{Column, Frame};
+
+/// Version of the store layout this crate writes; readers refuse newer ones.
+pub const STORE_FORMAT_VERSION: u32 = 1;
+
+/// What a store records about how it was made (`uns/neurofm/provenance`, JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub format_version: u32,
+    pub created_by: String,
+    pub source_path: String,
+    pub source_sha256: String,
+    pub source_format: String,
+    pub counts_source: String,
+    pub source_layout: String,
+    pub keep: Vec<String>,
+    pub cell_metadata: Option<String>,
+    pub gene_selection: String,
+    pub shuffle_seed: Option<u64>,
+    pub allow_non_integer: bool,
+    pub non_integer_values: u64,
+    pub n_cells: usize,
+    pub n_genes: usize,
+    pub nnz: u64,
+    pub renamed_duplicate_cells: usize,
+    pub renamed_duplicate_genes: usize,
+}
+
+/// Per-gene and per-cell statistics recorded at conversion (over the stored genes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreStats {
+    pub gene_nnz: Vec<i64>,
+    pub gene_sum: Vec<f64>,
+    pub gene_sum_sq: Vec<f64>,
+    pub cell_total: Vec<f64>,
+    pub cell_nnz: Vec<i64>,
+    /// Row of each stored cell in the source file (the recorded permutation and selection).
+    pub cell_source_row: Vec<i64>,
+}
+
+/// An opened, complete store.
+pub struct Store {
+    pub path: PathBuf,
+    storage: Arc<FilesystemStore>,
+    indptr: Vec<u64>,
+    data: Array<FilesystemStore>,
+    indices: Array<FilesystemStore>,
+    n_genes: usize,
+    pub provenance: Provenance,
+}
+
+impl Store {
+    /// Opens a store, refusing incomplete or foreign ones.
+    pub fn open(path: &Path) -> Result<Store> {
+        if !path.exists() {
+            return Err(DataError::NotFound { path: path.to_path_buf() });
+        }
+        if !path.join("zarr.json").exists() {
+            return Err(DataError::input(path, "not a Zarr v3 store (no zarr.json); convert the source with `neurofm-data convert`"));
+        }
+        if !path.join("uns/neurofm/provenance/zarr.json").exists() {
+            return Err(DataError::IncompleteStore { path: path.to_path_buf() });
+        }
+        let storage = Arc::new(FilesystemStore::new(path).map_err(|e| DataError::zarr(path, "/", e))?);
+        let json = string_scalar(&storage, path, "uns/neurofm/provenance")?;
+        let provenance: Provenance = serde_json::from_str(&json)
+            .map_err(|e| DataError::field(path, "uns/neurofm/provenance", format!("unreadable: {e}")))?;
+        if provenance.format_version > STORE_FORMAT_VERSION {
+            return Err(DataError::field(
+                path,
+                "uns/neurofm/provenance",
+                format!("store format {} is newer than this neurofm ({STORE_FORMAT_VERSION}); upgrade neurofm", provenance.format_version),
+            ));
+        }
+        let mut store = Store {
+            path: path.to_path_buf(),
+            storage: storage.clone(),
+            indptr: Vec::new(),
+            data: Array::open(storage.clone(), "/X/data").map_err(|e| DataError::zarr(path, "X/data", e))?,
+            indices: Array::open(storage.clone(), "/X/indices").map_err(|e| DataError::zarr(path, "X/indices", e))?,
+            n_genes: 0,
+            provenance,
+        };
+        let shape = store.attributes("X")?.get("shape").cloned().unwrap_or(Value::Null);
+        let shape: Vec<usize> = serde_json::from_value(shape).map_err(|_| DataError::field(path, "X.attrs['shape']", "missing"))?;
+        store.n_genes = shape.get(1).copied().unwrap_or(0);
+        store.indptr = store.read_vec::<i64>("X/indptr")?.into_iter().map(|x| x as u64).collect();
+        if store.indptr.len() != shape.first().copied().unwrap_or(0) + 1 {
+            return Err(DataError::field(path, "X/indptr", "length disagrees with X's shape"));
+        }
+        Ok(store)
+    }
+
+    pub fn n_cells(&self) -> usize {
+        self.indptr.len() - 1
+    }
+
+    pub fn n_genes(&self) -> usize {
+        self.n_genes
+    }
+
+    pub fn nnz(&self) -> u64 {
+        self.indptr[self.n_cells()]
+    }
+
+    /// Non-zeros of `rows`, for sizing reads.
+    pub fn entries_in(&self, rows: Range<usize>) -> u64 {
+        self.indptr[rows.end] - self.indptr[rows.start]
+    }
+
+    /// Reads a contiguous range of cells.
+    pub fn read_rows(&self, rows: Range<usize>) -> Result<CsrRows> {
+        let (lo, hi) = (self.indptr[rows.start], self.indptr[rows.end]);
+        let mut out = CsrRows::new();
+        out.indptr = self.indptr[rows.start..=rows.end].iter().map(|&p| p - lo).collect();
+        if hi > lo {
+            out.values = self.data.retrieve_array_subset::<Vec<f32>>(&[lo..hi]).map_err(|e| DataError::zarr(&self.path, "X/data", e))?;
+            let idx = self.indices.retrieve_array_subset::<Vec<i32>>(&[lo..hi]).map_err(|e| DataError::zarr(&self.path, "X/indices", e))?;
+            out.indices = idx.into_iter().map(|g| g as u32).collect();
+        }
+        Ok(out)
+    }
+
+    /// Reads the given cells (sorted ascending), in that order. Reads the whole span when the
+    /// cells are dense in it, else one read per run of consecutive cells.
+    pub fn read_cells(&self, rows: &[usize]) -> Result<CsrRows> {
+        let (Some(&first), Some(&last)) = (rows.first(), rows.last()) else { return Ok(CsrRows::new()) };
+        let wanted: u64 = rows.iter().map(|&r| self.entries_in(r..r + 1)).sum();
+        let span = self.entries_in(first..last + 1);
+        let mut out = CsrRows::with_capacity(rows.len(), wanted as usize);
+        if span <= 2 * wanted + write::INNER_CHUNK {
+            let block = self.read_rows(first..last + 1)?;
+            for &r in rows {
+                out.push_row_from(&block, r - first);
+            }
+        } else {
+            for run in crate::source::contiguous_runs(rows) {
+                let block = self.read_rows(run)?;
+                for i in 0..block.n_rows() {
+                    out.push_row_from(&block, i);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cell names in store order.
+    pub fn obs_names(&self) -> Result<Vec<String>> {
+        self.index_of("obs")
+    }
+
+    /// Gene names in store order (the tokenizer's gene order).
+    pub fn var_names(&self) -> Result<Vec<String>> {
+        self.index_of("var")
+    }
+
+    fn index_of(&self, frame: &str) -> Result<Vec<String>> {
+        let key = self.attributes(frame)?.get("_index").and_then(|v| v.as_str()).unwrap_or("_index").to_string();
+        self.read_vec::<String>(&format!("{frame}/{key}"))
+    }
+
+    /// The whole `obs` (or `var`) dataframe.
+    pub fn frame(&self, name: &str) -> Result<Frame> {
+        let attrs = self.attributes(name)?;
+        let index_name = attrs.get("_index").and_then(|v| v.as_str()).unwrap_or("_index").to_string();
+        let order: Vec<String> = attrs.get("column-order").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default();
+        let mut columns = Vec::new();
+        for c in order {
+            columns.push((c.clone(), self.column(name, &c)?));
+        }
+        Ok(Frame { index: self.index_of(name)?, index_name, columns })
+    }
+
+    /// One column of `obs` or `var`; a clear error names the columns that exist.
+    pub fn column(&self, frame: &str, name: &str) -> Result<Column> {
+        let p = format!("{frame}/{name}");
+        if !self.path.join(&p).join("zarr.json").exists() {
+            let attrs = self.attributes(frame)?;
+            let have: Vec<String> = attrs.get("column-order").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default();
+            return Err(DataError::field(&self.path, &p, format!("no such column; {frame} has: {}", have.join(", "))));
+        }
+        let attrs = self.attributes(&p)?;
+        if attrs.get("encoding-type").and_then(|v| v.as_str()) == Some("categorical") {
+            let codes = self.read_vec::<i64>(&format!("{p}/codes"))?.into_iter().map(|c| c as i32).collect();
+            let categories = self.read_vec::<String>(&format!("{p}/categories"))?;
+            let ordered = attrs.get("ordered").and_then(|v| v.as_bool()).unwrap_or(false);
+            return Ok(Column::Categorical { codes, categories, ordered });
+        }
+        Ok(match self.dtype(&p)?.as_str() {
+            "string" => Column::Strings(self.read_vec(&p)?),
+            "bool" => Column::Bool(self.read_vec(&p)?),
+            "float32" | "float64" => Column::Float(self.read_vec(&p)?),
+            _ => Column::Int(self.read_vec(&p)?),
+        })
+    }
+
+    /// Conversion-time statistics from `uns/neurofm`.
+    pub fn stats(&self) -> Result<StoreStats> {
+        let u = |n: &str| format!("uns/neurofm/{n}");
+        Ok(StoreStats {
+            gene_nnz: self.read_vec(&u("gene_nnz"))?,
+            gene_sum: self.read_vec(&u("gene_sum"))?,
+            gene_sum_sq: self.read_vec(&u("gene_sum_sq"))?,
+            cell_total: self.read_vec(&u("cell_total"))?,
+            cell_nnz: self.read_vec(&u("cell_nnz"))?,
+            cell_source_row: self.read_vec(&u("cell_source_row"))?,
+        })
+    }
+
+    fn node_json(&self, p: &str) -> Result<Value> {
+        let file = self.path.join(p).join("zarr.json");
+        let text = std::fs::read_to_string(&file).map_err(|_| DataError::field(&self.path, p, "missing"))?;
+        serde_json::from_str(&text).map_err(|e| DataError::field(&self.path, p, format!("bad zarr.json: {e}")))
+    }
+
+    fn attributes(&self, p: &str) -> Result<serde_json::Map<String, Value>> {
+        Ok(self.node_json(p)?.get("attributes").and_then(|a| a.as_object()).cloned().unwrap_or_default())
+    }
+
+    fn dtype(&self, p: &str) -> Result<String> {
+        Ok(self.node_json(p)?.get("data_type").and_then(|d| d.as_str()).unwrap_or("").to_string())
+    }
+
+    /// A whole 1-D array, converting integer and float widths to `T` where needed.
+    pub fn read_vec<T: StoredElement>(&self, p: &str) -> Result<Vec<T>> {
+        let array = Array::open(self.storage.clone(), &format!("/{p}")).map_err(|e| DataError::zarr(&self.path, p, e))?;
+        let len = array.shape().first().copied().unwrap_or(0);
+        T::read_any(&array, len, &self.dtype(p)?).map_err(|e| DataError::zarr(&self.path, p, e))
+    }
+}
+
+/// Array elements readable from whatever width the store holds (anndata writes int8 codes,
+/// we read them as i64).
+pub trait StoredElement: ElementOwned {
+    fn read_any(a: &Array<FilesystemStore>, len: u64, dtype: &str) -> std::result::Result<Vec<Self>, ArrayError>;
+}
+
+fn widen<W: ElementOwned, T>(a: &Array<FilesystemStore>, len: u64, f: impl Fn(W) -> T) -> std::result::Result<Vec<T>, ArrayError> {
+    Ok(a.retrieve_array_subset::<Vec<W>>(&[0..len])?.into_iter().map(f).collect())
+}
+
+macro_rules! numeric_element {
+    ($t:ty) => {
+        impl StoredElement for $t {
+            fn read_any(a: &Array<FilesystemStore>, len: u64, dtype: &str) -> std::result::Result<Vec<Self>, ArrayError> {
+                match dtype {
+                    "int8" => widen(a, len, |x: i8| x as $t),
+                    "int16" => widen(a, len, |x: i16| x as $t),
+                    "int32" => widen(a, len, |x: i32| x as $t),
+                    "int64" => widen(a, len, |x: i64| x as $t),
+                    "uint8" => widen(a, len, |x: u8| x as $t),
+                    "uint16" => widen(a, len, |x: u16| x as $t),
+                    "uint32" => widen(a, len, |x: u32| x as $t),
+                    "uint64" => widen(a, len, |x: u64| x as $t),
+                    "float32" => widen(a, len, |x: f32| x as $t),
+                    "float64" => widen(a, len, |x: f64| x as $t),
+                    _ => a.retrieve_array_subset::<Vec<$t>>(&[0..len]),
+                }
+            }
+        }
+    };
+}
+numeric_element!(i64);
+numeric_element!(i32);
+numeric_element!(f64);
+numeric_element!(f32);
+
+impl StoredElement for String {
+    fn read_any(a: &Array<FilesystemStore>, len: u64, _: &str) -> std::result::Result<Vec<Self>, ArrayError> {
+        a.retrieve_array_subset::<Vec<String>>(&[0..len])
+    }
+}
+
+impl StoredElement for bool {
+    fn read_any(a: &Array<FilesystemStore>, len: u64, _: &str) -> std::result::Result<Vec<Self>, ArrayError> {
+        a.retrieve_array_subset::<Vec<bool>>(&[0..len])
+    }
+}
+
+/// Reads a zero-dimensional string array (AnnData's `string` encoding).
+fn string_scalar(storage: &Arc<FilesystemStore>, root: &Path, p: &str) -> Result<String> {
+    let array = Array::open(storage.clone(), &format!("/{p}")).map_err(|e| DataError::zarr(root, p, e))?;
+    let v: Vec<String> = array.retrieve_chunk(&[]).map_err(|e| DataError::zarr(root, p, e))?;
+    v.into_iter().next().ok_or_else(|| DataError::field(root, p, "empty"))
+}

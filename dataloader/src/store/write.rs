@@ -1,0 +1,265 @@
+//! Writing AnnData's on-disk layout in Zarr v3, the way `anndata` ≥ 0.11 writes it, so
+//! `anndata.read_zarr` opens our stores without conversion.
+//!
+//! Spec: <https://anndata.readthedocs.io/en/stable/fileformat-prose.html>.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+use zarrs::array::{data_type, Array, ArrayBuilder, DataType, Element, FillValueMetadata};
+use zarrs::filesystem::FilesystemStore;
+use zarrs::group::GroupBuilder;
+
+use crate::csr::CsrRows;
+use crate::error::{DataError, Result};
+use crate::frame::{Column, Frame};
+
+/// Elements per inner chunk of `X/data` and `X/indices` (4 MB of f32): one decode per read.
+pub const INNER_CHUNK: u64 = 1 << 20;
+/// Inner chunks per shard file, so a 30 GB atlas is thousands of files, not millions.
+pub const CHUNKS_PER_SHARD: u64 = 16;
+/// Chunk length for per-cell / per-gene arrays.
+const TABLE_CHUNK: u64 = 1 << 20;
+
+/// zarrs addresses nodes by absolute path (`/X/data`); we name them relative (`X/data`).
+fn node(path: &str) -> String {
+    if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    }
+}
+
+fn attrs(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// Writes one AnnData store under a directory.
+pub struct StoreWriter {
+    root: PathBuf,
+    storage: Arc<FilesystemStore>,
+    zstd_level: i32,
+}
+
+impl StoreWriter {
+    /// Creates the directory and the root group (`encoding-type: anndata`).
+    pub fn create(root: &Path, zstd_level: i32) -> Result<Self> {
+        std::fs::create_dir_all(root).map_err(|e| DataError::io(root, e))?;
+        let storage = Arc::new(FilesystemStore::new(root).map_err(|e| DataError::zarr(root, "/", e))?);
+        let w = StoreWriter { root: root.to_path_buf(), storage, zstd_level };
+        w.group("/", json!({"encoding-type": "anndata", "encoding-version": "0.1.0"}))?;
+        Ok(w)
+    }
+
+    /// Writes a group with the given attributes.
+    pub fn group(&self, path: &str, attributes: Value) -> Result<()> {
+        GroupBuilder::new()
+            .attributes(attrs(attributes))
+            .build(self.storage.clone(), &node(path))
+            .and_then(|g| g.store_metadata().map_err(Into::into))
+            .map_err(|e| DataError::zarr(&self.root, path, e))
+    }
+
+    /// An AnnData `dict` group (used for `uns`, `layers`, `obsm`, ...).
+    pub fn dict(&self, path: &str) -> Result<()> {
+        self.group(path, json!({"encoding-type": "dict", "encoding-version": "0.1.0"}))
+    }
+
+    fn builder(&self, len: u64, chunk: u64, dt: DataType, fill: impl Into<zarrs::array::builder::ArrayBuilderFillValue>) -> ArrayBuilder {
+        let mut b = ArrayBuilder::new(vec![len], vec![chunk.max(1)], dt, fill);
+        b.bytes_to_bytes_codecs(vec![Arc::new(zarrs::array::codec::ZstdCodec::new(self.zstd_level.into(), false))]);
+        b
+    }
+
+    fn finish_array<T: Element>(&self, mut b: ArrayBuilder, path: &str, values: &[T], attributes: Value) -> Result<()> {
+        b.attributes(attrs(attributes));
+        let err = |e: &dyn std::fmt::Display| DataError::zarr(&self.root, path, e);
+        let array = b.build(self.storage.clone(), &node(path)).map_err(|e| err(&e))?;
+        array.store_metadata().map_err(|e| err(&e))?;
+        if !values.is_empty() {
+            array.store_array_subset(&[0..values.len() as u64], values).map_err(|e| err(&e))?;
+        }
+        Ok(())
+    }
+
+    /// A 1-D numeric or bool array (`encoding-type: array`).
+    pub fn array<T: Element + ArrayDtype>(&self, path: &str, values: &[T]) -> Result<()> {
+        let b = self.builder(values.len() as u64, TABLE_CHUNK.min(values.len() as u64), T::data_type(), T::fill());
+        self.finish_array(b, path, values, json!({"encoding-type": "array", "encoding-version": "0.2.0"}))
+    }
+
+    /// A 1-D string array (`encoding-type: string-array`, vlen-utf8 like anndata writes).
+    pub fn strings(&self, path: &str, values: &[String]) -> Result<()> {
+        let b = self.builder(values.len() as u64, TABLE_CHUNK.min(values.len() as u64), data_type::string(), "");
+        self.finish_array(b, path, values, json!({"encoding-type": "string-array", "encoding-version": "0.2.0"}))
+    }
+
+    /// A string scalar (`encoding-type: string`), e.g. provenance JSON in `uns`.
+    pub fn string_scalar(&self, path: &str, value: &str) -> Result<()> {
+        let mut b = ArrayBuilder::new(Vec::<u64>::new(), Vec::<u64>::new(), data_type::string(), "");
+        b.attributes(attrs(json!({"encoding-type": "string", "encoding-version": "0.2.0"})));
+        let err = |e: &dyn std::fmt::Display| DataError::zarr(&self.root, path, e);
+        let array = b.build(self.storage.clone(), &node(path)).map_err(|e| err(&e))?;
+        array.store_metadata().map_err(|e| err(&e))?;
+        array.store_chunk(&[], &[value.to_string()][..]).map_err(|e| err(&e))
+    }
+
+    /// A dataframe group with its index and columns (`encoding-type: dataframe`).
+    pub fn frame(&self, path: &str, frame: &Frame) -> Result<()> {
+        let index_key = if frame.column(&frame.index_name).is_some() || frame.index_name.is_empty() {
+            "_index".to_string()
+        } else {
+            frame.index_name.clone()
+        };
+        let order: Vec<&str> = frame.column_names();
+        self.group(
+            path,
+            json!({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": index_key, "column-order": order}),
+        )?;
+        self.strings(&format!("{path}/{index_key}"), &frame.index)?;
+        for (name, col) in &frame.columns {
+            let p = format!("{path}/{name}");
+            match col {
+                Column::Categorical { codes, categories, ordered } => {
+                    self.group(&p, json!({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": ordered}))?;
+                    self.array(&format!("{p}/codes"), codes)?;
+                    self.strings(&format!("{p}/categories"), categories)?;
+                }
+                Column::Strings(v) => self.strings(&p, v)?,
+                Column::Float(v) => self.array(&p, v)?,
+                Column::Int(v) => self.array(&p, v)?,
+                Column::Bool(v) => self.array(&p, v)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a streamed CSR matrix group at `path` (e.g. `X`).
+    pub fn csr(&self, path: &str) -> Result<CsrWriter> {
+        let shard = INNER_CHUNK * CHUNKS_PER_SHARD;
+        let make = |name: &str, dt: DataType, fill: zarrs::array::builder::ArrayBuilderFillValue| -> Result<Array<FilesystemStore>> {
+            let p = format!("{path}/{name}");
+            let mut b = self.builder(u64::MAX / 2, shard, dt, fill);
+            b.subchunk_shape(vec![INNER_CHUNK]);
+            b.build(self.storage.clone(), &node(&p)).map_err(|e| DataError::zarr(&self.root, &p, e))
+        };
+        Ok(CsrWriter {
+            root: self.root.clone(),
+            path: path.to_string(),
+            data: make("data", data_type::float32(), 0.0f32.into())?,
+            indices: make("indices", data_type::int32(), 0i32.into())?,
+            values_buf: Vec::with_capacity(shard as usize),
+            indices_buf: Vec::with_capacity(shard as usize),
+            shard_len: shard,
+            shards_written: 0,
+            indptr: vec![0],
+        })
+    }
+
+    /// Finishes a CSR matrix: `indptr`, final array shapes and the group's `shape` attribute.
+    pub fn finish_csr(&self, mut w: CsrWriter, n_genes: usize) -> Result<u64> {
+        w.flush_shard(true)?;
+        let nnz = *w.indptr.last().unwrap_or(&0) as u64;
+        let n_cells = w.indptr.len() - 1;
+        for (name, a) in [("data", &mut w.data), ("indices", &mut w.indices)] {
+            let p = format!("{}/{name}", w.path);
+            a.set_shape(vec![nnz]).map_err(|e| DataError::zarr(&self.root, &p, e))?;
+            let mut m = Map::new();
+            m.insert("encoding-type".into(), json!("array"));
+            m.insert("encoding-version".into(), json!("0.2.0"));
+            *a.attributes_mut() = m;
+            a.store_metadata().map_err(|e| DataError::zarr(&self.root, &p, e))?;
+        }
+        self.array(&format!("{}/indptr", w.path), &w.indptr)?;
+        self.group(
+            &w.path,
+            json!({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_genes]}),
+        )?;
+        Ok(nnz)
+    }
+}
+
+/// Appends cells to a CSR matrix, writing whole shards as they fill.
+pub struct CsrWriter {
+    root: PathBuf,
+    path: String,
+    data: Array<FilesystemStore>,
+    indices: Array<FilesystemStore>,
+    values_buf: Vec<f32>,
+    indices_buf: Vec<i32>,
+    shard_len: u64,
+    shards_written: u64,
+    indptr: Vec<i64>,
+}
+
+impl CsrWriter {
+    /// Appends the rows of `block`.
+    pub fn push(&mut self, block: &CsrRows) -> Result<()> {
+        let base = *self.indptr.last().unwrap_or(&0);
+        self.indptr.extend(block.indptr[1..].iter().map(|&p| base + p as i64));
+        let mut taken = 0;
+        while taken < block.nnz() {
+            let room = self.shard_len as usize - self.values_buf.len();
+            let n = room.min(block.nnz() - taken);
+            self.values_buf.extend_from_slice(&block.values[taken..taken + n]);
+            self.indices_buf.extend(block.indices[taken..taken + n].iter().map(|&g| g as i32));
+            taken += n;
+            if self.values_buf.len() == self.shard_len as usize {
+                self.flush_shard(false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Cells written so far.
+    pub fn n_cells(&self) -> usize {
+        self.indptr.len() - 1
+    }
+
+    fn flush_shard(&mut self, last: bool) -> Result<()> {
+        if self.values_buf.is_empty() {
+            return Ok(());
+        }
+        if last {
+            // The final shard is padded with fill values; they lie beyond the array's shape.
+            self.values_buf.resize(self.shard_len as usize, 0.0);
+            self.indices_buf.resize(self.shard_len as usize, 0);
+        }
+        let idx = [self.shards_written];
+        let err = |name: &str, e: &dyn std::fmt::Display| DataError::zarr(&self.root, &format!("{}/{name}", self.path), e);
+        self.data.store_chunk(&idx, &self.values_buf).map_err(|e| err("data", &e))?;
+        self.indices.store_chunk(&idx, &self.indices_buf).map_err(|e| err("indices", &e))?;
+        self.values_buf.clear();
+        self.indices_buf.clear();
+        self.shards_written += 1;
+        Ok(())
+    }
+}
+
+/// Maps Rust element types to Zarr data types and AnnData-style fill values.
+pub trait ArrayDtype {
+    fn data_type() -> DataType;
+    fn fill() -> zarrs::array::builder::ArrayBuilderFillValue;
+}
+
+macro_rules! dtype {
+    ($t:ty, $f:ident, $fill:expr) => {
+        impl ArrayDtype for $t {
+            fn data_type() -> DataType {
+                data_type::$f()
+            }
+            fn fill() -> zarrs::array::builder::ArrayBuilderFillValue {
+                $fill.into()
+            }
+        }
+    };
+}
+dtype!(f32, float32, 0.0f32);
+dtype!(f64, float64, 0.0f64);
+dtype!(i32, int32, 0i32);
+dtype!(i64, int64, 0i64);
+dtype!(bool, bool, FillValueMetadata::Bool(false));
