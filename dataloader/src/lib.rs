@@ -1,15 +1,35 @@
 //! neurofm's data layer: single-cell files in, AnnData-compatible Zarr v3 stores out, and the
 //! shard reader, tokenizers and masking that feed training. No libtorch here.
+//!
+//! Flow: `source` (h5ad/loom) → `convert` → `store` → `split` → `shard` → `tokenize` → `mask`.
 
 pub mod convert;
 pub mod csr;
 pub mod error;
 pub mod frame;
 pub mod inspect;
+pub mod mask;
 pub mod rng;
 pub mod select;
+pub mod shard;
 pub mod source;
+pub mod split;
 pub mod store;
 pub mod synth;
+pub mod tokenize;
 
 pub use error::{DataError, Result};
+
+use std::path::Path;
+
+/// Writes `bytes` to `path` via a temp file in the same directory and a rename, so readers
+/// never see a half-written file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| DataError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        DataError::io(path, e)
+    })
+}

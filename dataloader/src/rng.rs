@@ -54,7 +54,7 @@ mod tests {
     #[test]
     fn string_hash_is_stable() {
         // Pinned value: changing the hash would silently reassign train/validation splits.
-        assert_eq!(hash_str("cell_1"), hash_str("cell_1"));
-        assert_eq!(hash_str(""), mix64(0xCBF2_9CE4_8422_2325));
+        // Value computed independently (FNV-1a 64 then SplitMix64's finalizer, in Python).
+        assert_eq!(hash_str("cell_1"), 0xc0da_bd79_aeb5_8b08);
     }
 }

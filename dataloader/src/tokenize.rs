@@ -1,0 +1,256 @@
+//! Expression → bin tokens (DESIGN §3).
+//!
+//! Each cell is normalized to 10,000 counts and log1p-transformed; zero expression is bin 0
+//! and non-zero values fall into bins `1..n_bins`. Two binnings:
+//! - `gene-quantile` (the original neuron model): per-gene quantile edges of the non-zero
+//!   values of training cells, saved with the run and reused by evaluation;
+//! - `cell-quantile` (scGPT, Cui et al. 2024): equal-frequency bins of the cell's own non-zero
+//!   values; equal values share the bin of their lowest rank, so ties are deterministic.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+use crate::rng::hash_keys;
+use crate::store::Store;
+
+/// Counts each cell is scaled to before `log1p`.
+pub const TARGET_SUM: f32 = 1e4;
+
+/// Token ids for an expression vocabulary of `n_bins` bins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vocab {
+    pub n_bins: usize,
+}
+
+impl Vocab {
+    /// Bin token replacing a masked position.
+    pub fn mask(&self) -> i64 {
+        self.n_bins as i64
+    }
+    /// Bin token of padding.
+    pub fn pad(&self) -> i64 {
+        self.n_bins as i64 + 1
+    }
+    /// Bin token of the `[CLS]` position.
+    pub fn cls(&self) -> i64 {
+        self.n_bins as i64 + 2
+    }
+    /// Size of the bin-token embedding table.
+    pub fn size(&self) -> usize {
+        self.n_bins + 3
+    }
+}
+
+/// Which binning a tokenizer uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Binning {
+    /// `edges[g]` has `n_bins - 2` ascending edges, or is empty for a gene never seen non-zero.
+    GeneQuantile { edges: Vec<Vec<f32>>, fit_cells: usize },
+    CellQuantile,
+}
+
+/// Turns counts into bins for a fixed gene order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tokenizer {
+    pub vocab: Vocab,
+    /// Gene names in token order (= the store's var order).
+    pub genes: Vec<String>,
+    pub binning: Binning,
+}
+
+/// Which binning to build, as written in configs (`tokenizer.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BinningKind {
+    GeneQuantile,
+    CellQuantile,
+}
+
+impl Tokenizer {
+    /// Builds a tokenizer; `gene-quantile` is fitted on (at most `max_fit_cells` of) `train_cells`.
+    pub fn fit(store: &Store, train_cells: &[u32], kind: BinningKind, n_bins: usize, max_fit_cells: usize, seed: u64) -> Result<Self> {
+        if n_bins < 3 {
+            return Err(DataError::Config(format!("tokenizer.n_bins = {n_bins}: need at least 3 (zero + two expression bins)")));
+        }
+        let genes = store.var_names()?;
+        let binning = match kind {
+            BinningKind::CellQuantile => Binning::CellQuantile,
+            BinningKind::GeneQuantile => {
+                // A deterministic sample: the cells with the smallest hash of (seed, row).
+                let mut sample: Vec<u32> = train_cells.to_vec();
+                if sample.len() > max_fit_cells {
+                    sample.sort_by_key(|&c| hash_keys(&[seed, 20, c as u64]));
+                    sample.truncate(max_fit_cells);
+                }
+                sample.sort_unstable();
+                let mut values: Vec<Vec<f32>> = vec![Vec::new(); genes.len()];
+                for chunk in sample.chunks(4096) {
+                    let rows: Vec<usize> = chunk.iter().map(|&c| c as usize).collect();
+                    let block = store.read_cells(&rows)?;
+                    let mut norm = Vec::new();
+                    for i in 0..block.n_rows() {
+                        let (idx, val) = block.row(i);
+                        normalize(val, &mut norm);
+                        for (&g, &x) in idx.iter().zip(&norm) {
+                            if x > 0.0 {
+                                values[g as usize].push(x);
+                            }
+                        }
+                    }
+                }
+                let edges = values.into_iter().map(|mut v| quantile_edges(&mut v, n_bins)).collect();
+                Binning::GeneQuantile { edges, fit_cells: sample.len() }
+            }
+        };
+        Ok(Tokenizer { vocab: Vocab { n_bins }, genes, binning })
+    }
+
+    /// Bins of a cell's non-zero entries (`idx` genes, `counts` raw values), into `out`.
+    pub fn bin_nonzero(&self, idx: &[u32], counts: &[f32], out: &mut Vec<i64>) {
+        let mut norm = Vec::with_capacity(counts.len());
+        normalize(counts, &mut norm);
+        out.clear();
+        match &self.binning {
+            Binning::GeneQuantile { edges, .. } => {
+                out.extend(idx.iter().zip(&norm).map(|(&g, &x)| {
+                    if x <= 0.0 {
+                        0
+                    } else {
+                        1 + edges[g as usize].partition_point(|&e| e < x) as i64
+                    }
+                }));
+            }
+            Binning::CellQuantile => {
+                let nz: Vec<usize> = (0..norm.len()).filter(|&i| norm[i] > 0.0).collect();
+                let mut order = nz.clone();
+                order.sort_by(|&a, &b| norm[a].total_cmp(&norm[b]).then(idx[a].cmp(&idx[b])));
+                out.resize(norm.len(), 0);
+                let m = order.len();
+                let mut rank_of_value = 0;
+                for (r, &i) in order.iter().enumerate() {
+                    if r == 0 || norm[i] != norm[order[r - 1]] {
+                        rank_of_value = r;
+                    }
+                    out[i] = 1 + (rank_of_value * (self.vocab.n_bins - 1) / m) as i64;
+                }
+            }
+        }
+    }
+
+    /// Refuses a store whose genes differ from the tokenizer's (order included).
+    pub fn check_genes(&self, store_genes: &[String], store: &Path) -> Result<()> {
+        if store_genes == self.genes.as_slice() {
+            return Ok(());
+        }
+        let first_diff = self.genes.iter().zip(store_genes).position(|(a, b)| a != b);
+        Err(DataError::input(
+            store,
+            format!(
+                "gene panel differs from the tokenizer's ({} vs {} genes{}); convert the data with the run's gene list (--genes list:FILE)",
+                store_genes.len(),
+                self.genes.len(),
+                first_diff.map(|i| format!(", first difference at position {i}: `{}` vs `{}`", store_genes[i], self.genes[i])).unwrap_or_default()
+            ),
+        ))
+    }
+
+    /// Writes the tokenizer as JSON atomically (temp file, then rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec(self).map_err(|e| DataError::Config(e.to_string()))?;
+        crate::write_atomic(path, &json)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => DataError::NotFound { path: path.to_path_buf() },
+            _ => DataError::io(path, e),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| DataError::input(path, format!("not a neurofm tokenizer: {e}")))
+    }
+}
+
+/// `log1p(x / total × 10⁴)` for one cell's values (total over the stored genes).
+pub fn normalize(counts: &[f32], out: &mut Vec<f32>) {
+    let total: f32 = counts.iter().sum();
+    let scale = if total > 0.0 { TARGET_SUM / total } else { 0.0 };
+    out.clear();
+    out.extend(counts.iter().map(|&c| (c * scale).ln_1p()));
+}
+
+/// `n_bins - 2` edges at quantiles k/(n_bins-1), k = 1..n_bins-2, with NumPy's default linear
+/// interpolation; empty when the gene has no values.
+pub fn quantile_edges(values: &mut [f32], n_bins: usize) -> Vec<f32> {
+    if values.is_empty() {
+        return Vec::new();
+    }
+    values.sort_by(f32::total_cmp);
+    let n = values.len();
+    (1..n_bins - 1)
+        .map(|k| {
+            let h = (n - 1) as f64 * k as f64 / (n_bins - 1) as f64;
+            let lo = h.floor() as usize;
+            let hi = (lo + 1).min(n - 1);
+            (values[lo] as f64 + (h - lo as f64) * (values[hi] as f64 - values[lo] as f64)) as f32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gene_tok(edges: Vec<Vec<f32>>, n_bins: usize) -> Tokenizer {
+        Tokenizer { vocab: Vocab { n_bins }, genes: vec![], binning: Binning::GeneQuantile { edges, fit_cells: 0 } }
+    }
+
+    #[test]
+    fn quantile_edges_match_numpy() {
+        // np.quantile([1,2,3,4,5], [0.25, 0.5, 0.75]) == [2, 3, 4]
+        assert_eq!(quantile_edges(&mut [5.0, 1.0, 3.0, 2.0, 4.0], 5), vec![2.0, 3.0, 4.0]);
+        // np.quantile([0, 10], [1/3, 2/3]) == [3.333.., 6.666..]
+        let e = quantile_edges(&mut [0.0, 10.0], 4);
+        assert!((e[0] - 10.0 / 3.0).abs() < 1e-5 && (e[1] - 20.0 / 3.0).abs() < 1e-5);
+        assert!(quantile_edges(&mut [], 5).is_empty());
+    }
+
+    #[test]
+    fn normalize_scales_to_ten_thousand_then_log1p() {
+        let mut out = Vec::new();
+        normalize(&[1.0, 3.0], &mut out);
+        assert!((out[0] - 2500f32.ln_1p()).abs() < 1e-4 && (out[1] - 7500f32.ln_1p()).abs() < 1e-4);
+        normalize(&[0.0, 0.0], &mut out);
+        assert_eq!(out, vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn gene_quantile_bins_are_right_closed_and_zero_is_bin_zero() {
+        // One gene, counts [1, 1]: each normalizes to log1p(5000) ≈ 8.517.
+        let x = 5000f32.ln_1p();
+        let t = gene_tok(vec![vec![x - 1.0, x, x + 1.0], vec![]], 5);
+        let mut out = Vec::new();
+        t.bin_nonzero(&[0, 1], &[1.0, 1.0], &mut out);
+        assert_eq!(out, vec![2, 1], "x equals the 2nd edge → bin 2; unseen gene → bin 1");
+        t.bin_nonzero(&[0, 1], &[0.0, 5.0], &mut out);
+        assert_eq!(out[0], 0);
+    }
+
+    #[test]
+    fn cell_quantile_is_equal_frequency_with_shared_bins_for_ties() {
+        let t = Tokenizer { vocab: Vocab { n_bins: 5 }, genes: vec![], binning: Binning::CellQuantile };
+        let mut out = Vec::new();
+        // Four distinct values → bins 1..4; ties share the lower bin.
+        t.bin_nonzero(&[0, 1, 2, 3], &[4.0, 1.0, 3.0, 2.0], &mut out);
+        assert_eq!(out, vec![4, 1, 3, 2]);
+        t.bin_nonzero(&[0, 1, 2, 3], &[2.0, 2.0, 0.0, 5.0], &mut out);
+        assert_eq!(out, vec![1, 1, 0, 3]);
+    }
+
+    #[test]
+    fn vocab_special_ids_follow_the_bins() {
+        let v = Vocab { n_bins: 20 };
+        assert_eq!((v.mask(), v.pad(), v.cls(), v.size()), (20, 21, 22, 23));
+    }
+}
