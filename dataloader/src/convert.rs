@@ -17,7 +17,7 @@ use crate::csr::CsrRows;
 use crate::error::{DataError, Result};
 use crate::rng::rng_for;
 use crate::select::{self, GeneScan, GeneSelection, KeepFilter};
-use crate::source::{self, CountsLocation, MatrixInfo, RowSource, SourceFile};
+use crate::source::{self, CountsLocation, MatrixInfo, SourceFile};
 use crate::store::write::StoreWriter;
 use crate::store::{Provenance, STORE_FORMAT_VERSION};
 
@@ -58,9 +58,10 @@ pub struct ConvertOptions {
     pub allow_non_integer: bool,
     pub force: bool,
     pub zstd_level: i32,
-    /// Non-zeros per source read; also the unit of shuffling (blocks are permuted globally,
-    /// cells are shuffled within a window of `window_blocks` blocks).
-    pub block_entries: u64,
+    /// Cells per source read and unit of shuffling: blocks are permuted globally, cells are
+    /// shuffled within a window of `window_blocks` blocks. Counted in cells, never in stored
+    /// entries, so the order depends only on the counts, not on how the source stores them.
+    pub block_cells: usize,
     pub window_blocks: usize,
     pub progress: bool,
 }
@@ -76,7 +77,7 @@ impl Default for ConvertOptions {
             allow_non_integer: false,
             force: false,
             zstd_level: 3,
-            block_entries: 1 << 20,
+            block_cells: 1024,
             window_blocks: 4,
             progress: false,
         }
@@ -145,7 +146,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
 
     let scan = if opts.genes.needs_scan() {
         let mut scan = GeneScan::new(info.n_genes);
-        for block in plan_blocks(rowsrc.as_ref(), &rows, opts.block_entries) {
+        for block in plan_blocks(&rows, opts.block_cells) {
             scan.add(&source::read_selected(rowsrc.as_mut(), &block)?);
         }
         Some(scan)
@@ -158,7 +159,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         gene_map[g] = Some(j as u32);
     }
 
-    let mut blocks = plan_blocks(rowsrc.as_ref(), &rows, opts.block_entries);
+    let mut blocks = plan_blocks(&rows, opts.block_cells);
     if let Some(seed) = opts.shuffle_seed {
         blocks.shuffle(&mut rng_for(&[seed, 0]));
     }
@@ -289,23 +290,9 @@ fn non_integer_error(path: &Path, loc: &CountsLocation, frac: f64) -> DataError 
     )
 }
 
-/// Groups selected rows into read blocks of about `target` entries each.
-fn plan_blocks(src: &dyn RowSource, rows: &[usize], target: u64) -> Vec<Vec<usize>> {
-    let mut blocks = Vec::new();
-    let mut cur = Vec::new();
-    let mut cost = 0;
-    for &r in rows {
-        cur.push(r);
-        cost += src.entries_in(r..r + 1).max(1);
-        if cost >= target {
-            blocks.push(std::mem::take(&mut cur));
-            cost = 0;
-        }
-    }
-    if !cur.is_empty() {
-        blocks.push(cur);
-    }
-    blocks
+/// Groups selected rows into read blocks of `block_cells` cells.
+fn plan_blocks(rows: &[usize], block_cells: usize) -> Vec<Vec<usize>> {
+    rows.chunks(block_cells.max(1)).map(<[usize]>::to_vec).collect()
 }
 
 struct WriteContext<'a> {

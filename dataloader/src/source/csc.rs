@@ -128,9 +128,6 @@ impl RowSource for SpilledCsr {
     fn n_cols(&self) -> usize {
         self.n_cols
     }
-    fn entries_in(&self, rows: Range<usize>) -> u64 {
-        self.indptr[rows.end] - self.indptr[rows.start]
-    }
     fn read_rows(&mut self, rows: Range<usize>) -> Result<CsrRows> {
         let (lo, hi) = (self.indptr[rows.start], self.indptr[rows.end]);
         let mut buf = vec![0u8; ((hi - lo) * 8) as usize];

@@ -13,8 +13,6 @@ use crate::error::{DataError, Result};
 pub trait RowSource: Send {
     fn n_rows(&self) -> usize;
     fn n_cols(&self) -> usize;
-    /// Entries a read of `rows` touches (non-zeros, or cells × genes for dense), to size blocks.
-    fn entries_in(&self, rows: Range<usize>) -> u64;
     /// Reads `rows` as CSR with sorted, in-range gene indices.
     fn read_rows(&mut self, rows: Range<usize>) -> Result<CsrRows>;
 }
@@ -137,9 +135,6 @@ impl RowSource for H5Csr {
     fn n_cols(&self) -> usize {
         self.n_cols
     }
-    fn entries_in(&self, rows: Range<usize>) -> u64 {
-        self.indptr[rows.end] - self.indptr[rows.start]
-    }
     fn read_rows(&mut self, rows: Range<usize>) -> Result<CsrRows> {
         let ptr = &self.indptr[rows.start..=rows.end];
         let (lo, hi) = (ptr[0] as usize, ptr[ptr.len() - 1] as usize);
@@ -178,9 +173,6 @@ impl RowSource for H5Dense {
     }
     fn n_cols(&self) -> usize {
         self.n_cols
-    }
-    fn entries_in(&self, rows: Range<usize>) -> u64 {
-        (rows.len() * self.n_cols) as u64
     }
     fn read_rows(&mut self, rows: Range<usize>) -> Result<CsrRows> {
         let err = h5::h5err(&self.path, &self.field);

@@ -1,0 +1,55 @@
+# neurofm: `make test` on a fresh machine installs what it needs, builds and runs every test.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+CACHE       ?= $(HOME)/.cache/neurofm
+PYENV       := $(CACHE)/pyenv
+PY          := $(PYENV)/bin/python
+JOBS        ?= 2
+SHARED_DATA ?= $(abspath ../shared/data)
+APT_PACKAGES := libhdf5-dev libopenmpi-dev openmpi-bin libclang-dev clang pkg-config
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+export NEUROFM_SHARED_DATA := $(SHARED_DATA)
+export NEUROFM_PYTHON := $(PY)
+
+.PHONY: setup system-packages pyenv build test test-rust test-interop bench clean
+
+## setup: system packages (apt) and the Python venv for interop tests, kept outside the clone
+setup: system-packages pyenv
+
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+pyenv: $(PYENV)/.installed
+
+$(PYENV)/.installed: tests/interop/requirements.txt
+	python3 -m venv $(PYENV)
+	$(PYENV)/bin/pip install -q --disable-pip-version-check -r tests/interop/requirements.txt
+	cp tests/interop/requirements.txt $@
+
+## build: release binaries in target/release
+build: setup
+	cargo build --release -j$(JOBS) --workspace
+
+## test: unit + integration tests (Rust), then anndata/zarr interop checks (Python)
+test: setup test-rust test-interop
+
+test-rust:
+	cargo build -j$(JOBS) --workspace --bins
+	cargo test -j$(JOBS) --workspace
+
+test-interop:
+	$(PY) tests/interop/check_stores.py --bin target/debug/neurofm-data --data "$(SHARED_DATA)"
+
+## bench: conversion (vs anndata) and reader throughput, release build; prints numbers
+bench: build
+	$(PY) benches/convert_vs_anndata.py --bin target/release/neurofm-data --gb $${BENCH_GB:-2}
+	cargo run --release -j$(JOBS) -p neurofm-dataloader --example reader_bench
+
+clean:
+	cargo clean

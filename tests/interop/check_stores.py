@@ -1,0 +1,184 @@
+"""Interop check: stores written by `neurofm-data convert` open in `anndata.read_zarr` and
+hold exactly the source's counts, obs and var after the recorded selection and permutation.
+
+Run by `make test`:  python check_stores.py --bin target/debug/neurofm-data --data ../shared/data
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+import warnings
+
+import anndata as ad
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+warnings.filterwarnings("ignore")
+
+RESULTS = []
+
+
+def check(name):
+    def wrap(fn):
+        def run(*a, **k):
+            try:
+                fn(*a, **k)
+                RESULTS.append((name, None))
+                print(f"ok    {name}")
+            except Exception as e:  # noqa: BLE001 - report every failure, keep going
+                RESULTS.append((name, e))
+                print(f"FAIL  {name}: {e}")
+                traceback.print_exc()
+        return run
+    return wrap
+
+
+def convert(binary, src, out, *extra, expect=0):
+    p = subprocess.run([binary, "convert", "-q", src, out, *extra], capture_output=True, text=True)
+    if p.returncode != expect:
+        raise AssertionError(f"convert {src} {extra}: exit {p.returncode}, expected {expect}\n{p.stderr}")
+    return p
+
+
+def source_counts(path, counts):
+    """The source's count matrix (CSR, cells × genes) with obs/var frames, read independently."""
+    if path.endswith(".loom"):
+        with h5py.File(path) as f:
+            X = sp.csr_matrix(f["matrix"][...].T.astype(np.float64))
+            obs = {k: f["col_attrs"][k][...] for k in f["col_attrs"]}
+            var = {k: f["row_attrs"][k][...] for k in f["row_attrs"]}
+        return X, obs, var
+    a = ad.read_h5ad(path)
+    if counts == "X":
+        X, var = a.X, a.var
+    elif counts == "raw/X":
+        X, var = a.raw.X, a.raw.var
+    else:
+        X, var = a.layers[counts.split("/", 1)[1]], a.var
+    return sp.csr_matrix(X).astype(np.float64), a.obs.assign(_name=a.obs_names), var.assign(_name=var.index)
+
+
+def as_text(values):
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values])
+
+
+def compare(store_path, src_path, gene_rows=None):
+    a = ad.read_zarr(store_path)
+    prov = json.loads(a.uns["neurofm"]["provenance"])
+    rows = np.asarray(a.uns["neurofm"]["cell_source_row"])
+    X, obs, var = source_counts(src_path, prov["counts_source"])
+    genes = np.arange(X.shape[1]) if gene_rows is None else gene_rows
+    expected = X[rows][:, genes]
+    got = sp.csr_matrix(a.X).astype(np.float64)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    assert abs(got - expected).max() == 0, "counts differ"
+    assert np.array_equal(np.asarray(a.uns["neurofm"]["cell_total"]), np.asarray(expected.sum(axis=1)).ravel())
+    assert np.array_equal(np.asarray(a.uns["neurofm"]["gene_nnz"]), np.diff(sp.csc_matrix(expected).indptr))
+    if src_path.endswith(".loom"):
+        names = as_text(obs["Cell_id"])[rows]
+        assert list(a.obs_names) == list(names), "obs names"
+        assert list(as_text(a.obs["Cell_cluster"])) == list(as_text(obs["Cell_cluster"])[rows])
+        assert list(a.var_names) == list(as_text(var["Gene"])[genes])
+    else:
+        assert list(a.obs_names) == list(obs["_name"].iloc[rows]), "obs names"
+        for col in a.obs.columns:
+            assert list(as_text(a.obs[col])) == list(as_text(obs[col].iloc[rows])), f"obs column {col}"
+        assert list(a.var_names) == list(var["_name"].iloc[genes]), "var names"
+        for col in a.var.columns:
+            assert list(as_text(a.var[col])) == list(as_text(var[col].iloc[genes])), f"var column {col}"
+    return a, prov, rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--data", required=True)
+    args = ap.parse_args()
+    binary = os.path.abspath(args.bin)
+    data = args.data
+    if not os.path.isdir(data):
+        if os.environ.get("CI"):
+            print(f"shared data directory {data} is missing in CI")
+            return 1
+        print(f"skipping interop checks on real data: {data} not found")
+        data = None
+    tmp = tempfile.mkdtemp(prefix="neurofm-interop-")
+
+    files = {
+        "whb": "whb_cortex_L5exc_MGEinh.h5ad",
+        "zeisel": "zeisel2015_ca1_interneuron_endothelial_dense.h5ad",
+        "kang": "kang2018_pbmc_muscat_subset_ensembl_countslayer.h5ad",
+        "furlan": "furlan2016_sympathetic_neurons.loom",
+        "metaneighbor": "mouse_cortex_interneurons_metaneighbor_mixed_umi_rpkm.h5ad",
+    }
+
+    def each(key, fname):
+        @check(f"{key}: converts and anndata.read_zarr equals the source")
+        def t():
+            src = os.path.join(data, fname)
+            out = os.path.join(tmp, key + ".zarr")
+            extra = ["--allow-non-integer"] if key == "metaneighbor" else []
+            convert(binary, src, out, *extra)
+            _, prov, rows = compare(out, src)
+            assert sorted(rows) == list(range(len(rows))), "all cells, each once"
+            assert rows.tolist() != sorted(rows), "cells are shuffled by default"
+            if key == "kang":
+                assert prov["counts_source"] == "layers/counts", prov["counts_source"]
+        t()
+
+    if data:
+        for key, fname in files.items():
+            each(key, fname)
+
+        @check("metaneighbor: mixed counts/RPKM is refused without --allow-non-integer")
+        def refused():
+            p = convert(binary, os.path.join(data, files["metaneighbor"]), os.path.join(tmp, "mn-refused.zarr"), expect=2)
+            assert "non-integer" in p.stderr and "--allow-non-integer" in p.stderr, p.stderr
+            assert not os.path.exists(os.path.join(tmp, "mn-refused.zarr"))
+        refused()
+
+        @check("whb: --keep + --genes hvg:500 + --no-shuffle select what s4/s8 did")
+        def selection():
+            src = os.path.join(data, files["whb"])
+            out = os.path.join(tmp, "whb-sel.zarr")
+            convert(binary, src, out, "--keep", "subtype=cluster_2523", "--genes", "hvg:500", "--no-shuffle")
+            s = ad.read_h5ad(src)
+            a0 = ad.read_zarr(out)
+            genes = np.array([s.var_names.get_loc(g) for g in a0.var_names])
+            a, prov, rows = compare(out, src, gene_rows=genes)
+            assert a.n_obs == 620 and a.n_vars == 500, a.shape
+            assert set(a.obs["subtype"]) == {"cluster_2523"}
+            assert rows.tolist() == sorted(rows), "--no-shuffle keeps source order"
+            assert prov["gene_selection"] == "hvg:500" and prov["keep"] == ["subtype=cluster_2523"]
+        selection()
+
+        @check("whb: --cell-metadata joins a CSV usable by --keep")
+        def metadata():
+            src = os.path.join(data, files["whb"])
+            s = ad.read_h5ad(src)
+            csv = os.path.join(tmp, "meta.csv")
+            with open(csv, "w") as f:
+                f.write("cell_label,region,x\n")
+                for i, name in enumerate(s.obs_names):
+                    f.write(f"{name},{'A' if i % 3 == 0 else 'B'},{i * 0.5}\n")
+            out = os.path.join(tmp, "whb-meta.zarr")
+            convert(binary, src, out, "--cell-metadata", csv, "--metadata-key", "cell_label", "--keep", "region=A")
+            a = ad.read_zarr(out)
+            assert a.n_obs == len(range(0, s.n_obs, 3)), a.n_obs
+            assert set(a.obs["region"]) == {"A"} and "x" in a.obs.columns
+            src_rows = np.asarray(a.uns["neurofm"]["cell_source_row"])
+            assert np.allclose(a.obs["x"].to_numpy(), src_rows * 0.5)
+        metadata()
+
+    failed = sum(1 for _, e in RESULTS if e is not None)
+    print(f"{len(RESULTS) - failed} passed, {failed} failed")
+    return 1 if failed or not RESULTS and data else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
