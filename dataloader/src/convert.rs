@@ -238,7 +238,8 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
 /// Picks the count matrix, checking a sample for integer values.
 fn resolve_counts(src: &SourceFile, opts: &ConvertOptions) -> Result<(CountsLocation, MatrixInfo)> {
     let non_integer_fraction = |loc: &CountsLocation| -> Result<f64> {
-        let v = src.sample_values(loc, AUTO_SAMPLE)?;
+        // Non-finite values are not "non-integer": full validation reports them with their cell.
+        let v: Vec<f64> = src.sample_values(loc, AUTO_SAMPLE)?.into_iter().filter(|x| x.is_finite()).collect();
         Ok(if v.is_empty() { 0.0 } else { v.iter().filter(|x| x.fract() != 0.0).count() as f64 / v.len() as f64 })
     };
     match &opts.counts {

@@ -60,7 +60,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     let mut matrices = Vec::new();
     for info in src.matrices()? {
         let sample = src.sample_values(&info.location, SAMPLE_VALUES)?;
-        let non_int = if sample.is_empty() { 0.0 } else { sample.iter().filter(|v| v.fract() != 0.0).count() as f64 / sample.len() as f64 };
+        let non_int = if sample.is_empty() { 0.0 } else { sample.iter().filter(|v| v.is_finite() && v.fract() != 0.0).count() as f64 / sample.len() as f64 };
         let cells_genes = (info.n_cells as f64 * info.n_genes as f64).max(1.0);
         let density = match info.layout {
             source::Layout::Csr | source::Layout::Csc => info.stored as f64 / cells_genes,

@@ -202,9 +202,16 @@ pub fn write(o: &SynthOptions) -> Result<SynthSummary> {
 }
 
 fn write_to(o: &SynthOptions, path: &std::path::Path) -> Result<SynthSummary> {
+    let file = hdf5::File::create(path).map_err(h5err(path, "/"))?;
+    let summary = write_contents(&file, o, path)?;
+    // Closing explicitly releases every handle (and HDF5's file lock) before the rename.
+    file.close().map_err(h5err(path, "/"))?;
+    Ok(summary)
+}
+
+fn write_contents(file: &hdf5::File, o: &SynthOptions, path: &std::path::Path) -> Result<SynthSummary> {
     let err = |f: &str| h5err(path, f);
     let model = Model::new(o);
-    let file = hdf5::File::create(path).map_err(err("/"))?;
     let types: Vec<String> = (0..o.cells).map(|i| format!("type_{}", model.labels(o, i).0)).collect();
     let libs: Vec<String> = (0..o.cells).map(|i| format!("lib_{}", model.labels(o, i).1)).collect();
     let cell_names: Vec<String> = (0..o.cells).map(|i| format!("cell_{i}")).collect();
@@ -220,7 +227,7 @@ fn write_to(o: &SynthOptions, path: &std::path::Path) -> Result<SynthSummary> {
             }
         }
         let arr = ndarray::Array2::from_shape_vec((o.genes, o.cells), dense).map_err(|e| DataError::Config(e.to_string()))?;
-        write_numeric_2d(&file, "matrix", &arr, o, path)?;
+        write_numeric_2d(file, "matrix", &arr, o, path)?;
         let ca = file.create_group("col_attrs").map_err(err("col_attrs"))?;
         strings(&ca, "CellID", &cell_names, path)?;
         strings(&ca, "cell_type", &types, path)?;
@@ -233,8 +240,8 @@ fn write_to(o: &SynthOptions, path: &std::path::Path) -> Result<SynthSummary> {
         return Ok(SynthSummary { n_cells: o.cells, n_genes: o.genes, n_types: o.types, nnz: m.nnz() as u64 });
     }
 
-    str_attr(&file, "encoding-type", "anndata", path)?;
-    str_attr(&file, "encoding-version", "0.1.0", path)?;
+    str_attr(file, "encoding-type", "anndata", path)?;
+    str_attr(file, "encoding-version", "0.1.0", path)?;
     let counts_group = match o.counts_in {
         SynthLocation::X => "X".to_string(),
         SynthLocation::Layer => "layers/counts".to_string(),
@@ -290,12 +297,12 @@ fn write_to(o: &SynthOptions, path: &std::path::Path) -> Result<SynthSummary> {
         }
         let mut float_opts = o.clone();
         float_opts.dtype = SynthDtype::F32;
-        write_csr_block(&file, "X", &logx, &float_opts, path)?;
+        write_csr_block(file, "X", &logx, &float_opts, path)?;
     }
     let obs_cols = [("cell_type", &types), ("library", &libs)];
-    frame(&file, "obs", &cell_names, &obs_cols, path)?;
+    frame(file, "obs", &cell_names, &obs_cols, path)?;
     let symbols: Vec<String> = (0..o.genes).map(|g| format!("G{g}")).collect();
-    frame(&file, "var", &gene_names, &[("gene_symbol", &symbols)], path)?;
+    frame(file, "var", &gene_names, &[("gene_symbol", &symbols)], path)?;
     Ok(SynthSummary { n_cells: o.cells, n_genes: o.genes, n_types: o.types, nnz })
 }
 

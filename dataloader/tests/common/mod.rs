@@ -33,3 +33,11 @@ pub fn shared_data() -> Option<PathBuf> {
     eprintln!("note: {} not found; skipping real-data checks", dir.display());
     None
 }
+
+/// Tests fork `neurofm-data` while other test threads hold HDF5 files open; the child inherits
+/// those descriptors (HDF5 opens without CLOEXEC) and with them HDF5's flock. No test writes a
+/// file another reads concurrently, so HDF5's locking is turned off in test processes.
+pub fn no_hdf5_locking() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var("HDF5_USE_FILE_LOCKING", "FALSE"));
+}
