@@ -18,7 +18,7 @@ use crate::error::{DataError, Result};
 use crate::rng::rng_for;
 use crate::select::{self, GeneScan, GeneSelection, KeepFilter};
 use crate::source::{self, CountsLocation, MatrixInfo, SourceFile};
-use crate::store::write::StoreWriter;
+use crate::store::write::{MatrixCodec, StoreWriter};
 use crate::store::{Provenance, STORE_FORMAT_VERSION};
 
 /// Largest integer a `float32` holds exactly; counts above it would be silently rounded.
@@ -58,6 +58,7 @@ pub struct ConvertOptions {
     pub allow_non_integer: bool,
     pub force: bool,
     pub zstd_level: i32,
+    pub matrix_codec: MatrixCodec,
     /// Cells per source read and unit of shuffling: blocks are permuted globally, cells are
     /// shuffled within a window of `window_blocks` blocks. Counted in cells, never in stored
     /// entries, so the order depends only on the counts, not on how the source stores them.
@@ -77,6 +78,7 @@ impl Default for ConvertOptions {
             allow_non_integer: false,
             force: false,
             zstd_level: 3,
+            matrix_codec: MatrixCodec::BloscLz4,
             block_cells: 1024,
             window_blocks: 4,
             progress: false,
@@ -164,7 +166,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         blocks.shuffle(&mut rng_for(&[seed, 0]));
     }
 
-    let writer = StoreWriter::create(&tmp, opts.zstd_level)?;
+    let writer = StoreWriter::create(&tmp, opts.zstd_level, opts.matrix_codec)?;
     let ctx = WriteContext { path: input, loc: loc.clone(), obs_names: &obs.index, allow_non_integer: opts.allow_non_integer };
     let bar = progress_bar(opts.progress, rows.len() as u64);
 

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use rand::seq::index::sample;
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
@@ -193,12 +194,19 @@ pub fn mask_positions(bins: &[i64], m: MaskConfig, cell: u32, epoch: u64) -> Vec
     let nonzero: Vec<usize> = (0..n).filter(|&p| bins[p] > 0).collect();
     let n_nz = ((m.nonzero_fraction * n_mask as f64).round() as usize).min(nonzero.len());
     let mut chosen = vec![false; n];
-    let mut out: Vec<usize> = sample(&mut rng, nonzero.len(), n_nz).into_iter().map(|k| nonzero[k]).collect();
-    for &p in &out {
-        chosen[p] = true;
+    let mut out = Vec::with_capacity(n_mask);
+    for k in sample(&mut rng, nonzero.len(), n_nz) {
+        chosen[nonzero[k]] = true;
+        out.push(nonzero[k]);
     }
-    let rest: Vec<usize> = (0..n).filter(|&p| !chosen[p]).collect();
-    out.extend(sample(&mut rng, rest.len(), n_mask - n_nz).into_iter().map(|k| rest[k]));
+    // The rest uniformly among positions not yet chosen (rejection: cheap at masking ratios).
+    while out.len() < n_mask {
+        let p = rng.random_range(0..n);
+        if !chosen[p] {
+            chosen[p] = true;
+            out.push(p);
+        }
+    }
     out.sort_unstable();
     out
 }

@@ -1,8 +1,8 @@
 //! Per-rank shards of a split, reshuffled every epoch, streamed by background workers.
 //!
 //! Epoch plan (same on every rank, from (seed, epoch) alone):
-//! 1. the split's cells are cut into blocks of `block_cells` neighbouring rows (cheap to read:
-//!    one decode of the chunks they share) and the blocks are permuted;
+//! 1. the split's cells are grouped into blocks by a key, normally the store chunk holding
+//!    them (`Store::chunk_of`), so reading a block decodes its chunk once; blocks are permuted;
 //! 2. the permuted sequence is cut into `world` equal, disjoint ranges, each a multiple of the
 //!    batch size (the remainder is dropped), so every rank runs the same number of steps and
 //!    no rank waits on a collective another skipped;
@@ -57,19 +57,13 @@ impl Rank {
 pub struct ShardConfig {
     pub batch_size: usize,
     pub seed: u64,
-    /// Neighbouring cells read together and permuted as a unit.
-    #[serde(default = "default_block_cells")]
-    pub block_cells: usize,
     /// Blocks whose cells are shuffled together within a rank.
     #[serde(default = "default_window_blocks")]
     pub window_blocks: usize,
 }
 
-fn default_block_cells() -> usize {
-    512
-}
 fn default_window_blocks() -> usize {
-    8
+    4
 }
 
 /// Where a reader stands: the next batch to produce.
@@ -97,15 +91,18 @@ pub struct EpochPlan {
 /// The training shard of one rank.
 pub struct ShardReader {
     cells: Vec<u32>,
+    /// `blocks[i]` is a range of `cells`.
+    blocks: Vec<std::ops::Range<usize>>,
     rank: Rank,
     cfg: ShardConfig,
 }
 
 impl ShardReader {
+    /// Blocks are runs of consecutive `cells` with the same `block_key` (e.g. `Store::chunk_of`).
     /// Refuses splits too small to give every rank one full batch.
-    pub fn new(cells: Vec<u32>, rank: Rank, cfg: ShardConfig) -> Result<Self> {
-        if cfg.batch_size == 0 || cfg.block_cells == 0 || cfg.window_blocks == 0 {
-            return Err(DataError::Config("batch_size, block_cells and window_blocks must be ≥ 1".into()));
+    pub fn new(cells: Vec<u32>, block_key: impl Fn(u32) -> u64, rank: Rank, cfg: ShardConfig) -> Result<Self> {
+        if cfg.batch_size == 0 || cfg.window_blocks == 0 {
+            return Err(DataError::Config("batch_size and window_blocks must be ≥ 1".into()));
         }
         let need = cfg.batch_size * rank.world();
         if cells.len() < need {
@@ -116,7 +113,14 @@ impl ShardReader {
                 cfg.batch_size
             )));
         }
-        Ok(ShardReader { cells, rank, cfg })
+        let mut blocks: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, &c) in cells.iter().enumerate() {
+            match blocks.last_mut() {
+                Some(b) if block_key(cells[b.start]) == block_key(c) => b.end = i + 1,
+                _ => blocks.push(i..i + 1),
+            }
+        }
+        Ok(ShardReader { cells, blocks, rank, cfg })
     }
 
     /// Batches each rank runs per epoch (identical on all ranks).
@@ -127,13 +131,14 @@ impl ShardReader {
     /// This rank's batches for `epoch`.
     pub fn plan(&self, epoch: u64) -> EpochPlan {
         let b = self.cfg.batch_size;
-        let mut blocks: Vec<&[u32]> = self.cells.chunks(self.cfg.block_cells).collect();
+        let mut blocks: Vec<&[u32]> = self.blocks.iter().map(|r| &self.cells[r.clone()]).collect();
         blocks.shuffle(&mut rng_for(&[self.cfg.seed, 10, epoch]));
         let per_rank = self.batches_per_epoch() * b;
         let start = self.rank.rank() * per_rank;
         let mine: Vec<u32> = blocks.into_iter().flatten().copied().skip(start).take(per_rank).collect();
         // Windows hold whole batches, so a batch never straddles two reads.
-        let window = (self.cfg.block_cells * self.cfg.window_blocks).div_ceil(b).max(1) * b;
+        let mean_block = self.cells.len().div_ceil(self.blocks.len().max(1));
+        let window = (mean_block * self.cfg.window_blocks).div_ceil(b).max(1) * b;
         let mut batches = Vec::with_capacity(per_rank / b);
         for (w, chunk) in mine.chunks(window).enumerate() {
             let mut cells = chunk.to_vec();
@@ -257,8 +262,12 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
 
+    fn by10(c: u32) -> u64 {
+        c as u64 / 10
+    }
+
     fn cfg(batch: usize) -> ShardConfig {
-        ShardConfig { batch_size: batch, seed: 7, block_cells: 10, window_blocks: 3 }
+        ShardConfig { batch_size: batch, seed: 7, window_blocks: 3 }
     }
 
     #[test]
@@ -266,7 +275,7 @@ mod tests {
         let cells: Vec<u32> = (0..1003).map(|i| i * 2).collect();
         let world = 3;
         let plans: Vec<EpochPlan> =
-            (0..world).map(|r| ShardReader::new(cells.clone(), Rank::new(r, world).unwrap(), cfg(16)).unwrap().plan(4)).collect();
+            (0..world).map(|r| ShardReader::new(cells.clone(), by10, Rank::new(r, world).unwrap(), cfg(16)).unwrap().plan(4)).collect();
         let n = plans[0].batches.len();
         assert_eq!(n, 1003 / 3 / 16);
         let mut seen = HashSet::new();
@@ -285,10 +294,10 @@ mod tests {
     #[test]
     fn epochs_reshuffle_and_seeds_reproduce() {
         let cells: Vec<u32> = (0..500).collect();
-        let r = ShardReader::new(cells.clone(), Rank::single(), cfg(8)).unwrap();
+        let r = ShardReader::new(cells.clone(), by10, Rank::single(), cfg(8)).unwrap();
         assert_eq!(r.plan(1), r.plan(1));
         assert_ne!(r.plan(1), r.plan(2));
-        let other = ShardReader::new(cells, Rank::single(), ShardConfig { seed: 8, ..cfg(8) }).unwrap();
+        let other = ShardReader::new(cells, by10, Rank::single(), ShardConfig { seed: 8, ..cfg(8) }).unwrap();
         assert_ne!(r.plan(1), other.plan(1));
         // Within an epoch a single rank sees each cell at most once.
         let all: Vec<u32> = r.plan(3).batches.concat();
@@ -297,7 +306,7 @@ mod tests {
 
     #[test]
     fn too_few_cells_for_the_world_is_refused() {
-        let e = ShardReader::new((0..10).collect(), Rank::new(0, 2).unwrap(), cfg(8)).err().unwrap();
+        let e = ShardReader::new((0..10).collect(), by10, Rank::new(0, 2).unwrap(), cfg(8)).err().unwrap();
         assert!(e.to_string().contains("lower the batch size"));
         assert!(Rank::new(2, 2).is_err());
     }

@@ -110,12 +110,14 @@ impl Tokenizer {
 
     /// Bins of a cell's non-zero entries (`idx` genes, `counts` raw values), into `out`.
     pub fn bin_nonzero(&self, idx: &[u32], counts: &[f32], out: &mut Vec<i64>) {
-        let mut norm = Vec::with_capacity(counts.len());
-        normalize(counts, &mut norm);
         out.clear();
         match &self.binning {
             Binning::GeneQuantile { edges, .. } => {
-                out.extend(idx.iter().zip(&norm).map(|(&g, &x)| {
+                // Same arithmetic as `normalize`, fused to avoid a buffer on the hot path.
+                let total: f32 = counts.iter().sum();
+                let scale = if total > 0.0 { TARGET_SUM / total } else { 0.0 };
+                out.extend(idx.iter().zip(counts).map(|(&g, &c)| {
+                    let x = (c * scale).ln_1p();
                     if x <= 0.0 {
                         0
                     } else {
@@ -124,8 +126,9 @@ impl Tokenizer {
                 }));
             }
             Binning::CellQuantile => {
-                let nz: Vec<usize> = (0..norm.len()).filter(|&i| norm[i] > 0.0).collect();
-                let mut order = nz.clone();
+                let mut norm = Vec::with_capacity(counts.len());
+                normalize(counts, &mut norm);
+                let mut order: Vec<usize> = (0..norm.len()).filter(|&i| norm[i] > 0.0).collect();
                 order.sort_by(|&a, &b| norm[a].total_cmp(&norm[b]).then(idx[a].cmp(&idx[b])));
                 out.resize(norm.len(), 0);
                 let m = order.len();

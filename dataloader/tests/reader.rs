@@ -30,7 +30,7 @@ fn streamed_batches_hold_the_stores_counts_in_plan_order() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
     let split = SplitSpec { val_fraction: 0.2, seed: 1, by: None }.apply(&s).unwrap();
-    let reader = ShardReader::new(split.train.clone(), Rank::single(), ShardConfig { batch_size: 32, seed: 9, block_cells: 64, window_blocks: 2 }).unwrap();
+    let reader = ShardReader::new(split.train.clone(), |c| c as u64 / 64, Rank::single(), ShardConfig { batch_size: 32, seed: 9, window_blocks: 2 }).unwrap();
     let plan = reader.plan(0);
     let batches = raw(&s, ReaderPosition::default(), &reader, 0);
     assert_eq!(batches.len(), reader.batches_per_epoch());
@@ -50,7 +50,7 @@ fn resume_from_a_saved_position_continues_the_same_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
     let cells: Vec<u32> = (0..s.n_cells() as u32).collect();
-    let reader = ShardReader::new(cells, Rank::single(), ShardConfig { batch_size: 16, seed: 2, block_cells: 50, window_blocks: 3 }).unwrap();
+    let reader = ShardReader::new(cells, |c| c as u64 / 50, Rank::single(), ShardConfig { batch_size: 16, seed: 2, window_blocks: 3 }).unwrap();
     let tok = Arc::new(Tokenizer::fit(&s, &(0..600).collect::<Vec<u32>>(), BinningKind::GeneQuantile, 11, 10_000, 0).unwrap());
     let batcher = Batcher::new(tok, SequenceMode::FullPanel, Some(MaskConfig { ratio: 0.15, nonzero_fraction: 0.5, seed: 5 })).unwrap();
     let stream = |start: ReaderPosition| -> Vec<(ReaderPosition, Vec<i64>)> {

@@ -120,6 +120,12 @@ impl Store {
         self.indptr[self.n_cells()]
     }
 
+    /// Index of the inner chunk of `X/data` holding the cell's first entry: cells with the same
+    /// index are read with one decode, so the shard reader shuffles them as one block.
+    pub fn chunk_of(&self, cell: u32) -> u64 {
+        self.indptr[cell as usize] / write::INNER_CHUNK
+    }
+
     /// Non-zeros of `rows`, for sizing reads.
     pub fn entries_in(&self, rows: Range<usize>) -> u64 {
         self.indptr[rows.end] - self.indptr[rows.start]

@@ -38,19 +38,49 @@ fn attrs(v: Value) -> Map<String, Value> {
     }
 }
 
+/// Compression of the expression matrix (`X/data`, `X/indices`): the reader's hot path.
+/// All are standard Zarr v3 codecs that zarr-python reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MatrixCodec {
+    /// zstd on the raw bytes.
+    Zstd,
+    /// Blosc byte-shuffle + LZ4: fastest to decode.
+    BloscLz4,
+    /// Blosc byte-shuffle + zstd: smaller, still fast to decode.
+    BloscZstd,
+}
+
+impl MatrixCodec {
+    fn codec(self, zstd_level: i32) -> Result<Arc<dyn zarrs::array::BytesToBytesCodecTraits>> {
+        use zarrs::array::codec::bytes_to_bytes::blosc::{BloscCodec, BloscCompressionLevel, BloscCompressor, BloscShuffleMode};
+        let blosc = |cname, level: u8| -> Result<Arc<dyn zarrs::array::BytesToBytesCodecTraits>> {
+            let level = BloscCompressionLevel::try_from(level).map_err(|e| DataError::Config(format!("blosc level: {e:?}")))?;
+            let c = BloscCodec::new(cname, level, None, BloscShuffleMode::Shuffle, Some(4)).map_err(|e| DataError::Config(e.to_string()))?;
+            Ok(Arc::new(c))
+        };
+        match self {
+            MatrixCodec::Zstd => Ok(Arc::new(zarrs::array::codec::ZstdCodec::new(zstd_level.into(), false))),
+            MatrixCodec::BloscLz4 => blosc(BloscCompressor::LZ4, 5),
+            MatrixCodec::BloscZstd => blosc(BloscCompressor::Zstd, zstd_level.clamp(0, 9) as u8),
+        }
+    }
+}
+
 /// Writes one AnnData store under a directory.
 pub struct StoreWriter {
     root: PathBuf,
     storage: Arc<FilesystemStore>,
     zstd_level: i32,
+    matrix_codec: MatrixCodec,
 }
 
 impl StoreWriter {
     /// Creates the directory and the root group (`encoding-type: anndata`).
-    pub fn create(root: &Path, zstd_level: i32) -> Result<Self> {
+    pub fn create(root: &Path, zstd_level: i32, matrix_codec: MatrixCodec) -> Result<Self> {
         std::fs::create_dir_all(root).map_err(|e| DataError::io(root, e))?;
         let storage = Arc::new(FilesystemStore::new(root).map_err(|e| DataError::zarr(root, "/", e))?);
-        let w = StoreWriter { root: root.to_path_buf(), storage, zstd_level };
+        let w = StoreWriter { root: root.to_path_buf(), storage, zstd_level, matrix_codec };
         w.group("/", json!({"encoding-type": "anndata", "encoding-version": "0.1.0"}))?;
         Ok(w)
     }
@@ -144,6 +174,7 @@ impl StoreWriter {
         let make = |name: &str, dt: DataType, fill: zarrs::array::builder::ArrayBuilderFillValue| -> Result<Array<FilesystemStore>> {
             let p = format!("{path}/{name}");
             let mut b = self.builder(u64::MAX / 2, shard, dt, fill);
+            b.bytes_to_bytes_codecs(vec![self.matrix_codec.codec(self.zstd_level)?]);
             b.subchunk_shape(vec![INNER_CHUNK]);
             b.build(self.storage.clone(), &node(&p)).map_err(|e| DataError::zarr(&self.root, &p, e))
         };

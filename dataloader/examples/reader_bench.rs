@@ -1,0 +1,72 @@
+//! Reader throughput: raw cells/s and tokenized+masked cells/s, per worker thread (= per core).
+//!
+//! `cargo run --release -p neurofm-dataloader --example reader_bench [-- STORE]`
+//! Without STORE it synthesizes a 2000-gene store (60k cells) in a temp directory, with the
+//! matrix codec from `NEUROFM_BENCH_CODEC` (zstd, blosc-lz4 (default), blosc-zstd).
+//! Run with `RAYON_NUM_THREADS=1` for honest per-core numbers (zarrs decodes on rayon).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use dataloader::convert::{convert, ConvertOptions};
+use dataloader::mask::{batch_fn, Batcher, MaskConfig, SequenceMode};
+use dataloader::shard::{BatchFn, BatchStream, CellBatch, Rank, ReaderPosition, ShardConfig, ShardReader};
+use dataloader::store::write::MatrixCodec;
+use dataloader::store::Store;
+use dataloader::synth::{self, SynthOptions};
+use dataloader::tokenize::{BinningKind, Tokenizer};
+
+fn main() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let codec = match std::env::var("NEUROFM_BENCH_CODEC").as_deref() {
+        Ok("zstd") => MatrixCodec::Zstd,
+        Ok("blosc-zstd") => MatrixCodec::BloscZstd,
+        _ => MatrixCodec::BloscLz4,
+    };
+    let path = match std::env::args().nth(1) {
+        Some(p) => p.into(),
+        None => {
+            let src = tmp.path().join("bench.h5ad");
+            synth::write(&SynthOptions::new(src.clone(), 60_000, 2000, 8, 1))?;
+            let out = tmp.path().join("bench.zarr");
+            let s = convert(&src, &out, &ConvertOptions { matrix_codec: codec, ..ConvertOptions::default() })?;
+            println!("matrix codec {codec:?}: store {:.1} MB", s.output_bytes as f64 / 1e6);
+            out
+        }
+    };
+    let store = Arc::new(Store::open(&path)?);
+    let cells: Vec<u32> = (0..store.n_cells() as u32).collect();
+    println!(
+        "store {}: {} cells × {} genes, {:.0} non-zeros per cell",
+        path.display(),
+        store.n_cells(),
+        store.n_genes(),
+        store.nnz() as f64 / store.n_cells() as f64
+    );
+    let reader = ShardReader::new(cells.clone(), |c| store.chunk_of(c), Rank::single(), ShardConfig { batch_size: 64, seed: 0, window_blocks: 4 })?;
+    let tok = Arc::new(Tokenizer::fit(&store, &cells, BinningKind::GeneQuantile, 51, 20_000, 0)?);
+    let mask = Some(MaskConfig { ratio: 0.15, nonzero_fraction: 0.5, seed: 0 });
+    let run = |name: &str, workers: usize, f: BatchFn<usize>| -> anyhow::Result<()> {
+        let t = Instant::now();
+        let mut n = 0usize;
+        for item in BatchStream::new(store.clone(), reader.plan(1), ReaderPosition { epoch: 1, batch: 0 }, workers, 4, f) {
+            n += item?.1;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!("{name:<44} workers={workers}  {:>9.0} cells/s  ({:.0} cells/s per worker)", n as f64 / secs, n as f64 / secs / workers as f64);
+        Ok(())
+    };
+    let raw: BatchFn<usize> = Arc::new(|b: CellBatch| Ok(b.cells.len()));
+    for mode in [SequenceMode::FullPanel, SequenceMode::NonzeroPlusZeros { max_len: 1024 }] {
+        let batcher = Batcher::new(tok.clone(), mode, mask)?;
+        let masked = batch_fn(batcher, 1);
+        let counted: BatchFn<usize> = Arc::new(move |b: CellBatch| masked(b).map(|m| m.batch_size));
+        for workers in [1, 2] {
+            if matches!(mode, SequenceMode::FullPanel) {
+                run("raw cells (read + decode)", workers, raw.clone())?;
+            }
+            run(&format!("tokenized + masked ({mode:?})"), workers, counted.clone())?;
+        }
+    }
+    Ok(())
+}
