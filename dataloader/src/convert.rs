@@ -168,23 +168,32 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
 
     let writer = StoreWriter::create(&tmp, opts.zstd_level, opts.matrix_codec)?;
     let ctx = WriteContext { path: input, loc: loc.clone(), obs_names: &obs.index, allow_non_integer: opts.allow_non_integer };
+    let all_genes = kept_genes.len() == info.n_genes;
     let bar = progress_bar(opts.progress, rows.len() as u64);
 
     let (written, sha) = std::thread::scope(|scope| -> Result<(Written, String)> {
         let sha = scope.spawn(|| sha256_file(input));
-        let (tx, rx) = sync_channel::<Result<(Vec<usize>, CsrRows)>>(2);
-        let blocks_ref = &blocks;
+        // The reader thread reads, selects genes and validates; this thread shuffles and writes.
+        let (tx, rx) = sync_channel::<Result<Block>>(2);
+        let (blocks_ref, ctx_ref, gene_map_ref) = (&blocks, &ctx, &gene_map);
         let reader = scope.spawn(move || {
-            for block in blocks_ref {
-                let read = source::read_selected(rowsrc.as_mut(), block).map(|b| (block.clone(), b));
+            let mut seen = ValueCounts::default();
+            for rows in blocks_ref {
+                let read = source::read_selected(rowsrc.as_mut(), rows).and_then(|counts| {
+                    let counts = if all_genes { counts } else { counts.select_genes(gene_map_ref) };
+                    validate(&counts, rows, ctx_ref, &mut seen)?;
+                    Ok(Block { rows: rows.clone(), counts })
+                });
                 let failed = read.is_err();
                 if tx.send(read).is_err() || failed {
                     break;
                 }
             }
+            seen.non_integer
         });
-        let written = write_matrix(&writer, rx, &ctx, &gene_map, kept_genes.len(), opts, &bar);
-        drop(reader.join());
+        let written = write_matrix(&writer, rx, kept_genes.len(), opts, &bar);
+        let non_integer = reader.join().map_err(|_| DataError::Config("reader thread panicked".into()))?;
+        let written = written.map(|w| Written { non_integer, ..w });
         let sha = sha.join().map_err(|_| DataError::Config("sha256 thread panicked".into()))??;
         Ok((written?, sha))
     })?;
@@ -314,15 +323,25 @@ struct Written {
     gene_sum: Vec<f64>,
     gene_sum_sq: Vec<f64>,
     non_integer: u64,
-    values_seen: u64,
     nnz: u64,
+}
+
+/// A block of validated cells and their source rows, from the reader thread.
+struct Block {
+    rows: Vec<usize>,
+    counts: CsrRows,
+}
+
+/// Values validated so far, for the non-integer share.
+#[derive(Default)]
+struct ValueCounts {
+    non_integer: u64,
+    seen: u64,
 }
 
 fn write_matrix(
     writer: &StoreWriter,
-    rx: std::sync::mpsc::Receiver<Result<(Vec<usize>, CsrRows)>>,
-    ctx: &WriteContext,
-    gene_map: &[Option<u32>],
+    rx: std::sync::mpsc::Receiver<Result<Block>>,
     n_genes: usize,
     opts: &ConvertOptions,
     bar: &indicatif::ProgressBar,
@@ -336,48 +355,39 @@ fn write_matrix(
         gene_sum: vec![0.0; n_genes],
         gene_sum_sq: vec![0.0; n_genes],
         non_integer: 0,
-        values_seen: 0,
         nnz: 0,
     };
-    let mut window_rows: Vec<usize> = Vec::new();
-    let mut window = CsrRows::new();
-    let mut n_in_window = 0;
+    let mut window: Vec<Block> = Vec::new();
     let mut window_index = 0u64;
     let mut received = rx.iter().peekable();
     while let Some(msg) = received.next() {
-        let (rows, block) = msg?;
-        let block = block.select_genes(gene_map);
-        validate(&block, &rows, ctx, &mut w)?;
-        for i in 0..block.n_rows() {
-            window.push_row_from(&block, i);
+        window.push(msg?);
+        if window.len() < opts.window_blocks.max(1) && received.peek().is_some() {
+            continue;
         }
-        window_rows.extend_from_slice(&rows);
-        n_in_window += 1;
-        if n_in_window == opts.window_blocks.max(1) || received.peek().is_none() {
-            let mut order: Vec<usize> = (0..window_rows.len()).collect();
-            if let Some(seed) = opts.shuffle_seed {
-                order.shuffle(&mut rng_for(&[seed, 1, window_index]));
-            }
-            let mut out = CsrRows::with_capacity(order.len(), window.nnz());
-            for &i in &order {
-                out.push_row_from(&window, i);
-                w.source_rows.push(window_rows[i]);
-            }
-            accumulate(&out, &mut w);
-            csr.push(&out)?;
-            bar.inc(order.len() as u64);
-            window = CsrRows::new();
-            window_rows.clear();
-            n_in_window = 0;
-            window_index += 1;
+        // Shuffle (block, row) pairs, then copy each row once, straight into the shard buffers.
+        let mut order: Vec<(u32, u32)> =
+            window.iter().enumerate().flat_map(|(b, blk)| (0..blk.counts.n_rows() as u32).map(move |r| (b as u32, r))).collect();
+        if let Some(seed) = opts.shuffle_seed {
+            order.shuffle(&mut rng_for(&[seed, 1, window_index]));
         }
+        for &(b, r) in &order {
+            let blk = &window[b as usize];
+            let (idx, vals) = blk.counts.row(r as usize);
+            accumulate(idx, vals, &mut w);
+            w.source_rows.push(blk.rows[r as usize]);
+            csr.push_row(idx, vals)?;
+        }
+        bar.inc(order.len() as u64);
+        window.clear();
+        window_index += 1;
     }
     w.nnz = writer.finish_csr(csr, n_genes)?;
     Ok(w)
 }
 
 /// Refuses negative, NaN, infinite and (unless allowed) non-integer counts, naming the cell.
-fn validate(block: &CsrRows, rows: &[usize], ctx: &WriteContext, w: &mut Written) -> Result<()> {
+fn validate(block: &CsrRows, rows: &[usize], ctx: &WriteContext, w: &mut ValueCounts) -> Result<()> {
     for i in 0..block.n_rows() {
         let (_, vals) = block.row(i);
         for &v in vals {
@@ -397,32 +407,28 @@ fn validate(block: &CsrRows, rows: &[usize], ctx: &WriteContext, w: &mut Written
                     format!("{p} in cell `{}` (row {}); counts must be finite and non-negative", ctx.obs_names[rows[i]], rows[i]),
                 ));
             }
-            if v.fract() != 0.0 {
-                w.non_integer += 1;
-            }
+            // Exact: v is finite and below 2^24 here, so the cast cannot overflow.
+            w.non_integer += ((v as i32) as f32 != v) as u64;
         }
-        w.values_seen += vals.len() as u64;
+        w.seen += vals.len() as u64;
         if w.non_integer > 0 && !ctx.allow_non_integer {
-            return Err(non_integer_error(ctx.path, &ctx.loc, w.non_integer as f64 / w.values_seen as f64));
+            return Err(non_integer_error(ctx.path, &ctx.loc, w.non_integer as f64 / w.seen as f64));
         }
     }
     Ok(())
 }
 
-fn accumulate(block: &CsrRows, w: &mut Written) {
-    for i in 0..block.n_rows() {
-        let (idx, vals) = block.row(i);
-        let mut total = 0.0;
-        for (&g, &v) in idx.iter().zip(vals) {
-            let (g, v) = (g as usize, v as f64);
-            total += v;
-            w.gene_nnz[g] += (v != 0.0) as i64;
-            w.gene_sum[g] += v;
-            w.gene_sum_sq[g] += v * v;
-        }
-        w.cell_total.push(total);
-        w.cell_nnz.push(idx.len() as i64);
+fn accumulate(idx: &[u32], vals: &[f32], w: &mut Written) {
+    let mut total = 0.0;
+    for (&g, &v) in idx.iter().zip(vals) {
+        let (g, v) = (g as usize, v as f64);
+        total += v;
+        w.gene_nnz[g] += (v != 0.0) as i64;
+        w.gene_sum[g] += v;
+        w.gene_sum_sq[g] += v * v;
     }
+    w.cell_total.push(total);
+    w.cell_nnz.push(idx.len() as i64);
 }
 
 fn write_uns_neurofm(writer: &StoreWriter, w: &Written, provenance: &Provenance) -> Result<()> {

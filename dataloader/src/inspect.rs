@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::frame::Frame;
 use crate::source::{self, MatrixInfo, SourceFile};
 
-/// Cells sampled (evenly spread through the file) for per-cell medians.
+/// Cells sampled (evenly spread through the file) for per-cell medians of row-readable layouts.
 const SAMPLE_CELLS: usize = 20_000;
 const SAMPLE_VALUES: usize = 1 << 20;
 
@@ -72,11 +72,12 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     let main = raw.clone().unwrap_or(matrices[0].info.location.clone());
     let (n_cells, n_genes) = (matrices[0].info.n_cells, matrices[0].info.n_genes);
 
-    // Per-cell medians from evenly spread cells; CSC would need a transpose, so it is skipped.
-    let mut totals = Vec::new();
-    let mut nonzero = Vec::new();
+    // Per-cell medians: CSC by one pass over its entries, other layouts from evenly spread cells.
     let main_info = src.matrix_info(&main)?;
-    if main_info.layout != source::Layout::Csc {
+    let (mut totals, mut nonzero) = if main_info.layout == source::Layout::Csc {
+        src.csc_cell_totals(&main)?
+    } else {
+        let (mut totals, mut nonzero) = (Vec::new(), Vec::new());
         let mut rows = src.open_rows(&main, None)?;
         let step = (n_cells / SAMPLE_CELLS).max(1);
         let picks: Vec<usize> = (0..n_cells).step_by(step).take(SAMPLE_CELLS).collect();
@@ -85,9 +86,10 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
             totals.extend(block.row_totals());
             nonzero.extend((0..block.n_rows()).map(|i| block.row(i).0.len() as f64));
         }
-        if let Some(m) = matrices.iter_mut().find(|m| m.info.location == main && m.density.is_nan()) {
-            m.density = nonzero.iter().sum::<f64>() / (nonzero.len().max(1) as f64 * n_genes.max(1) as f64);
-        }
+        (totals, nonzero)
+    };
+    if let Some(m) = matrices.iter_mut().find(|m| m.info.location == main && m.density.is_nan()) {
+        m.density = nonzero.iter().sum::<f64>() / (nonzero.len().max(1) as f64 * n_genes.max(1) as f64);
     }
     let obs = src.obs()?;
     let var = src.var(&main)?;

@@ -289,6 +289,9 @@ mod tests {
                 }
             }
         }
+        // Together the shards cover the split but for the dropped remainder (< world × batch).
+        assert_eq!(seen.len(), world * n * 16);
+        assert!(cells.len() - seen.len() < world * 16);
     }
 
     #[test]

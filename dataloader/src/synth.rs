@@ -50,6 +50,8 @@ pub enum SynthDtype {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 pub enum SynthCompression {
     Gzip,
+    /// HDF5's byte-shuffle filter before gzip (h5py `shuffle=True`).
+    GzipShuffle,
     Lzf,
     None,
 }
@@ -359,6 +361,7 @@ fn builder(g: &Group, o: &SynthOptions) -> hdf5::DatasetBuilder {
     let b = g.new_dataset_builder();
     match o.compression {
         SynthCompression::Gzip => b.deflate(4),
+        SynthCompression::GzipShuffle => b.shuffle().deflate(4),
         SynthCompression::Lzf => b.lzf(),
         SynthCompression::None => b,
     }

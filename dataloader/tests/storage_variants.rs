@@ -30,6 +30,7 @@ fn every_storage_variant_gives_the_same_store() {
     let variants = [
         ("csr-x-f32-gzip", L::Csr, W::X, D::F32, C::Gzip),
         ("csr-x-i32-none", L::Csr, W::X, D::I32, C::None),
+        ("csr-x-i64-gzip-shuffle", L::Csr, W::X, D::I64, C::GzipShuffle),
         ("csr-layer-i64-lzf", L::Csr, W::Layer, D::I64, C::Lzf),
         ("csr-raw-f64-gzip", L::Csr, W::Raw, D::F64, C::Gzip),
         ("csc-layer-i32-gzip", L::Csc, W::Layer, D::I32, C::Gzip),

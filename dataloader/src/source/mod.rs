@@ -5,6 +5,7 @@
 
 mod anndata;
 mod csc;
+mod direct;
 pub mod h5;
 mod loom;
 mod rows;
@@ -196,6 +197,31 @@ impl SourceFile {
         }
     }
 
+    /// Per-cell totals and non-zero counts of a CSC matrix, by one streaming pass over its
+    /// entries (memory O(cells)), so inspecting CSC needs no transpose.
+    pub fn csc_cell_totals(&self, loc: &CountsLocation) -> Result<(Vec<f64>, Vec<f64>)> {
+        let info = self.matrix_info(loc)?;
+        let field = loc.to_string();
+        let g = self.file.group(&matrix_group(self.format, loc)).map_err(h5::h5err(&self.path, &field))?;
+        let data = h5::dataset(&g, "data", &self.path, &format!("{field}/data"))?;
+        let indices = h5::dataset(&g, "indices", &self.path, &format!("{field}/indices"))?;
+        let (mut totals, mut nonzero) = (vec![0.0; info.n_cells], vec![0.0; info.n_cells]);
+        let step = 1 << 22;
+        for lo in (0..data.size()).step_by(step) {
+            let hi = (lo + step).min(data.size());
+            let v = data.read_slice_1d::<f64, _>(lo..hi).map_err(h5::h5err(&self.path, &format!("{field}/data")))?;
+            let r = indices.read_slice_1d::<i64, _>(lo..hi).map_err(h5::h5err(&self.path, &format!("{field}/indices")))?;
+            for (&row, &x) in r.iter().zip(v.iter()) {
+                let row = usize::try_from(row).ok().filter(|&row| row < info.n_cells).ok_or_else(|| {
+                    DataError::field(&self.path, format!("{field}/indices"), format!("row {row} out of range for {} cells", info.n_cells))
+                })?;
+                totals[row] += x;
+                nonzero[row] += (x != 0.0) as u8 as f64;
+            }
+        }
+        Ok((totals, nonzero))
+    }
+
     /// Opens the matrix at `loc` for reading blocks of cells. CSC needs `scratch`, a directory
     /// for its on-disk transpose.
     pub fn open_rows(&self, loc: &CountsLocation, scratch: Option<&Path>) -> Result<Box<dyn RowSource>> {
@@ -246,8 +272,12 @@ pub fn contiguous_runs(rows: &[usize]) -> Vec<Range<usize>> {
 
 /// Reads the given source rows (sorted ascending) into one block, in that order.
 pub fn read_selected(src: &mut dyn RowSource, rows: &[usize]) -> Result<CsrRows> {
+    let runs = contiguous_runs(rows);
+    if let [run] = runs.as_slice() {
+        return src.read_rows(run.clone()); // the common case: no copy
+    }
     let mut out = CsrRows::new();
-    for run in contiguous_runs(rows) {
+    for run in runs {
         let block = src.read_rows(run)?;
         for i in 0..block.n_rows() {
             out.push_row_from(&block, i);

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use hdf5::{Dataset, Group};
 
+use super::direct::DirectChunks;
 use super::h5;
 use crate::csr::CsrRows;
 use crate::error::{DataError, Result};
@@ -23,6 +24,8 @@ pub struct H5Csr {
     field: String,
     data: Dataset,
     indices: Dataset,
+    /// Parallel chunk decoders for `data` and `indices`, when their filters allow.
+    direct: Option<(DirectChunks, DirectChunks)>,
     indptr: Vec<u64>,
     n_cols: usize,
 }
@@ -34,7 +37,8 @@ impl H5Csr {
         let indices = h5::dataset(g, "indices", path, &format!("{field}/indices"))?;
         let raw = h5::read_i64(&h5::dataset(g, "indptr", path, &format!("{field}/indptr"))?, path, &format!("{field}/indptr"))?;
         let indptr = check_indptr(&raw, n_rows, data.size(), indices.size(), path, field, "rows")?;
-        Ok(H5Csr { path: path.to_path_buf(), field: field.to_string(), data, indices, indptr, n_cols })
+        let direct = DirectChunks::open(&data, path, &format!("{field}/data")).zip(DirectChunks::open(&indices, path, &format!("{field}/indices")));
+        Ok(H5Csr { path: path.to_path_buf(), field: field.to_string(), data, indices, direct, indptr, n_cols })
     }
 }
 
@@ -93,21 +97,31 @@ pub(super) fn build_rows(
     first_row: usize,
 ) -> Result<CsrRows> {
     let base = indptr[0];
+    if let Some(&bad) = indices.iter().find(|&&g| g < 0 || g as usize >= n_cols) {
+        let k = indices.iter().position(|&g| g == bad).unwrap_or(0) as u64 + base;
+        let row = indptr.partition_point(|&p| p <= k).saturating_sub(1);
+        return Err(DataError::field(
+            path,
+            format!("{field}/indices"),
+            format!("entry of row {} is {bad}, out of range for {n_cols} genes (the `shape` attribute)", first_row + row),
+        ));
+    }
+    let sorted = (0..indptr.len() - 1).all(|r| {
+        let (a, b) = ((indptr[r] - base) as usize, (indptr[r + 1] - base) as usize);
+        indices[a..b].windows(2).all(|w| w[0] < w[1])
+    });
+    if sorted {
+        // The common case: move the values, convert the indices once.
+        return Ok(CsrRows {
+            indptr: indptr.iter().map(|&p| p - base).collect(),
+            indices: indices.iter().map(|&g| g as u32).collect(),
+            values,
+        });
+    }
     let mut out = CsrRows::with_capacity(indptr.len() - 1, values.len());
     for r in 0..indptr.len() - 1 {
         let (a, b) = ((indptr[r] - base) as usize, (indptr[r + 1] - base) as usize);
         let idx = &indices[a..b];
-        if let Some(k) = idx.iter().position(|&g| g < 0 || g as usize >= n_cols) {
-            return Err(DataError::field(
-                path,
-                format!("{field}/indices"),
-                format!(
-                    "entry of row {} is {}, out of range for {n_cols} genes (the `shape` attribute)",
-                    first_row + r,
-                    idx[k]
-                ),
-            ));
-        }
         if idx.windows(2).all(|w| w[0] < w[1]) {
             out.indices.extend(idx.iter().map(|&g| g as u32));
             out.values.extend_from_slice(&values[a..b]);
@@ -138,12 +152,14 @@ impl RowSource for H5Csr {
     fn read_rows(&mut self, rows: Range<usize>) -> Result<CsrRows> {
         let ptr = &self.indptr[rows.start..=rows.end];
         let (lo, hi) = (ptr[0] as usize, ptr[ptr.len() - 1] as usize);
-        let (values, indices) = if hi > lo {
+        let (values, indices) = if hi <= lo {
+            (Vec::new(), Vec::new())
+        } else if let Some((data, indices)) = &self.direct {
+            (data.read_f32(lo..hi)?, indices.read_i64(lo..hi)?)
+        } else {
             let v = self.data.read_slice_1d::<f32, _>(lo..hi).map_err(h5::h5err(&self.path, &format!("{}/data", self.field)))?;
             let i = self.indices.read_slice_1d::<i64, _>(lo..hi).map_err(h5::h5err(&self.path, &format!("{}/indices", self.field)))?;
             (v.to_vec(), i.to_vec())
-        } else {
-            (Vec::new(), Vec::new())
         };
         build_rows(ptr, &indices, values, self.n_cols, &self.path, &self.field, rows.start)
     }
@@ -186,5 +202,25 @@ impl RowSource for H5Dense {
             let slab = slab.as_standard_layout();
             Ok(CsrRows::from_dense(n, self.n_cols, slab.as_slice().unwrap_or_default()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsorted_rows_are_sorted_and_duplicates_summed_like_scipy() {
+        let p = Path::new("x.h5ad");
+        let rows = build_rows(&[10, 13, 15], &[2, 0, 2, 1, 1], vec![1.0, 2.0, 3.0, 4.0, 5.0], 3, p, "X", 0).unwrap();
+        assert_eq!(rows.indptr, vec![0, 2, 3]);
+        assert_eq!(rows.indices, vec![0, 2, 1]);
+        assert_eq!(rows.values, vec![2.0, 4.0, 9.0]);
+    }
+
+    #[test]
+    fn out_of_range_index_names_its_row() {
+        let e = build_rows(&[0, 1, 2], &[0, 7], vec![1.0, 1.0], 3, Path::new("x.h5ad"), "X", 100).unwrap_err();
+        assert!(e.to_string().contains("row 101 is 7"), "{e}");
     }
 }

@@ -11,7 +11,6 @@ use zarrs::array::{data_type, Array, ArrayBuilder, DataType, Element, FillValueM
 use zarrs::filesystem::FilesystemStore;
 use zarrs::group::GroupBuilder;
 
-use crate::csr::CsrRows;
 use crate::error::{DataError, Result};
 use crate::frame::{Column, Frame};
 
@@ -228,21 +227,20 @@ pub struct CsrWriter {
 }
 
 impl CsrWriter {
-    /// Appends the rows of `block`.
-    pub fn push(&mut self, block: &CsrRows) -> Result<()> {
-        let base = *self.indptr.last().unwrap_or(&0);
-        self.indptr.extend(block.indptr[1..].iter().map(|&p| base + p as i64));
+    /// Appends one cell (genes ascending).
+    pub fn push_row(&mut self, indices: &[u32], values: &[f32]) -> Result<()> {
         let mut taken = 0;
-        while taken < block.nnz() {
-            let room = self.shard_len as usize - self.values_buf.len();
-            let n = room.min(block.nnz() - taken);
-            self.values_buf.extend_from_slice(&block.values[taken..taken + n]);
-            self.indices_buf.extend(block.indices[taken..taken + n].iter().map(|&g| g as i32));
+        while taken < indices.len() {
+            let n = (self.shard_len as usize - self.values_buf.len()).min(indices.len() - taken);
+            self.values_buf.extend_from_slice(&values[taken..taken + n]);
+            self.indices_buf.extend(indices[taken..taken + n].iter().map(|&g| g as i32));
             taken += n;
             if self.values_buf.len() == self.shard_len as usize {
                 self.flush_shard(false)?;
             }
         }
+        let last = *self.indptr.last().unwrap_or(&0);
+        self.indptr.push(last + indices.len() as i64);
         Ok(())
     }
 
