@@ -49,7 +49,7 @@ test-interop:
 ## bench: conversion (vs anndata) and reader throughput, release build; prints numbers
 bench: build
 	$(PY) benches/convert_vs_anndata.py --bin target/release/neurofm-data --gb $${BENCH_GB:-2}
-	cargo run --release -j$(JOBS) -p neurofm-dataloader --example reader_bench
+	RAYON_NUM_THREADS=1 cargo run --release -j$(JOBS) -p neurofm-dataloader --example reader_bench
 
 clean:
 	cargo clean

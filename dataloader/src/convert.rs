@@ -388,7 +388,7 @@ fn write_matrix(
 
 /// Refuses negative, NaN, infinite and (unless allowed) non-integer counts, naming the cell.
 fn validate(block: &CsrRows, rows: &[usize], ctx: &WriteContext, w: &mut ValueCounts) -> Result<()> {
-    for i in 0..block.n_rows() {
+    for (i, &row) in rows.iter().enumerate().take(block.n_rows()) {
         let (_, vals) = block.row(i);
         for &v in vals {
             let problem = if !v.is_finite() {
@@ -404,7 +404,7 @@ fn validate(block: &CsrRows, rows: &[usize], ctx: &WriteContext, w: &mut ValueCo
                 return Err(DataError::field(
                     ctx.path,
                     ctx.loc.to_string(),
-                    format!("{p} in cell `{}` (row {}); counts must be finite and non-negative", ctx.obs_names[rows[i]], rows[i]),
+                    format!("{p} in cell `{}` (row {row}); counts must be finite and non-negative", ctx.obs_names[row]),
                 ));
             }
             // Exact: v is finite and below 2^24 here, so the cast cannot overflow.

@@ -3,6 +3,9 @@
 //!
 //! Flow: `source` (h5ad/loom) → `convert` → `store` → `split` → `shard` → `tokenize` → `mask`.
 
+// zarrs takes array subsets as one range per dimension: `&[a..b]` is a 1-D subset, not a mistake.
+#![allow(clippy::single_range_in_vec_init)]
+
 pub mod convert;
 pub mod csr;
 pub mod error;

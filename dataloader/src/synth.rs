@@ -399,12 +399,17 @@ fn sparse_group(parent: &Group, name: &str, enc: &str, shape: [usize; 2], path: 
 
 /// Writes a whole CSR matrix from memory.
 fn write_csr_block(parent: &Group, name: &str, m: &CsrRows, o: &SynthOptions, path: &std::path::Path) -> Result<()> {
-    let g = sparse_group(parent, name, "csr_matrix", [m.n_rows(), o.genes], path)?;
-    let chunk = m.nnz().clamp(1, 1 << 16);
-    with_dtype!(o, m.values, |v| builder(&g, o).chunk(chunk).with_data(&v).create("data").map_err(h5err(path, "data"))?);
-    let idx: Vec<i32> = m.indices.iter().map(|&x| x as i32).collect();
+    write_compressed(parent, name, "csr_matrix", m, o, path)
+}
+
+/// Writes `major` (rows for CSR, columns for CSC) as an AnnData sparse group.
+fn write_compressed(parent: &Group, name: &str, enc: &str, major: &CsrRows, o: &SynthOptions, path: &std::path::Path) -> Result<()> {
+    let g = sparse_group(parent, name, enc, [o.cells, o.genes], path)?;
+    let chunk = major.nnz().clamp(1, 1 << 16);
+    with_dtype!(o, major.values, |v| builder(&g, o).chunk(chunk).with_data(&v).create("data").map_err(h5err(path, "data"))?);
+    let idx: Vec<i32> = major.indices.iter().map(|&x| x as i32).collect();
     builder(&g, o).chunk(chunk).with_data(&idx).create("indices").map_err(h5err(path, "indices"))?;
-    let ptr: Vec<i64> = m.indptr.iter().map(|&x| x as i64).collect();
+    let ptr: Vec<i64> = major.indptr.iter().map(|&x| x as i64).collect();
     g.new_dataset_builder().with_data(&ptr).create("indptr").map_err(h5err(path, "indptr"))?;
     Ok(())
 }
@@ -413,7 +418,7 @@ fn write_csr_block(parent: &Group, name: &str, m: &CsrRows, o: &SynthOptions, pa
 fn write_csr_streaming(parent: &Group, name: &str, model: &Model, o: &SynthOptions, path: &std::path::Path) -> Result<u64> {
     let g = sparse_group(parent, name, "csr_matrix", [o.cells, o.genes], path)?;
     let chunk = 1 << 16;
-    let data = builder(&g, o).chunk(chunk).empty_as(&dtype_of(o)).shape(0..).create("data").map_err(h5err(path, "data"))?;
+    let data = builder(&g, o).chunk(chunk).empty_as(dtype_of(o)).shape(0..).create("data").map_err(h5err(path, "data"))?;
     let indices = builder(&g, o).chunk(chunk).empty::<i32>().shape(0..).create("indices").map_err(h5err(path, "indices"))?;
     let mut indptr: Vec<i64> = vec![0];
     let block = 4096;
@@ -455,12 +460,5 @@ fn write_csc(parent: &Group, name: &str, m: &CsrRows, o: &SynthOptions, path: &s
         let (i, v): (Vec<u32>, Vec<f32>) = c.iter().copied().unzip();
         t.push_row(&i, &v);
     }
-    let g = sparse_group(parent, name, "csc_matrix", [o.cells, o.genes], path)?;
-    let chunk = t.nnz().clamp(1, 1 << 16);
-    with_dtype!(o, t.values, |v| builder(&g, o).chunk(chunk).with_data(&v).create("data").map_err(h5err(path, "data"))?);
-    let idx: Vec<i32> = t.indices.iter().map(|&x| x as i32).collect();
-    builder(&g, o).chunk(chunk).with_data(&idx).create("indices").map_err(h5err(path, "indices"))?;
-    let ptr: Vec<i64> = t.indptr.iter().map(|&x| x as i64).collect();
-    g.new_dataset_builder().with_data(&ptr).create("indptr").map_err(h5err(path, "indptr"))?;
-    Ok(())
+    write_compressed(parent, name, "csc_matrix", &t, o, path)
 }

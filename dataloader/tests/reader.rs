@@ -21,7 +21,7 @@ fn store(dir: &std::path::Path) -> Arc<Store> {
 }
 
 fn raw(store: &Arc<Store>, plan_start: ReaderPosition, reader: &ShardReader, epoch: u64) -> Vec<CellBatch> {
-    let f: dataloader::shard::BatchFn<CellBatch> = Arc::new(|b| Ok(b));
+    let f: dataloader::shard::BatchFn<CellBatch> = Arc::new(Ok);
     BatchStream::new(store.clone(), reader.plan(epoch), plan_start, 3, 2, f).map(|r| r.unwrap().1).collect()
 }
 

@@ -6,7 +6,10 @@ use dataloader::convert::{ConvertOptions, CountsChoice};
 use dataloader::store::Store;
 use dataloader::synth::{SynthCompression as C, SynthDtype as D, SynthLayout as L, SynthLocation as W, SynthOptions};
 
-fn contents(path: &std::path::Path) -> (Vec<f32>, Vec<u32>, Vec<String>, Vec<String>, Vec<String>, Vec<f64>, Vec<i64>) {
+/// Everything that must agree between stores of the same counts.
+type Contents = (Vec<f32>, Vec<u32>, Vec<String>, Vec<String>, Vec<String>, Vec<f64>, Vec<i64>);
+
+fn contents(path: &std::path::Path) -> Contents {
     let s = Store::open(path).expect("open store");
     let all = s.read_rows(0..s.n_cells()).expect("read");
     let obs = s.frame("obs").expect("obs");

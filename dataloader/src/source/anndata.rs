@@ -17,19 +17,7 @@ pub fn matrix_info(file: &File, path: &Path, loc: &CountsLocation) -> Result<Mat
         return Err(DataError::field(path, &name, "missing"));
     }
     if let Ok(ds) = file.dataset(&name) {
-        let shape = ds.shape();
-        if shape.len() != 2 {
-            return Err(DataError::field(path, &name, format!("dense matrix must be 2-D, has shape {shape:?}")));
-        }
-        return Ok(MatrixInfo {
-            location: loc.clone(),
-            layout: Layout::Dense,
-            n_cells: shape[0],
-            n_genes: shape[1],
-            dtype: h5::dtype_name(&ds),
-            stored: (shape[0] * shape[1]) as u64,
-            compression: h5::compression_name(&ds),
-        });
+        return MatrixInfo::dense(&ds, path, loc, false);
     }
     let g = file.group(&name).map_err(h5::h5err(path, &name))?;
     let enc = h5::attr_string(&g, "encoding-type").or_else(|| h5::attr_string(&g, "h5sparse_format").map(|f| format!("{f}_matrix")));

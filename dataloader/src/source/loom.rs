@@ -6,7 +6,7 @@ use std::path::Path;
 use hdf5::File;
 
 use super::h5::{self, ValueKind};
-use super::{CountsLocation, Layout, MatrixInfo};
+use super::{CountsLocation, MatrixInfo};
 use crate::error::{DataError, Result};
 use crate::frame::{Column, Frame};
 
@@ -21,19 +21,7 @@ pub fn matrix_info(file: &File, path: &Path, loc: &CountsLocation) -> Result<Mat
         return Err(DataError::field(path, "raw/X", "loom files have no raw matrix; use X or layers/NAME"));
     }
     let ds = file.dataset(&name).map_err(|_| DataError::field(path, &name, "missing"))?;
-    let shape = ds.shape();
-    if shape.len() != 2 {
-        return Err(DataError::field(path, &name, format!("must be 2-D (genes × cells), has shape {shape:?}")));
-    }
-    Ok(MatrixInfo {
-        location: loc.clone(),
-        layout: Layout::DenseTransposed,
-        n_cells: shape[1],
-        n_genes: shape[0],
-        dtype: h5::dtype_name(&ds),
-        stored: (shape[0] * shape[1]) as u64,
-        compression: h5::compression_name(&ds),
-    })
+    MatrixInfo::dense(&ds, path, loc, true)
 }
 
 /// Reads `col_attrs` (cells) or `row_attrs` (genes) as a dataframe.

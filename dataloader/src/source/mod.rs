@@ -91,6 +91,26 @@ pub struct MatrixInfo {
     pub compression: String,
 }
 
+impl MatrixInfo {
+    /// A dense 2-D dataset: cells × genes, or genes × cells when `transposed` (loom).
+    fn dense(ds: &hdf5::Dataset, path: &Path, loc: &CountsLocation, transposed: bool) -> Result<Self> {
+        let shape = ds.shape();
+        if shape.len() != 2 {
+            return Err(DataError::field(path, loc.to_string(), format!("dense matrix must be 2-D, has shape {shape:?}")));
+        }
+        let (n_cells, n_genes) = if transposed { (shape[1], shape[0]) } else { (shape[0], shape[1]) };
+        Ok(MatrixInfo {
+            location: loc.clone(),
+            layout: if transposed { Layout::DenseTransposed } else { Layout::Dense },
+            n_cells,
+            n_genes,
+            dtype: h5::dtype_name(ds),
+            stored: (n_cells * n_genes) as u64,
+            compression: h5::compression_name(ds),
+        })
+    }
+}
+
 /// An opened `.h5ad` or `.loom` file.
 pub struct SourceFile {
     pub path: PathBuf,

@@ -59,7 +59,7 @@ impl MatrixCodec {
             Ok(Arc::new(c))
         };
         match self {
-            MatrixCodec::Zstd => Ok(Arc::new(zarrs::array::codec::ZstdCodec::new(zstd_level.into(), false))),
+            MatrixCodec::Zstd => Ok(Arc::new(zarrs::array::codec::ZstdCodec::new(zstd_level, false))),
             MatrixCodec::BloscLz4 => blosc(BloscCompressor::LZ4, 5),
             MatrixCodec::BloscZstd => blosc(BloscCompressor::Zstd, zstd_level.clamp(0, 9) as u8),
         }
@@ -100,7 +100,7 @@ impl StoreWriter {
 
     fn builder(&self, len: u64, chunk: u64, dt: DataType, fill: impl Into<zarrs::array::builder::ArrayBuilderFillValue>) -> ArrayBuilder {
         let mut b = ArrayBuilder::new(vec![len], vec![chunk.max(1)], dt, fill);
-        b.bytes_to_bytes_codecs(vec![Arc::new(zarrs::array::codec::ZstdCodec::new(self.zstd_level.into(), false))]);
+        b.bytes_to_bytes_codecs(vec![Arc::new(zarrs::array::codec::ZstdCodec::new(self.zstd_level, false))]);
         b
     }
 
