@@ -43,8 +43,15 @@ pub fn apply_keep(obs: &Frame, filters: &[KeepFilter], path: &Path) -> Result<Ve
         let col = obs.column(&f.column).ok_or_else(|| {
             DataError::field(path, format!("obs/{}", f.column), format!("no such column for --keep; obs has: {}", obs.column_names().join(", ")))
         })?;
-        let present: HashSet<String> = (0..col.len()).map(|i| col.text(i)).collect();
-        if let Some(missing) = f.values.iter().find(|v| !present.contains(*v)) {
+        // Numeric columns match by value, so `2523`, `2523.0` and `2.523e3` are the same.
+        let key = |text: &str| -> String {
+            match (col, text.parse::<f64>()) {
+                (Column::Float(_) | Column::Int(_), Ok(x)) => format!("{x}"),
+                _ => text.to_string(),
+            }
+        };
+        let present: HashSet<String> = (0..col.len()).map(|i| key(&col.text(i))).collect();
+        if let Some(missing) = f.values.iter().find(|v| !present.contains(&key(v))) {
             let examples: Vec<String> = col.top_values(10).into_iter().map(|(v, n)| format!("{v} ({n})")).collect();
             return Err(DataError::field(
                 path,
@@ -52,9 +59,9 @@ pub fn apply_keep(obs: &Frame, filters: &[KeepFilter], path: &Path) -> Result<Ve
                 format!("value `{missing}` in --keep does not occur; most common values: {}", examples.join(", ")),
             ));
         }
-        let wanted: HashSet<&str> = f.values.iter().map(String::as_str).collect();
+        let wanted: HashSet<String> = f.values.iter().map(|v| key(v)).collect();
         for (i, k) in keep.iter_mut().enumerate() {
-            *k = *k && wanted.contains(col.text(i).as_str());
+            *k = *k && wanted.contains(&key(&col.text(i)));
         }
     }
     Ok(keep.iter().enumerate().filter(|(_, &k)| k).map(|(i, _)| i).collect())
@@ -75,7 +82,8 @@ pub fn join_cell_metadata(obs: &mut Frame, csv: &Path, key: &str) -> Result<usiz
         DataError::field(csv, key, format!("--metadata-key column not in the CSV header; it has: {}", header.join(", ")))
     })?;
     let row_of: HashMap<&str, usize> = obs.index.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
-    let mut values: Vec<Vec<String>> = vec![vec![String::new(); obs.len()]; header.len()];
+    // Dictionary-encoded while streaming: 4 bytes per cell and column, not a String each.
+    let mut columns: Vec<DictColumn> = (0..header.len()).map(|_| DictColumn::new(obs.len())).collect();
     let mut matched = vec![false; obs.len()];
     for (lineno, line) in lines.enumerate() {
         let line = line.map_err(|e| DataError::io(csv, e))?;
@@ -89,14 +97,14 @@ pub fn join_cell_metadata(obs: &mut Frame, csv: &Path, key: &str) -> Result<usiz
         if let Some(&r) = row_of.get(fields[key_col].as_str()) {
             matched[r] = true;
             for (c, v) in fields.into_iter().enumerate() {
-                values[c][r] = v;
+                columns[c].set(r, v);
             }
         }
     }
     if !matched.iter().any(|&m| m) {
         return Err(DataError::field(csv, key, "no value matches an obs name; is --metadata-key the column of cell labels?"));
     }
-    for (c, name) in header.iter().enumerate() {
+    for (c, (name, col)) in header.iter().zip(columns).enumerate() {
         if c == key_col {
             continue;
         }
@@ -104,16 +112,57 @@ pub fn join_cell_metadata(obs: &mut Frame, csv: &Path, key: &str) -> Result<usiz
             tracing::warn!("{}: column `{name}` already in obs; keeping the file's own", csv.display());
             continue;
         }
-        let col = std::mem::take(&mut values[c]);
-        let numeric: Option<Vec<f64>> =
-            col.iter().map(|v| if v.is_empty() { Some(f64::NAN) } else { v.parse::<f64>().ok() }).collect();
-        let column = match numeric {
-            Some(v) => Column::Float(v),
-            None => Column::categorical_from_text(col),
-        };
-        obs.columns.push((name.clone(), column));
+        obs.columns.push((name.clone(), col.into_column()));
     }
     Ok(matched.iter().filter(|&&m| !m).count())
+}
+
+/// A CSV column as codes into its distinct values (`u32::MAX`: no row for that cell).
+struct DictColumn {
+    values: Vec<String>,
+    lookup: HashMap<String, u32>,
+    codes: Vec<u32>,
+}
+
+impl DictColumn {
+    fn new(n: usize) -> Self {
+        DictColumn { values: Vec::new(), lookup: HashMap::new(), codes: vec![u32::MAX; n] }
+    }
+
+    fn set(&mut self, row: usize, v: String) {
+        let next = self.values.len() as u32;
+        let code = *self.lookup.entry(v.clone()).or_insert_with(|| {
+            self.values.push(v);
+            next
+        });
+        self.codes[row] = code;
+    }
+
+    /// Integer ids (e.g. the atlas' `cluster_alias`) stay integers so `--keep c=2523` matches;
+    /// other numbers become floats (missing → NaN); anything else a categorical (missing → -1).
+    fn into_column(self) -> Column {
+        let complete = self.codes.iter().all(|&c| c != u32::MAX);
+        let ints: Option<Vec<i64>> = self.values.iter().map(|v| v.parse::<i64>().ok()).collect();
+        let floats: Option<Vec<f64>> =
+            self.values.iter().map(|v| if v.is_empty() { Some(f64::NAN) } else { v.parse::<f64>().ok() }).collect();
+        match (ints, floats) {
+            (Some(v), _) if complete => Column::Int(self.codes.iter().map(|&c| v[c as usize]).collect()),
+            (_, Some(v)) => Column::Float(self.codes.iter().map(|&c| v.get(c as usize).copied().unwrap_or(f64::NAN)).collect()),
+            _ => {
+                let mut order: Vec<usize> = (0..self.values.len()).collect();
+                order.sort_by(|&a, &b| self.values[a].cmp(&self.values[b]));
+                let mut remap = vec![0i32; order.len()];
+                for (new, &old) in order.iter().enumerate() {
+                    remap[old] = new as i32;
+                }
+                Column::Categorical {
+                    codes: self.codes.iter().map(|&c| if c == u32::MAX { -1 } else { remap[c as usize] }).collect(),
+                    categories: order.into_iter().map(|o| self.values[o].clone()).collect(),
+                    ordered: false,
+                }
+            }
+        }
+    }
 }
 
 /// Splits one CSV line (RFC 4180 quoting, no embedded newlines).
@@ -325,6 +374,39 @@ mod tests {
         assert!(e.contains("zzz") && e.contains("a (2)"), "{e}");
         let nocol: KeepFilter = "nope=a".parse().unwrap();
         assert!(apply_keep(&obs(), &[nocol], Path::new("x.h5ad")).unwrap_err().to_string().contains("obs has: t"));
+    }
+
+    #[test]
+    fn numeric_columns_match_keep_values_by_number() {
+        let mut f = obs();
+        f.columns.push(("cluster_alias".into(), Column::Int(vec![2523, 210, 2523])));
+        f.columns.push(("depth".into(), Column::Float(vec![1.0, 2.5, 1.0])));
+        let keep = |s: &str| apply_keep(&f, &[s.parse().unwrap()], Path::new("x")).unwrap();
+        assert_eq!(keep("cluster_alias=2523"), vec![0, 2]);
+        assert_eq!(keep("depth=1"), vec![0, 2]);
+        assert_eq!(keep("depth=2.5"), vec![1]);
+    }
+
+    #[test]
+    fn metadata_csv_integer_ids_stay_integers() {
+        let dir = std::env::temp_dir().join(format!("neurofm-meta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let csv = dir.join("cell_metadata.csv");
+        std::fs::write(&csv, "cell_label,cluster_alias,x\nc2,210,0.5\nc0,2523,1.5\nother,1,2\n").unwrap();
+        let mut f = obs();
+        assert_eq!(join_cell_metadata(&mut f, &csv, "cell_label").unwrap(), 1, "c1 has no row");
+        assert!(matches!(f.column("cluster_alias"), Some(Column::Float(_))), "a missing cell makes it float (NaN)");
+        assert_eq!(apply_keep(&f, &["cluster_alias=2523".parse().unwrap()], &csv).unwrap(), vec![0]);
+        std::fs::write(&csv, "cell_label,cluster_alias\nc0,2523\nc1,210\nc2,2523\n").unwrap();
+        let mut f = obs();
+        join_cell_metadata(&mut f, &csv, "cell_label").unwrap();
+        assert_eq!(f.column("cluster_alias"), Some(&Column::Int(vec![2523, 210, 2523])));
+        std::fs::write(&csv, "cell_label,region\nc0,V1\nc2,ACC\n").unwrap();
+        let mut f = obs();
+        join_cell_metadata(&mut f, &csv, "cell_label").unwrap();
+        let want = Column::Categorical { codes: vec![1, -1, 0], categories: vec!["ACC".into(), "V1".into()], ordered: false };
+        assert_eq!(f.column("region"), Some(&want), "sorted categories, missing cell is -1");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
