@@ -177,25 +177,42 @@ impl StoreWriter {
             b.subchunk_shape(vec![INNER_CHUNK]);
             b.build(self.storage.clone(), &node(&p)).map_err(|e| DataError::zarr(&self.root, &p, e))
         };
+        let (data, indices) = (make("data", data_type::float32(), 0.0f32.into())?, make("indices", data_type::int32(), 0i32.into())?);
+        // Shards are encoded and written on their own thread while the caller fills the next.
+        let (jobs, job_rx) = std::sync::mpsc::sync_channel::<ShardJob>(1);
+        let (spare_tx, spare) = std::sync::mpsc::channel();
+        let (root, group) = (self.root.clone(), path.to_string());
+        let worker = std::thread::spawn(move || -> Result<(Array<FilesystemStore>, Array<FilesystemStore>)> {
+            let err = |name: &str, e: &dyn std::fmt::Display| DataError::zarr(&root, &format!("{group}/{name}"), e);
+            for mut job in job_rx {
+                data.store_chunk(&[job.index], &job.values).map_err(|e| err("data", &e))?;
+                indices.store_chunk(&[job.index], &job.indices).map_err(|e| err("indices", &e))?;
+                job.values.clear();
+                job.indices.clear();
+                let _ = spare_tx.send((job.values, job.indices));
+            }
+            Ok((data, indices))
+        });
         Ok(CsrWriter {
-            root: self.root.clone(),
             path: path.to_string(),
-            data: make("data", data_type::float32(), 0.0f32.into())?,
-            indices: make("indices", data_type::int32(), 0i32.into())?,
             values_buf: Vec::with_capacity(shard as usize),
             indices_buf: Vec::with_capacity(shard as usize),
             shard_len: shard,
             shards_written: 0,
             indptr: vec![0],
+            jobs: Some(jobs),
+            spare,
+            worker: Some(worker),
         })
     }
 
     /// Finishes a CSR matrix: `indptr`, final array shapes and the group's `shape` attribute.
     pub fn finish_csr(&self, mut w: CsrWriter, n_genes: usize) -> Result<u64> {
         w.flush_shard(true)?;
+        let (mut data, mut indices) = w.join()?;
         let nnz = *w.indptr.last().unwrap_or(&0) as u64;
         let n_cells = w.indptr.len() - 1;
-        for (name, a) in [("data", &mut w.data), ("indices", &mut w.indices)] {
+        for (name, a) in [("data", &mut data), ("indices", &mut indices)] {
             let p = format!("{}/{name}", w.path);
             a.set_shape(vec![nnz]).map_err(|e| DataError::zarr(&self.root, &p, e))?;
             let mut m = Map::new();
@@ -213,17 +230,27 @@ impl StoreWriter {
     }
 }
 
-/// Appends cells to a CSR matrix, writing whole shards as they fill.
+/// One full shard on its way to the writer thread.
+struct ShardJob {
+    index: u64,
+    values: Vec<f32>,
+    indices: Vec<i32>,
+}
+
+type ArrayPair = (Array<FilesystemStore>, Array<FilesystemStore>);
+
+/// Appends cells to a CSR matrix; full shards go to a writer thread (one in flight), whose
+/// emptied buffers come back for reuse.
 pub struct CsrWriter {
-    root: PathBuf,
     path: String,
-    data: Array<FilesystemStore>,
-    indices: Array<FilesystemStore>,
     values_buf: Vec<f32>,
     indices_buf: Vec<i32>,
     shard_len: u64,
     shards_written: u64,
     indptr: Vec<i64>,
+    jobs: Option<std::sync::mpsc::SyncSender<ShardJob>>,
+    spare: std::sync::mpsc::Receiver<(Vec<f32>, Vec<i32>)>,
+    worker: Option<std::thread::JoinHandle<Result<ArrayPair>>>,
 }
 
 impl CsrWriter {
@@ -258,14 +285,33 @@ impl CsrWriter {
             self.values_buf.resize(self.shard_len as usize, 0.0);
             self.indices_buf.resize(self.shard_len as usize, 0);
         }
-        let idx = [self.shards_written];
-        let err = |name: &str, e: &dyn std::fmt::Display| DataError::zarr(&self.root, &format!("{}/{name}", self.path), e);
-        self.data.store_chunk(&idx, &self.values_buf).map_err(|e| err("data", &e))?;
-        self.indices.store_chunk(&idx, &self.indices_buf).map_err(|e| err("indices", &e))?;
-        self.values_buf.clear();
-        self.indices_buf.clear();
+        let (values, indices) = self
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| (Vec::with_capacity(self.shard_len as usize), Vec::with_capacity(self.shard_len as usize)));
+        let job = ShardJob {
+            index: self.shards_written,
+            values: std::mem::replace(&mut self.values_buf, values),
+            indices: std::mem::replace(&mut self.indices_buf, indices),
+        };
         self.shards_written += 1;
+        let sent = self.jobs.as_ref().map(|tx| tx.send(job).is_ok()).unwrap_or(false);
+        if !sent {
+            // The writer thread stopped: its error says why.
+            self.join()?;
+            return Err(DataError::Config(format!("{}: shard writer stopped", self.path)));
+        }
         Ok(())
+    }
+
+    /// Waits for every queued shard to be written; returns the arrays.
+    fn join(&mut self) -> Result<ArrayPair> {
+        self.jobs = None;
+        match self.worker.take().map(|h| h.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(DataError::Config(format!("{}: shard writer panicked", self.path))),
+            None => Err(DataError::Config(format!("{}: shard writer already finished", self.path))),
+        }
     }
 }
 
