@@ -192,9 +192,9 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             seen.non_integer
         });
         let written = write_matrix(&writer, rx, kept_genes.len(), opts, &bar);
-        let non_integer = reader.join().map_err(|_| DataError::Config("reader thread panicked".into()))?;
+        let non_integer = reader.join().map_err(|_| DataError::Internal("reader thread panicked".into()))?;
         let written = written.map(|w| Written { non_integer, ..w });
-        let sha = sha.join().map_err(|_| DataError::Config("sha256 thread panicked".into()))??;
+        let sha = sha.join().map_err(|_| DataError::Internal("sha256 thread panicked".into()))??;
         Ok((written?, sha))
     })?;
     bar.finish_and_clear();
@@ -440,7 +440,7 @@ fn write_uns_neurofm(writer: &StoreWriter, w: &Written, provenance: &Provenance)
     writer.array("uns/neurofm/cell_nnz", &w.cell_nnz)?;
     let src_rows: Vec<i64> = w.source_rows.iter().map(|&r| r as i64).collect();
     writer.array("uns/neurofm/cell_source_row", &src_rows)?;
-    let json = serde_json::to_string_pretty(provenance).map_err(|e| DataError::Config(e.to_string()))?;
+    let json = serde_json::to_string_pretty(provenance).map_err(|e| DataError::Internal(e.to_string()))?;
     // Last: its presence is what marks the store complete.
     writer.string_scalar("uns/neurofm/provenance", &json)
 }

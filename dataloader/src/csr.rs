@@ -91,16 +91,6 @@ impl CsrRows {
         }
         out
     }
-
-    /// Row `i` expanded to a dense vector of `n_genes` values.
-    pub fn dense_row(&self, i: usize, n_genes: usize) -> Vec<f32> {
-        let mut out = vec![0.0; n_genes];
-        let (idx, val) = self.row(i);
-        for (&g, &v) in idx.iter().zip(val) {
-            out[g as usize] = v;
-        }
-        out
-    }
 }
 
 #[cfg(test)]
@@ -113,7 +103,7 @@ mod tests {
         let m = CsrRows::from_dense(2, 3, &dense);
         assert_eq!(m.indptr, vec![0, 1, 2]);
         assert_eq!(m.indices, vec![1, 0]);
-        assert_eq!(m.dense_row(0, 3), vec![0.0, 2.0, 0.0]);
+        assert_eq!(m.row(0), (&[1u32][..], &[2.0f32][..]), "row 0 is [0, 2, 0]");
         assert_eq!(m.row_totals(), vec![2.0, 1.0]);
     }
 

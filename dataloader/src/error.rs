@@ -38,12 +38,16 @@ pub enum DataError {
 
     #[error("invalid setting: {0}")]
     Config(String),
+
+    /// A failure of ours (a worker thread died, a broken invariant): not the user's input.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl DataError {
     /// True when the user must change the input or the command (exit code 2).
     pub fn is_bad_input(&self) -> bool {
-        !matches!(self, DataError::Io { .. } | DataError::Zarr { .. })
+        !matches!(self, DataError::Io { .. } | DataError::Zarr { .. } | DataError::Internal(_))
     }
 
     /// Process exit code per the project convention (2 bad input, 1 runtime failure).

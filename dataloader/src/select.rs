@@ -277,11 +277,11 @@ pub fn choose_genes(sel: &GeneSelection, var: &Frame, scan: Option<&GeneScan>, p
     match sel {
         GeneSelection::All => Ok((0..n).collect()),
         GeneSelection::Detected(k) => {
-            let scan = scan.ok_or_else(|| DataError::Config("gene scan missing".into()))?;
+            let scan = scan.ok_or_else(|| DataError::Internal("gene scan missing".into()))?;
             Ok(top(scan.detected.iter().map(|&d| d as f64).collect(), *k))
         }
         GeneSelection::Hvg(k) => {
-            let scan = scan.ok_or_else(|| DataError::Config("gene scan missing".into()))?;
+            let scan = scan.ok_or_else(|| DataError::Internal("gene scan missing".into()))?;
             Ok(top(seurat_dispersion(scan), *k))
         }
         GeneSelection::List(file) => {

@@ -240,7 +240,7 @@ impl<T> Iterator for BatchStream<T> {
         let rx = &self.receivers[self.next_window % self.receivers.len()];
         let item = match rx.recv() {
             Ok(item) => item,
-            Err(_) => return Some(Err(DataError::Config("a data worker stopped unexpectedly".into()))),
+            Err(_) => return Some(Err(DataError::Internal("a data worker stopped unexpectedly".into()))),
         };
         self.left_in_window -= 1;
         self.position.batch += 1;

@@ -228,7 +228,7 @@ fn write_contents(file: &hdf5::File, o: &SynthOptions, path: &std::path::Path) -
                 dense[g as usize * o.cells + c] = v as f64;
             }
         }
-        let arr = ndarray::Array2::from_shape_vec((o.genes, o.cells), dense).map_err(|e| DataError::Config(e.to_string()))?;
+        let arr = ndarray::Array2::from_shape_vec((o.genes, o.cells), dense).map_err(|e| DataError::Internal(e.to_string()))?;
         write_numeric_2d(file, "matrix", &arr, o, path)?;
         let ca = file.create_group("col_attrs").map_err(err("col_attrs"))?;
         strings(&ca, "CellID", &cell_names, path)?;
@@ -278,7 +278,7 @@ fn write_contents(file: &hdf5::File, o: &SynthOptions, path: &std::path::Path) -
                         dense[c * o.genes + gi as usize] = v as f64;
                     }
                 }
-                let arr = ndarray::Array2::from_shape_vec((o.cells, o.genes), dense).map_err(|e| DataError::Config(e.to_string()))?;
+                let arr = ndarray::Array2::from_shape_vec((o.cells, o.genes), dense).map_err(|e| DataError::Internal(e.to_string()))?;
                 let ds = write_numeric_2d(&g, leaf(&counts_group), &arr, o, path)?;
                 str_attr(&ds, "encoding-type", "array", path)?;
                 str_attr(&ds, "encoding-version", "0.2.0", path)?;
@@ -313,7 +313,7 @@ fn leaf(p: &str) -> &str {
 }
 
 fn str_attr(loc: &Location, name: &str, value: &str, path: &std::path::Path) -> Result<()> {
-    let v = VarLenUnicode::from_str(value).map_err(|e| DataError::Config(e.to_string()))?;
+    let v = VarLenUnicode::from_str(value).map_err(|e| DataError::Internal(e.to_string()))?;
     loc.new_attr::<VarLenUnicode>().create(name).and_then(|a| a.write_scalar(&v)).map_err(h5err(path, name))
 }
 
@@ -323,7 +323,7 @@ fn dict_attrs(g: &Group, path: &std::path::Path) -> Result<()> {
 }
 
 fn to_vlen(values: &[String]) -> Result<Vec<VarLenUnicode>> {
-    values.iter().map(|s| VarLenUnicode::from_str(s).map_err(|e| DataError::Config(e.to_string()))).collect()
+    values.iter().map(|s| VarLenUnicode::from_str(s).map_err(|e| DataError::Internal(e.to_string()))).collect()
 }
 
 fn strings(g: &Group, name: &str, values: &[String], path: &std::path::Path) -> Result<Dataset> {
@@ -383,7 +383,7 @@ fn write_numeric_2d(g: &Group, name: &str, arr: &ndarray::Array2<f64>, o: &Synth
     let chunk = [r.clamp(1, 64), c.clamp(1, 64)];
     let flat: Vec<f64> = arr.iter().copied().collect();
     with_dtype!(o, flat, |v| {
-        let a = ndarray::Array2::from_shape_vec((r, c), v).map_err(|e| DataError::Config(e.to_string()))?;
+        let a = ndarray::Array2::from_shape_vec((r, c), v).map_err(|e| DataError::Internal(e.to_string()))?;
         builder(g, o).chunk(chunk).with_data(&a).create(name).map_err(h5err(path, name))
     })
 }

@@ -162,7 +162,7 @@ impl Tokenizer {
 
     /// Writes the tokenizer as JSON atomically (temp file, then rename).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let json = serde_json::to_vec(self).map_err(|e| DataError::Config(e.to_string()))?;
+        let json = serde_json::to_vec(self).map_err(|e| DataError::Internal(e.to_string()))?;
         crate::write_atomic(path, &json)
     }
 

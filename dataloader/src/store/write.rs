@@ -54,8 +54,8 @@ impl MatrixCodec {
     fn codec(self, zstd_level: i32) -> Result<Arc<dyn zarrs::array::BytesToBytesCodecTraits>> {
         use zarrs::array::codec::bytes_to_bytes::blosc::{BloscCodec, BloscCompressionLevel, BloscCompressor, BloscShuffleMode};
         let blosc = |cname, level: u8| -> Result<Arc<dyn zarrs::array::BytesToBytesCodecTraits>> {
-            let level = BloscCompressionLevel::try_from(level).map_err(|e| DataError::Config(format!("blosc level: {e:?}")))?;
-            let c = BloscCodec::new(cname, level, None, BloscShuffleMode::Shuffle, Some(4)).map_err(|e| DataError::Config(e.to_string()))?;
+            let level = BloscCompressionLevel::try_from(level).map_err(|e| DataError::Internal(format!("blosc level: {e:?}")))?;
+            let c = BloscCodec::new(cname, level, None, BloscShuffleMode::Shuffle, Some(4)).map_err(|e| DataError::Internal(e.to_string()))?;
             Ok(Arc::new(c))
         };
         match self {
@@ -299,7 +299,7 @@ impl CsrWriter {
         if !sent {
             // The writer thread stopped: its error says why.
             self.join()?;
-            return Err(DataError::Config(format!("{}: shard writer stopped", self.path)));
+            return Err(DataError::Internal(format!("{}: shard writer stopped", self.path)));
         }
         Ok(())
     }
@@ -309,8 +309,8 @@ impl CsrWriter {
         self.jobs = None;
         match self.worker.take().map(|h| h.join()) {
             Some(Ok(result)) => result,
-            Some(Err(_)) => Err(DataError::Config(format!("{}: shard writer panicked", self.path))),
-            None => Err(DataError::Config(format!("{}: shard writer already finished", self.path))),
+            Some(Err(_)) => Err(DataError::Internal(format!("{}: shard writer panicked", self.path))),
+            None => Err(DataError::Internal(format!("{}: shard writer already finished", self.path))),
         }
     }
 }
