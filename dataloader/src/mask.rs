@@ -23,9 +23,10 @@ pub const IGNORE: i64 = -100;
 pub const VALIDATION_EPOCH: u64 = u64::MAX;
 
 /// Which genes make up a cell's sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum SequenceMode {
+    #[default]
     FullPanel,
     NonzeroPlusZeros { max_len: usize },
 }

@@ -1,1 +1,20 @@
-//! placeholder
+//! Masked-bin pretraining of a transformer encoder on tokenized single-cell expression.
+//!
+//! Read top to bottom: `config` (every setting), `model` (the encoder), `optim` (AdamW with
+//! owned state, schedule, clipping), `baseline` (context-free predictors to beat),
+//! `checkpoint` and `run_dir` (exact resume), `events` and `metrics` (TensorBoard, CSV),
+//! `device` (GPU/CPU choice, MFU peak), and `train` (the loop).
+
+pub mod baseline;
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod run_dir;
+pub mod train;
+
+pub use error::{Result, TrainError};

@@ -1,0 +1,339 @@
+//! The training config: one TOML file, every key defaulted, unknown keys refused.
+//!
+//! A run is reproducible from its resolved `config.toml` alone (every default written out),
+//! so the structs here are the single source of truth for settings; `--set a.b=v` edits the
+//! TOML before it is typed, so overrides get the same checks as the file.
+
+use std::path::{Path, PathBuf};
+
+use dataloader::mask::SequenceMode;
+use dataloader::tokenize::BinningKind;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// Everything a training run needs to know.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// One seed for initialization, split, shuffling, masking and dropout.
+    pub seed: u64,
+    pub data: DataConfig,
+    pub tokenizer: TokenizerConfig,
+    pub sequence: SequenceMode,
+    pub mask: MaskSection,
+    pub split: SplitSection,
+    pub model: ModelConfig,
+    pub optim: OptimConfig,
+    pub train: LoopConfig,
+}
+
+/// Where cells come from and how they are read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// The zarr store made by `neurofm-data convert` (or `--data`).
+    pub store: PathBuf,
+    /// Background threads that read, tokenize and mask batches.
+    pub workers: usize,
+    /// Batches each worker prepares ahead.
+    pub prefetch: usize,
+    /// Validation uses at most this many cells (0: all), chosen deterministically.
+    pub val_max_cells: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig { store: PathBuf::new(), workers: 2, prefetch: 4, val_max_cells: 0 }
+    }
+}
+
+/// How expression becomes bins (DESIGN §3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerConfig {
+    pub kind: BinningKind,
+    /// Bins including bin 0 for zero expression.
+    pub n_bins: usize,
+    /// `gene-quantile` edges are fitted on at most this many training cells.
+    pub max_fit_cells: usize,
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        TokenizerConfig { kind: BinningKind::GeneQuantile, n_bins: 20, max_fit_cells: 200_000 }
+    }
+}
+
+/// Which positions are masked; the seed is the run's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaskSection {
+    pub ratio: f64,
+    /// Share of the masked positions drawn among non-zero genes.
+    pub nonzero_fraction: f64,
+}
+
+impl Default for MaskSection {
+    fn default() -> Self {
+        MaskSection { ratio: 0.15, nonzero_fraction: 0.5 }
+    }
+}
+
+/// Train/validation split; the seed is the run's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SplitSection {
+    pub val_fraction: f64,
+    /// Hold out whole groups of this obs column (e.g. `library_label`); empty: by cell.
+    pub by: String,
+}
+
+impl Default for SplitSection {
+    fn default() -> Self {
+        SplitSection { val_fraction: 0.2, by: String::new() }
+    }
+}
+
+/// Shape of the encoder (DESIGN §4). Changing any of it makes old checkpoints unusable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_layers: usize,
+    pub d_ff: usize,
+    /// Dropout on embeddings and residual branches.
+    pub dropout: f64,
+    /// Dropout on attention probabilities. Non-zero forces the unfused attention path, which
+    /// materializes a sequence × sequence matrix per head (the original's memory problem).
+    pub attention_dropout: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { d_model: 64, n_heads: 4, n_layers: 3, d_ff: 2048, dropout: 0.1, attention_dropout: 0.0 }
+    }
+}
+
+/// AdamW with linear warmup and cosine decay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub lr: f64,
+    /// Decoupled weight decay, applied to matrices and embeddings (not to biases and norms).
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub warmup_steps: u64,
+    /// The learning rate decays to `lr × min_lr_ratio` at the last step.
+    pub min_lr_ratio: f64,
+    /// Global gradient norm is clipped to this (0: no clipping).
+    pub clip_norm: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig { lr: 5e-4, weight_decay: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, warmup_steps: 0, min_lr_ratio: 0.1, clip_norm: 1.0 }
+    }
+}
+
+/// Numeric precision of the forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// bf16 autocast on CUDA, fp32 on CPU.
+    Auto,
+    Bf16,
+    Fp32,
+}
+
+/// The training loop: batches, length, logging and checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoopConfig {
+    /// Cells per micro-batch on each rank.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (cells per step = batch_size × grad_accum × ranks).
+    pub grad_accum: usize,
+    pub epochs: u64,
+    /// Stop after this many optimizer steps (0: after `epochs`).
+    pub max_steps: u64,
+    /// Steps between training log rows.
+    pub log_every: u64,
+    /// Steps between validations (0: at the end of every epoch).
+    pub val_every: u64,
+    /// Steps between checkpoints (0: at every validation).
+    pub checkpoint_every: u64,
+    /// Step checkpoints kept besides `best`.
+    pub keep_last: usize,
+    pub precision: Precision,
+    /// CPU threads for libtorch (0: libtorch's default, one per core).
+    pub threads: usize,
+    /// Peak device rate for MFU in TFLOP/s (0: known GPU table, or measured on CPU).
+    pub peak_tflops: f64,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        LoopConfig {
+            batch_size: 64,
+            grad_accum: 1,
+            epochs: 30,
+            max_steps: 0,
+            log_every: 10,
+            val_every: 0,
+            checkpoint_every: 0,
+            keep_last: 3,
+            precision: Precision::Auto,
+            threads: 0,
+            peak_tflops: 0.0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads `path`, applies `key=value` overrides, and checks every value.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let mut table: toml::Table = text.parse().map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let cfg: TrainConfig = table.try_into().map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The resolved config as TOML, every default written out.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| TrainError::Internal(format!("config does not serialize: {e}")))
+    }
+
+    /// Refuses values that would fail later or silently do something else.
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        let bad = |key: &str, why: String| Err(TrainError::Config(format!("{key}: {why}")));
+        if m.d_model == 0 || m.n_heads == 0 || m.n_layers == 0 || m.d_ff == 0 {
+            return bad("model", "d_model, n_heads, n_layers and d_ff must be ≥ 1".into());
+        }
+        if m.d_model % m.n_heads != 0 {
+            return bad("model.n_heads", format!("{} does not divide model.d_model = {}; pick n_heads among its divisors", m.n_heads, m.d_model));
+        }
+        for (key, p) in [("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout)] {
+            if !(0.0..1.0).contains(&p) {
+                return bad(key, format!("{p} must be in [0, 1)"));
+            }
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return bad("optim.lr", format!("{} must be a positive number", o.lr));
+        }
+        if o.weight_decay < 0.0 || o.clip_norm < 0.0 || o.eps <= 0.0 {
+            return bad("optim", "weight_decay and clip_norm must be ≥ 0 and eps > 0".into());
+        }
+        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
+            return bad("optim.beta1/beta2", "must be in [0, 1)".into());
+        }
+        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
+            return bad("optim.min_lr_ratio", format!("{} must be in [0, 1]", o.min_lr_ratio));
+        }
+        let t = &self.train;
+        if t.batch_size == 0 || t.grad_accum == 0 {
+            return bad("train.batch_size / train.grad_accum", "must be ≥ 1".into());
+        }
+        if t.epochs == 0 && t.max_steps == 0 {
+            return bad("train.epochs", "0 with train.max_steps = 0 would train nothing".into());
+        }
+        if t.log_every == 0 {
+            return bad("train.log_every", "must be ≥ 1".into());
+        }
+        if !(0.0..1.0).contains(&self.split.val_fraction) || self.split.val_fraction == 0.0 {
+            return bad("split.val_fraction", format!("{} must be in (0, 1): validation needs cells", self.split.val_fraction));
+        }
+        if !(0.0..=1.0).contains(&self.mask.ratio) || !(0.0..=1.0).contains(&self.mask.nonzero_fraction) || self.mask.ratio == 0.0 {
+            return bad("mask", "ratio must be in (0, 1] and nonzero_fraction in [0, 1]".into());
+        }
+        if self.tokenizer.n_bins < 3 {
+            return bad("tokenizer.n_bins", format!("{}: need at least 3 (zero + two expression bins)", self.tokenizer.n_bins));
+        }
+        if let SequenceMode::NonzeroPlusZeros { max_len } = self.sequence {
+            if max_len < 2 {
+                return bad("sequence.max_len", format!("{max_len}: must be ≥ 2 ([CLS] + one gene)"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sets `a.b.c = value` in `table`; the value is read as TOML (`3`, `1e-4`, `true`, `"x"`)
+/// and as a plain string when it is not valid TOML (`--set data.store=/path`).
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| TrainError::Config(format!("--set {assignment}: expected key=value, e.g. --set optim.lr=1e-4")))?;
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, parents) = parts.split_last().ok_or_else(|| TrainError::Config(format!("--set {assignment}: empty key")))?;
+    let mut at = table;
+    for p in parents {
+        let entry = at.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = entry
+            .as_table_mut()
+            .ok_or_else(|| TrainError::Config(format!("--set {assignment}: `{p}` is a value, not a section")))?;
+    }
+    at.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str, overrides: &[&str]) -> Result<TrainConfig> {
+        let dir = tempfile::tempdir().map_err(|e| TrainError::Internal(e.to_string()))?;
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).map_err(|e| TrainError::io(&path, e))?;
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        TrainConfig::load(&path, &o)
+    }
+
+    #[test]
+    fn defaults_fill_missing_keys_and_round_trip() {
+        let cfg = load_str("seed = 7\n[model]\nd_model = 32\n", &[]).unwrap();
+        assert_eq!(cfg.seed, 7);
+        assert_eq!(cfg.model.d_model, 32);
+        assert_eq!(cfg.model.n_layers, ModelConfig::default().n_layers);
+        let again: TrainConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn unknown_and_ill_typed_keys_are_named() {
+        let e = load_str("[model]\nd_modle = 32\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("d_modle"), "{e}");
+        let e = load_str("[optim]\nlr = \"fast\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("lr") || e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn heads_must_divide_width() {
+        let e = load_str("[model]\nd_model = 64\nn_heads = 3\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("model.n_heads") && e.contains("64"), "{e}");
+    }
+
+    #[test]
+    fn overrides_are_typed_and_checked() {
+        let cfg = load_str("", &["optim.lr=1e-3", "data.store=/tmp/x.zarr", "sequence.mode=\"nonzero-plus-zeros\"", "sequence.max_len=128"]).unwrap();
+        assert_eq!(cfg.optim.lr, 1e-3);
+        assert_eq!(cfg.data.store, PathBuf::from("/tmp/x.zarr"));
+        assert_eq!(cfg.sequence, SequenceMode::NonzeroPlusZeros { max_len: 128 });
+        assert!(load_str("", &["model.n_heads=5"]).is_err());
+        assert!(load_str("", &["train.batchsize=3"]).unwrap_err().to_string().contains("batchsize"));
+        assert!(load_str("", &["noequals"]).is_err());
+    }
+}

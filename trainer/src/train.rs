@@ -1,0 +1,647 @@
+//! The training run: data → masked batches → steps → validation, logs and checkpoints.
+//!
+//! One optimizer step is three phases so data parallelism can slot in between them:
+//! `Trainer::accumulate` runs forward + backward on each micro-batch (summed losses, no
+//! averaging), then gradients and the step's sums are reduced across ranks, then
+//! `Trainer::apply` divides by the global number of masked tokens, clips and updates.
+//! Everything random is keyed by (seed, step) or (seed, epoch, cell), so a resumed run
+//! continues exactly where an uninterrupted one would be.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dataloader::mask::{batch_fn, Batcher, MaskConfig, MaskedBatch, IGNORE, VALIDATION_EPOCH};
+use dataloader::rng::hash_keys;
+use dataloader::shard::{eval_plan, BatchStream, ReaderPosition, ShardConfig, ShardReader};
+use dataloader::split::SplitSpec;
+use dataloader::store::Store;
+use dataloader::tokenize::Tokenizer;
+use dataloader::shard::Rank;
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+use tracing::info;
+
+use crate::baseline::{BaselineScore, BinFrequencies};
+use crate::checkpoint::{read_state, Checkpoints, TrainState, MODEL_FILE, OPTIMIZER_FILE};
+use crate::config::{Precision, TrainConfig};
+use crate::device::{classify_oom, peak_flops, DeviceChoice};
+use crate::error::{Result, TrainError};
+use crate::events::EventWriter;
+use crate::metrics::{MetricsCsv, Row};
+use crate::model::{self, Encoder, Vocabulary};
+use crate::optim::{learning_rate, AdamW};
+use crate::run_dir::RunDir;
+
+/// Validation numbers on the fixed validation masks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ValMetrics {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub masked_acc: f64,
+    /// Per-gene bin-frequency table (context-free) on the same masks.
+    pub baseline_perplexity: f64,
+    /// Global bin frequencies on the same masks.
+    pub global_baseline_perplexity: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub val: Option<ValMetrics>,
+    pub run_dir: PathBuf,
+}
+
+/// A micro-batch on the device.
+pub struct DeviceBatch {
+    pub genes: Tensor,
+    pub bins: Tensor,
+    /// `None` when no position is padding (keeps the fused attention kernels).
+    pub padding: Option<Tensor>,
+    /// Flat positions with a target, and the targets.
+    pub masked: Tensor,
+    pub targets: Tensor,
+    pub n_cells: usize,
+    /// Non-padding length of each sequence.
+    pub seq_lens: Vec<usize>,
+}
+
+impl DeviceBatch {
+    pub fn new(b: &MaskedBatch, device: Device) -> Result<DeviceBatch> {
+        let shape = [b.batch_size as i64, b.seq_len as i64];
+        let on = |v: &[i64]| -> Result<Tensor> { Ok(Tensor::f_from_slice(v)?.f_view(shape)?.f_to_device(device)?) };
+        let (mut masked, mut targets) = (Vec::new(), Vec::new());
+        for (i, &t) in b.target_bins.iter().enumerate() {
+            if t != IGNORE {
+                masked.push(i as i64);
+                targets.push(t);
+            }
+        }
+        let padding = if b.padding.iter().any(|&p| p) {
+            Some(Tensor::f_from_slice(&b.padding)?.f_view(shape)?.f_to_device(device)?)
+        } else {
+            None
+        };
+        let seq_lens = b.padding.chunks(b.seq_len.max(1)).map(|row| row.iter().filter(|&&p| !p).count()).collect();
+        Ok(DeviceBatch {
+            genes: on(&b.gene_ids)?,
+            bins: on(&b.input_bins)?,
+            padding,
+            masked: Tensor::f_from_slice(&masked)?.f_to_device(device)?,
+            targets: Tensor::f_from_slice(&targets)?.f_to_device(device)?,
+            n_cells: b.batch_size,
+            seq_lens,
+        })
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.seq_lens.iter().sum()
+    }
+}
+
+/// Sums over the micro-batches of one step (and, in data-parallel runs, over ranks).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTotals {
+    pub loss_sum: f64,
+    pub n_masked: f64,
+    pub n_correct: f64,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutcome {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+/// Model, optimizer and schedule: the part of a run that checkpoints hold.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub device: Device,
+    pub vs: tch::nn::VarStore,
+    pub model: Encoder,
+    pub opt: AdamW,
+    /// Optimizer steps done.
+    pub step: u64,
+    pub total_steps: u64,
+}
+
+impl Trainer {
+    /// A freshly initialized model (seeded from the config).
+    pub fn new(cfg: &TrainConfig, vocab: Vocabulary, device: Device, total_steps: u64) -> Result<Trainer> {
+        let (vs, mut model) = model::build(&cfg.model, vocab, device, cfg.seed);
+        model.compute = match (cfg.train.precision, device) {
+            (Precision::Fp32, _) | (Precision::Auto, Device::Cpu) => Kind::Float,
+            (Precision::Bf16 | Precision::Auto, _) => Kind::BFloat16,
+        };
+        let opt = AdamW::new(&vs, &cfg.optim)?;
+        Ok(Trainer { cfg: cfg.clone(), device, vs, model, opt, step: 0, total_steps })
+    }
+
+    /// Starts a step: clears gradients and reseeds dropout from (seed, step).
+    pub fn begin_step(&mut self) -> Result<()> {
+        self.opt.zero_grad()?;
+        tch::manual_seed(hash_keys(&[self.cfg.seed, 40, self.step]) as i64 >> 1);
+        Ok(())
+    }
+
+    /// Forward and backward of one micro-batch; gradients of the *summed* loss accumulate.
+    pub fn accumulate(&mut self, b: &DeviceBatch) -> Result<StepTotals> {
+        let out = (|| -> Result<StepTotals, tch::TchError> {
+            let states = self.model.forward(&b.genes, &b.bins, b.padding.as_ref(), true).map_err(torch_err)?;
+            let l = self.model.masked_loss(&states, &b.masked, &b.targets).map_err(torch_err)?;
+            let loss_sum = l.loss_sum.f_double_value(&[])?;
+            if l.n_masked > 0 {
+                l.loss_sum.f_backward()?;
+            }
+            Ok(StepTotals { loss_sum, n_masked: l.n_masked as f64, n_correct: l.n_correct as f64 })
+        })();
+        out.map_err(|e| classify_oom(e, self.cfg.train.batch_size, self.cfg.train.grad_accum))
+    }
+
+    /// Averages gradients over `totals.n_masked` (global over micro-batches and ranks), clips,
+    /// and updates. Refuses a non-finite loss or gradient before touching the weights.
+    pub fn apply(&mut self, totals: StepTotals, last_good: impl FnOnce() -> String) -> Result<StepOutcome> {
+        let n = totals.n_masked.max(1.0);
+        let loss = totals.loss_sum / n;
+        self.opt.scale_grads(1.0 / n)?;
+        let grad_norm = self.opt.clip_grad_norm(self.cfg.optim.clip_norm)?;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            let value = if loss.is_finite() { grad_norm } else { loss };
+            return Err(TrainError::NonFinite { step: self.step + 1, value, last_good: last_good() });
+        }
+        let lr = learning_rate(&self.cfg.optim, self.step, self.total_steps);
+        self.opt.apply(lr)?;
+        self.step += 1;
+        Ok(StepOutcome { loss, grad_norm, lr })
+    }
+
+    /// Loss and accuracy sums over batches, without dropout or gradients.
+    pub fn evaluate(&self, batches: impl Iterator<Item = Result<MaskedBatch>>) -> Result<StepTotals> {
+        let mut t = StepTotals::default();
+        for b in batches {
+            let b = DeviceBatch::new(&b?, self.device)?;
+            let l = tch::no_grad(|| -> Result<_> {
+                let states = self.model.forward(&b.genes, &b.bins, b.padding.as_ref(), false)?;
+                self.model.masked_loss(&states, &b.masked, &b.targets)
+            })?;
+            t.loss_sum += l.loss_sum.f_double_value(&[])?;
+            t.n_masked += l.n_masked as f64;
+            t.n_correct += l.n_correct as f64;
+        }
+        Ok(t)
+    }
+}
+
+fn torch_err(e: TrainError) -> tch::TchError {
+    match e {
+        TrainError::Torch(t) => t,
+        other => tch::TchError::Torch(other.to_string()),
+    }
+}
+
+/// The data side of a run: store, split, tokenizer, per-rank shard and batchers.
+pub struct RunData {
+    pub store: Arc<Store>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub train_cells: Vec<u32>,
+    pub val_cells: Vec<u32>,
+    reader: ShardReader,
+    batcher: Batcher,
+    workers: usize,
+    prefetch: usize,
+    batch_size: usize,
+}
+
+impl RunData {
+    /// Opens the store, splits it, and fits the tokenizer on training cells (or reuses `tokenizer`).
+    pub fn open(cfg: &TrainConfig, rank: Rank, tokenizer: Option<Tokenizer>) -> Result<RunData> {
+        if cfg.data.store.as_os_str().is_empty() {
+            return Err(TrainError::Config("data.store is empty: pass --data STORE (a store made by `neurofm-data convert`)".into()));
+        }
+        let store = Arc::new(Store::open(&cfg.data.store)?);
+        let by = (!cfg.split.by.is_empty()).then(|| cfg.split.by.clone());
+        let split = SplitSpec { val_fraction: cfg.split.val_fraction, seed: cfg.seed, by }.apply(&store)?;
+        let mut val_cells = split.val;
+        if cfg.data.val_max_cells > 0 && val_cells.len() > cfg.data.val_max_cells {
+            val_cells.sort_by_key(|&c| hash_keys(&[cfg.seed, 41, c as u64]));
+            val_cells.truncate(cfg.data.val_max_cells);
+            val_cells.sort_unstable();
+        }
+        let tokenizer = match tokenizer {
+            Some(t) => t,
+            None => {
+                let t = &cfg.tokenizer;
+                Tokenizer::fit(&store, &split.train, t.kind, t.n_bins, t.max_fit_cells, cfg.seed)?
+            }
+        };
+        tokenizer.check_genes(&store.var_names()?, &store.path)?;
+        let tokenizer = Arc::new(tokenizer);
+        let shard = ShardConfig { batch_size: cfg.train.batch_size, seed: cfg.seed, window_blocks: 4 };
+        let reader = ShardReader::new(split.train.clone(), |c| store.chunk_of(c), rank, shard)?;
+        let mask = MaskConfig { ratio: cfg.mask.ratio, nonzero_fraction: cfg.mask.nonzero_fraction, seed: cfg.seed };
+        let batcher = Batcher::new(tokenizer.clone(), cfg.sequence, Some(mask))?;
+        Ok(RunData {
+            store,
+            tokenizer,
+            train_cells: split.train,
+            val_cells,
+            reader,
+            batcher,
+            workers: cfg.data.workers,
+            prefetch: cfg.data.prefetch,
+            batch_size: cfg.train.batch_size,
+        })
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        self.reader.batches_per_epoch()
+    }
+
+    /// Training batches of `start.epoch` from `start.batch` on.
+    pub fn train_stream(&self, start: ReaderPosition) -> BatchStream<MaskedBatch> {
+        let plan = self.reader.plan(start.epoch);
+        BatchStream::new(self.store.clone(), plan, start, self.workers, self.prefetch, batch_fn(self.batcher.clone(), start.epoch))
+    }
+
+    /// Validation batches of this rank with the fixed validation masks.
+    pub fn val_stream(&self, rank: Rank) -> impl Iterator<Item = Result<MaskedBatch>> {
+        let plan = eval_plan(&self.val_cells, rank, self.batch_size);
+        let f = batch_fn(self.batcher.clone(), VALIDATION_EPOCH);
+        BatchStream::new(self.store.clone(), plan, ReaderPosition::default(), self.workers, self.prefetch, f).map(|r| r.map(|(_, b)| b).map_err(TrainError::from))
+    }
+}
+
+/// SHA-256 of a file, hex.
+fn sha256_file(path: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Options of one `neurofm-train` invocation besides the config.
+pub struct RunOptions {
+    pub device: DeviceChoice,
+    /// Draw a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// Trains according to `cfg` in `run`, resuming if `run.resume_from` is set.
+pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSummary> {
+    let device = opts.device.resolve()?;
+    if cfg.train.precision == Precision::Bf16 && device == Device::Cpu {
+        return Err(TrainError::Config("train.precision = \"bf16\" needs a GPU here; use \"auto\" or \"fp32\" on CPU".into()));
+    }
+    if cfg.train.threads > 0 {
+        tch::set_num_threads(cfg.train.threads as i32);
+    }
+    let rank = Rank::single();
+
+    // Resume: the checkpoint must belong to this model, tokenizer and gene panel.
+    let resumed = match &run.resume_from {
+        Some(ckpt) => Some((ckpt.clone(), read_state(ckpt)?)),
+        None => None,
+    };
+    let tokenizer_path = run.tokenizer_path();
+    let tokenizer = match &resumed {
+        Some((ckpt, state)) => {
+            check_resume_compatible(&cfg, ckpt, state)?;
+            let sha = sha256_file(&tokenizer_path)?;
+            if sha != state.tokenizer_sha256 {
+                return Err(TrainError::input(&tokenizer_path, format!("is not the tokenizer checkpoint {} was trained with (sha256 differs); resume in the original run directory", ckpt.display())));
+            }
+            let t = Tokenizer::load(&tokenizer_path)?;
+            if t.vocab.n_bins != cfg.tokenizer.n_bins {
+                return Err(TrainError::Config(format!("tokenizer.n_bins = {} but the run being resumed used {}; resume with its config", cfg.tokenizer.n_bins, t.vocab.n_bins)));
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let data = RunData::open(&cfg, rank, tokenizer)?;
+    let own_tokenizer = run.path.join("tokenizer.json");
+    if resumed.is_none() || !own_tokenizer.exists() {
+        data.tokenizer.save(&own_tokenizer)?;
+    }
+    let tokenizer_sha256 = sha256_file(&own_tokenizer)?;
+    dataloader::write_atomic(&run.path.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+
+    let per_epoch = (data.batches_per_epoch() / cfg.train.grad_accum) as u64;
+    if per_epoch == 0 {
+        return Err(TrainError::Config(format!(
+            "train.grad_accum = {} exceeds the {} batches per epoch of {} training cells; lower train.grad_accum or train.batch_size",
+            cfg.train.grad_accum,
+            data.batches_per_epoch(),
+            data.train_cells.len()
+        )));
+    }
+    let total_steps = if cfg.train.max_steps > 0 { cfg.train.max_steps } else { cfg.train.epochs * per_epoch };
+    let vocab = Vocabulary { n_genes: data.tokenizer.genes.len(), n_bins: data.tokenizer.vocab.n_bins };
+    let mut trainer = Trainer::new(&cfg, vocab, device, total_steps)?;
+    let mut state = TrainState {
+        step: 0,
+        position: ReaderPosition::default(),
+        best_val_loss: None,
+        model: cfg.model.clone(),
+        vocab,
+        tokenizer_sha256,
+        world_size: rank.world(),
+        rng: "dropout reseeded from (seed, step) each step; data from (seed, epoch, cell)".into(),
+    };
+    if let Some((ckpt, saved)) = &resumed {
+        trainer.vs.load(ckpt.join(MODEL_FILE)).map_err(|e| TrainError::input(&ckpt.join(MODEL_FILE), e.to_string()))?;
+        trainer.opt.load(&ckpt.join(OPTIMIZER_FILE), saved.step)?;
+        trainer.step = saved.step;
+        state.step = saved.step;
+        state.position = saved.position;
+        state.best_val_loss = saved.best_val_loss;
+        info!("resuming from {} at step {} (epoch {}, batch {})", ckpt.display(), saved.step, saved.position.epoch, saved.position.batch);
+    }
+
+    let (all, body, head) = trainer.model.param_counts();
+    info!(
+        "model: {all} parameters ({body} in {} layers of width {}, {} in the embeddings, {head} in the head); {} on {device:?}",
+        cfg.model.n_layers,
+        cfg.model.d_model,
+        all - body - head,
+        if trainer.model.compute == Kind::Float { "fp32" } else { "bf16 mixed precision" }
+    );
+    info!(
+        "data: {} training / {} validation cells, {} genes, sequence length {}, {} steps per epoch, {} steps in all",
+        data.train_cells.len(),
+        data.val_cells.len(),
+        vocab.n_genes,
+        data.batcher.seq_len(),
+        per_epoch,
+        total_steps
+    );
+
+    let mut events = EventWriter::create(&run.path)?;
+    events.text("config", state.step, &format!("```toml\n{}\n```", cfg.to_toml()?))?;
+    let mut csv = MetricsCsv::open(&run.path, resumed.as_ref().map(|(_, s)| s.step))?;
+    let checkpoints = Checkpoints::new(&run.path);
+    let (peak, peak_source) = peak_flops(device, cfg.train.peak_tflops);
+    info!("MFU against {:.1} TFLOP/s ({peak_source})", peak / 1e12);
+
+    let frequencies = BinFrequencies::fit(&data.store, &data.tokenizer, &sample_cells(&data.train_cells, cfg.tokenizer.max_fit_cells, cfg.seed))?;
+    let mut baseline = BaselineScore::default();
+    for b in data.val_stream(rank) {
+        baseline.add(frequencies.score(&b?));
+    }
+    let (base_ppl, global_ppl) = baseline.perplexities();
+    info!("validation baselines on the fixed masks: per-gene bin frequencies {base_ppl:.3}, global bin frequencies {global_ppl:.3} (perplexity)");
+
+    let validate = |trainer: &Trainer| -> Result<ValMetrics> {
+        let t = trainer.evaluate(data.val_stream(rank))?;
+        let loss = t.loss_sum / t.n_masked.max(1.0);
+        Ok(ValMetrics { loss, perplexity: loss.exp(), masked_acc: t.n_correct / t.n_masked.max(1.0), baseline_perplexity: base_ppl, global_baseline_perplexity: global_ppl })
+    };
+
+    let bar = progress_bar(opts.progress, total_steps, state.step);
+    let started = Instant::now();
+    let mut window = Window::new();
+    let mut last_val = None;
+    let accum = cfg.train.grad_accum;
+    let batches_per_epoch = data.batches_per_epoch();
+    while trainer.step < total_steps {
+        if state.position.batch + accum > batches_per_epoch {
+            state.position = ReaderPosition { epoch: state.position.epoch + 1, batch: 0 };
+        }
+        let mut stream = data.train_stream(state.position);
+        while trainer.step < total_steps && state.position.batch + accum <= batches_per_epoch {
+            trainer.begin_step()?;
+            let step_start = Instant::now();
+            let mut totals = StepTotals::default();
+            for _ in 0..accum {
+                let wait = Instant::now();
+                let (pos, batch) = stream.next().ok_or_else(|| TrainError::Internal("the epoch ended before its planned batches".into()))??;
+                window.data_wait += wait.elapsed().as_secs_f64();
+                let b = DeviceBatch::new(&batch, device)?;
+                let t = trainer.accumulate(&b)?;
+                totals.loss_sum += t.loss_sum;
+                totals.n_masked += t.n_masked;
+                totals.n_correct += t.n_correct;
+                window.cells += b.n_cells;
+                window.tokens += b.tokens();
+                window.flops += trainer.model.train_flops(&b.seq_lens, t.n_masked as usize);
+                state.position = pos;
+            }
+            let fwd_bwd = step_start.elapsed().as_secs_f64();
+            let last_good = || match checkpoints.newest() {
+                Some(p) => format!("The last good checkpoint is {}", p.display()),
+                None => "No checkpoint was written yet".into(),
+            };
+            let out = trainer.apply(totals, last_good)?;
+            window.add_step(&out, totals, fwd_bwd, step_start.elapsed().as_secs_f64() - fwd_bwd);
+            state.step = trainer.step;
+            let epoch_done = state.position.batch + accum > batches_per_epoch;
+            if epoch_done {
+                state.position = ReaderPosition { epoch: state.position.epoch + 1, batch: 0 };
+            }
+            if let Some(bar) = &bar {
+                bar.set_position(trainer.step);
+                bar.set_message(format!("loss {:.3}  {:.1} cells/s", out.loss, window.cells_per_s()));
+            }
+            let step = trainer.step;
+            if step % cfg.train.log_every == 0 || step == total_steps {
+                let row = window.row(step, state.position.epoch, peak, started.elapsed().as_secs_f64());
+                for (tag, v) in [
+                    ("train/loss", row.loss),
+                    ("train/lr", row.lr),
+                    ("train/grad_norm", row.grad_norm),
+                    ("train/cells_per_s", row.cells_per_s),
+                    ("train/tokens_per_s", row.tokens_per_s),
+                    ("train/mfu", row.mfu),
+                    ("train/data_wait_frac", row.data_wait_frac),
+                ] {
+                    events.scalar(tag, step, v.unwrap_or(f64::NAN))?;
+                }
+                csv.write(&row)?;
+                events.flush()?;
+                window = Window::new();
+            }
+            let final_step = step == total_steps;
+            let do_val = final_step || if cfg.train.val_every > 0 { step % cfg.train.val_every == 0 } else { epoch_done };
+            let mut is_best = false;
+            if do_val {
+                let v = validate(&trainer)?;
+                is_best = state.best_val_loss.is_none_or(|b| v.loss < b);
+                if is_best {
+                    state.best_val_loss = Some(v.loss);
+                }
+                log_validation(&mut events, &mut csv, step, state.position.epoch, &v, started.elapsed().as_secs_f64())?;
+                let msg = format!(
+                    "step {step} epoch {}: val loss {:.4}, perplexity {:.3} (per-gene baseline {:.3}, global {:.3}), masked accuracy {:.3}",
+                    state.position.epoch, v.loss, v.perplexity, v.baseline_perplexity, v.global_baseline_perplexity, v.masked_acc
+                );
+                match &bar {
+                    Some(bar) => bar.suspend(|| info!("{msg}")),
+                    None => info!("{msg}"),
+                }
+                last_val = Some(v);
+            }
+            let do_ckpt = final_step || if cfg.train.checkpoint_every > 0 { step % cfg.train.checkpoint_every == 0 } else { do_val };
+            if do_ckpt {
+                checkpoints.save(&state, is_best, cfg.train.keep_last, |dir| {
+                    trainer.vs.save(dir.join(MODEL_FILE))?;
+                    trainer.opt.save(&dir.join(OPTIMIZER_FILE))
+                })?;
+            }
+            if epoch_done {
+                break;
+            }
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    events.flush()?;
+    let demo = quick_demo(&trainer, &data, rank)?;
+    dataloader::write_atomic(&run.path.join("demo.tsv"), demo.as_bytes())?;
+    info!("quick demo (one validation cell, masked genes; also in demo.tsv):\n{demo}");
+    Ok(RunSummary { steps: trainer.step, val: last_val, run_dir: run.path.clone() })
+}
+
+/// Refuses to resume a checkpoint whose model shape differs from the config.
+fn check_resume_compatible(cfg: &TrainConfig, ckpt: &std::path::Path, state: &TrainState) -> Result<()> {
+    if state.model != cfg.model {
+        let old = toml::to_string(&state.model).unwrap_or_default();
+        return Err(TrainError::input(
+            ckpt,
+            format!("was trained with a different model shape; the [model] section must be unchanged to resume. Checkpoint's:\n{old}"),
+        ));
+    }
+    Ok(())
+}
+
+/// At most `max` cells, a deterministic sample.
+fn sample_cells(cells: &[u32], max: usize, seed: u64) -> Vec<u32> {
+    if cells.len() <= max {
+        return cells.to_vec();
+    }
+    let mut s = cells.to_vec();
+    s.sort_by_key(|&c| hash_keys(&[seed, 42, c as u64]));
+    s.truncate(max);
+    s.sort_unstable();
+    s
+}
+
+fn log_validation(events: &mut EventWriter, csv: &mut MetricsCsv, step: u64, epoch: u64, v: &ValMetrics, elapsed: f64) -> Result<()> {
+    for (tag, x) in [
+        ("val/loss", v.loss),
+        ("val/perplexity", v.perplexity),
+        ("val/masked_acc", v.masked_acc),
+        ("val/baseline_perplexity", v.baseline_perplexity),
+        ("val/global_baseline_perplexity", v.global_baseline_perplexity),
+    ] {
+        events.scalar(tag, step, x)?;
+    }
+    events.flush()?;
+    csv.write(&Row {
+        step,
+        epoch,
+        split: "val",
+        loss: Some(v.loss),
+        perplexity: Some(v.perplexity),
+        masked_acc: Some(v.masked_acc),
+        baseline_perplexity: Some(v.baseline_perplexity),
+        global_baseline_perplexity: Some(v.global_baseline_perplexity),
+        elapsed_s: Some(elapsed),
+        ..Row::default()
+    })
+}
+
+fn progress_bar(enabled: bool, total: u64, at: u64) -> Option<indicatif::ProgressBar> {
+    if !enabled {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})") {
+        bar.set_style(style);
+    }
+    bar.set_position(at);
+    Some(bar)
+}
+
+/// Training statistics since the last log row.
+struct Window {
+    started: Instant,
+    steps: u64,
+    loss_sum: f64,
+    n_masked: f64,
+    grad_norm: f64,
+    lr: f64,
+    cells: usize,
+    tokens: usize,
+    flops: f64,
+    data_wait: f64,
+    compute: f64,
+    optimizer: f64,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window { started: Instant::now(), steps: 0, loss_sum: 0.0, n_masked: 0.0, grad_norm: 0.0, lr: 0.0, cells: 0, tokens: 0, flops: 0.0, data_wait: 0.0, compute: 0.0, optimizer: 0.0 }
+    }
+
+    fn add_step(&mut self, out: &StepOutcome, totals: StepTotals, fwd_bwd: f64, optimizer: f64) {
+        self.steps += 1;
+        self.loss_sum += totals.loss_sum;
+        self.n_masked += totals.n_masked;
+        self.grad_norm = out.grad_norm;
+        self.lr = out.lr;
+        self.compute += fwd_bwd;
+        self.optimizer += optimizer;
+    }
+
+    fn cells_per_s(&self) -> f64 {
+        self.cells as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    fn row(&self, step: u64, epoch: u64, peak: f64, elapsed: f64) -> Row {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        Row {
+            step,
+            epoch,
+            split: "train",
+            loss: Some(self.loss_sum / self.n_masked.max(1.0)),
+            lr: Some(self.lr),
+            grad_norm: Some(self.grad_norm),
+            cells_per_s: Some(self.cells as f64 / secs),
+            tokens_per_s: Some(self.tokens as f64 / secs),
+            mfu: Some(self.flops / secs / peak),
+            data_wait_frac: Some(self.data_wait / secs),
+            elapsed_s: Some(elapsed),
+            ..Row::default()
+        }
+    }
+}
+
+/// The original's demo: for one validation cell, each masked gene's true bin and the model's
+/// three most likely bins, as TSV.
+fn quick_demo(trainer: &Trainer, data: &RunData, rank: Rank) -> Result<String> {
+    let mut out = String::from("gene\ttrue_bin\ttop1\tp1\ttop2\tp2\ttop3\tp3\n");
+    let Some(batch) = data.val_stream(rank).next() else { return Ok(out) };
+    let batch = batch?;
+    let l = batch.seq_len;
+    let cell: Vec<(usize, i64)> = (0..l).filter(|&p| batch.target_bins[p] != IGNORE).map(|p| (p, batch.target_bins[p])).collect();
+    let b = DeviceBatch::new(&batch, trainer.device)?;
+    let probs = tch::no_grad(|| -> Result<Tensor> {
+        let states = trainer.model.forward(&b.genes, &b.bins, b.padding.as_ref(), false)?;
+        let pos = Tensor::f_from_slice(&cell.iter().map(|&(p, _)| p as i64).collect::<Vec<_>>())?.f_to_device(trainer.device)?;
+        let d = trainer.cfg.model.d_model as i64;
+        let logits = trainer.model.head(&states.f_reshape([-1, d])?.f_index_select(0, &pos)?)?;
+        Ok(logits.f_to_kind(Kind::Float)?.f_softmax(-1, Kind::Float)?.f_to_device(Device::Cpu)?)
+    })?;
+    let (top_p, top_i) = probs.f_topk(3.min(data.tokenizer.vocab.n_bins as i64), -1, true, true)?;
+    for (row, &(p, truth)) in cell.iter().enumerate() {
+        let gene = &data.tokenizer.genes[batch.gene_ids[p] as usize];
+        out.push_str(&format!("{gene}\t{truth}"));
+        for k in 0..top_i.size()[1] {
+            out.push_str(&format!("\t{}\t{:.3}", top_i.f_int64_value(&[row as i64, k])?, top_p.f_double_value(&[row as i64, k])?));
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
