@@ -285,6 +285,8 @@ pub struct RunOptions {
     pub device: DeviceChoice,
     /// Draw a progress bar (on a terminal).
     pub progress: bool,
+    /// Checkpoint and stop after this step (to split a run across job time limits).
+    pub stop_at_step: Option<u64>,
 }
 
 /// Trains according to `cfg` in `run`, resuming if `run.resume_from` is set.
@@ -461,6 +463,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
                 events.flush()?;
                 window = Window::new();
             }
+            let stop_here = opts.stop_at_step == Some(step);
             let final_step = step == total_steps;
             let do_val = final_step || if cfg.train.val_every > 0 { step % cfg.train.val_every == 0 } else { epoch_done };
             let mut is_best = false;
@@ -481,12 +484,16 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
                 }
                 last_val = Some(v);
             }
-            let do_ckpt = final_step || if cfg.train.checkpoint_every > 0 { step % cfg.train.checkpoint_every == 0 } else { do_val };
+            let do_ckpt = final_step || stop_here || if cfg.train.checkpoint_every > 0 { step % cfg.train.checkpoint_every == 0 } else { do_val };
             if do_ckpt {
                 checkpoints.save(&state, is_best, cfg.train.keep_last, |dir| {
                     trainer.vs.save(dir.join(MODEL_FILE))?;
                     trainer.opt.save(&dir.join(OPTIMIZER_FILE))
                 })?;
+            }
+            if stop_here {
+                info!("stopping at step {step} as asked (--stop-at-step); continue with --resume auto");
+                return Ok(RunSummary { steps: step, val: last_val, run_dir: run.path.clone() });
             }
             if epoch_done {
                 break;

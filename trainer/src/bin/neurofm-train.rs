@@ -36,6 +36,9 @@ struct Args {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
+    /// Checkpoint and exit after this optimizer step (continue later with --resume auto).
+    #[arg(long)]
+    stop_at_step: Option<u64>,
     /// No progress bar (it is drawn only on a terminal anyway).
     #[arg(long)]
     no_progress: bool,
@@ -64,7 +67,7 @@ fn train(args: Args) -> Result<(), TrainError> {
     let run_dir = RunDir::prepare(&run_path, &args.resume.clone().unwrap_or(Resume::No), args.force)?;
     init_logging(&run_dir.path)?;
     tracing::info!("neurofm-train {} → {}", env!("CARGO_PKG_VERSION"), run_dir.path.display());
-    let summary = run(cfg, &run_dir, &RunOptions { device: args.device, progress: !args.no_progress })?;
+    let summary = run(cfg, &run_dir, &RunOptions { device: args.device, progress: !args.no_progress, stop_at_step: args.stop_at_step })?;
     if let Some(v) = summary.val {
         tracing::info!(
             "done: {} steps; validation perplexity {:.3} vs per-gene baseline {:.3}, masked accuracy {:.3}",

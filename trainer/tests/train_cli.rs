@@ -1,0 +1,218 @@
+//! `neurofm-train` end to end on generated data: exact resume, bad input, faults, events.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use dataloader::convert::{convert, ConvertOptions};
+use dataloader::synth::{self, SynthOptions};
+
+/// A tiny model that still exercises dropout, clipping, warmup and accumulation.
+const TINY: &str = r#"
+seed = 5
+[data]
+workers = 2
+[tokenizer]
+n_bins = 8
+[model]
+d_model = 16
+n_heads = 2
+n_layers = 2
+d_ff = 32
+dropout = 0.1
+[optim]
+lr = 3e-3
+warmup_steps = 2
+[train]
+batch_size = 16
+grad_accum = 2
+max_steps = 8
+log_every = 1
+val_every = 4
+keep_last = 2
+threads = 1
+"#;
+
+/// Generated stores, shared by the tests of this file (built once).
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    store: PathBuf,
+    /// Same cells, fewer genes: a different gene panel.
+    narrow_store: PathBuf,
+    config: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        std::env::set_var("HDF5_USE_FILE_LOCKING", "FALSE");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let make = |name: &str, genes: usize| {
+            let src = root.join(format!("{name}.h5ad"));
+            synth::write(&SynthOptions::new(src.clone(), 400, genes, 3, 11)).expect("synth");
+            let out = root.join(format!("{name}.zarr"));
+            convert(&src, &out, &ConvertOptions::default()).expect("convert");
+            out
+        };
+        let store = make("cells", 60);
+        let narrow_store = make("narrow", 50);
+        let config = root.join("tiny.toml");
+        std::fs::write(&config, TINY).expect("config");
+        Fixture { _dir: dir, root, store, narrow_store, config }
+    })
+}
+
+fn train(run: &Path, extra: &[&str]) -> Output {
+    let f = fixture();
+    let mut args: Vec<String> = vec!["--config".into(), f.config.display().to_string(), "--run-dir".into(), run.display().to_string()];
+    // Defaults unless the test passes its own.
+    for (flag, value) in [("--data", f.store.display().to_string()), ("--device", "cpu".to_string())] {
+        if !extra.contains(&flag) {
+            args.extend([flag.to_string(), value]);
+        }
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Command::new(env!("CARGO_BIN_EXE_neurofm-train")).args(&args).output().expect("run neurofm-train")
+}
+
+fn ok(out: &Output) {
+    assert!(out.status.success(), "neurofm-train failed ({:?}):\n{}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+}
+
+fn fails_with(out: &Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert!(err.contains(needle), "expected `{needle}` in:\n{err}");
+}
+
+/// (step, split, loss) of every metrics row.
+fn losses(run: &Path) -> Vec<(String, String, String)> {
+    let text = std::fs::read_to_string(run.join("metrics.csv")).expect("metrics.csv");
+    text.lines().skip(1).map(|l| {
+        let c: Vec<&str> = l.split(',').collect();
+        (c[0].to_string(), c[2].to_string(), c[3].to_string())
+    }).collect()
+}
+
+fn weights(ckpt: &Path) -> Vec<(String, tch::Tensor)> {
+    let mut w = tch::Tensor::read_safetensors(ckpt.join("model.safetensors")).expect("weights");
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+#[test]
+fn stopping_and_resuming_reproduces_an_uninterrupted_run() {
+    let root = &fixture().root;
+    let straight = root.join("straight");
+    ok(&train(&straight, &[]));
+    let split = root.join("split");
+    ok(&train(&split, &["--stop-at-step", "4"]));
+    assert_eq!(losses(&split).len(), 5, "4 train rows and 1 validation row before stopping");
+    ok(&train(&split, &["--resume", "auto"]));
+
+    let (a, b) = (losses(&straight), losses(&split));
+    assert_eq!(a.len(), 10);
+    assert_eq!(a, b, "loss curves differ");
+    let (wa, wb) = (weights(&straight.join("checkpoints/last")), weights(&split.join("checkpoints/last")));
+    assert_eq!(wa.len(), wb.len());
+    for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "final weights differ in {na}");
+    }
+    // Training changed the weights, and the loss went down.
+    let first: f64 = a[0].2.parse().unwrap();
+    let last: f64 = a.iter().filter(|r| r.1 == "train").last().unwrap().2.parse().unwrap();
+    assert!(last < first, "loss did not decrease: {first} → {last}");
+    // Kept: the last 2 step checkpoints and best; the resolved config says what ran.
+    let cfg = std::fs::read_to_string(straight.join("config.toml")).unwrap();
+    assert!(cfg.contains("grad_accum = 2") && cfg.contains("attention_dropout = 0.0"), "{cfg}");
+    assert!(std::fs::read_to_string(straight.join("demo.tsv")).unwrap().lines().count() > 1);
+}
+
+#[test]
+fn an_existing_run_needs_resume_or_force() {
+    let run = fixture().root.join("exists");
+    ok(&train(&run, &["--set", "train.max_steps=2"]));
+    fails_with(&train(&run, &["--set", "train.max_steps=2"]), 2, "--resume auto");
+    ok(&train(&run, &["--set", "train.max_steps=2", "--force"]));
+}
+
+#[test]
+fn resuming_with_another_model_tokenizer_or_gene_panel_is_refused() {
+    let f = fixture();
+    let run = f.root.join("mismatch");
+    ok(&train(&run, &["--set", "train.max_steps=2"]));
+    fails_with(&train(&run, &["--resume", "auto", "--set", "model.d_model=32"]), 2, "different model shape");
+    fails_with(&train(&run, &["--resume", "auto", "--set", "tokenizer.n_bins=10"]), 2, "tokenizer.n_bins");
+    let narrow = f.narrow_store.display().to_string();
+    fails_with(&train(&run, &["--resume", "auto", "--data", &narrow]), 2, "gene panel differs");
+    let ckpt = run.join("checkpoints/last");
+    assert!(ckpt.join("model.safetensors").exists(), "refusals must not touch the run");
+}
+
+#[test]
+fn bad_configs_and_stores_exit_2_naming_the_problem() {
+    let f = fixture();
+    let run = |name: &str| f.root.join(name);
+    fails_with(&train(&run("k"), &["--set", "model.widht=3"]), 2, "widht");
+    fails_with(&train(&run("h"), &["--set", "model.n_heads=3"]), 2, "model.n_heads");
+    fails_with(&train(&run("t"), &["--set", "optim.lr=\"fast\""]), 2, "lr");
+    if !tch::Cuda::is_available() {
+        fails_with(&train(&run("d"), &["--device", "cuda:0"]), 2, "--device cpu");
+    }
+    // A store whose conversion did not finish.
+    let partial = f.root.join("partial.zarr");
+    let _ = std::fs::remove_dir_all(&partial);
+    copy_dir(&f.store, &partial);
+    std::fs::remove_dir_all(partial.join("uns/neurofm")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_neurofm-train"))
+        .args(["--config", &f.config.display().to_string(), "--data", &partial.display().to_string(), "--run-dir", &run("p").display().to_string()])
+        .output()
+        .unwrap();
+    fails_with(&out, 2, "incomplete");
+}
+
+#[test]
+fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
+    let run = fixture().root.join("nan");
+    ok(&train(&run, &["--set", "train.max_steps=4", "--set", "train.val_every=2"]));
+    let before = weights(&run.join("checkpoints/last"));
+    // Continue with an absurd learning rate: weights blow up and the loss turns non-finite.
+    let out = train(&run, &["--resume", "auto", "--set", "train.max_steps=12", "--set", "optim.lr=1e30", "--set", "optim.warmup_steps=0", "--set", "optim.clip_norm=0"]);
+    fails_with(&out, 3, "at step");
+    fails_with(&out, 3, "step-0000004");
+    let after = weights(&run.join("checkpoints/last"));
+    for ((n, a), (_, b)) in before.iter().zip(&after) {
+        assert!(a.equal(b), "{n} changed in the last good checkpoint");
+    }
+}
+
+/// TensorBoard reads our event files (checked with Python's `tensorboard` when available).
+#[test]
+fn tensorboard_reads_the_event_file() {
+    let run = fixture().root.join("events");
+    ok(&train(&run, &["--set", "train.max_steps=4"]));
+    let Some(python) = std::env::var_os("NEUROFM_PYTHON") else {
+        assert!(std::env::var_os("CI").is_none(), "NEUROFM_PYTHON must be set in CI");
+        eprintln!("note: NEUROFM_PYTHON not set; skipping the TensorBoard check");
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop/check_events.py");
+    let out = Command::new(python).arg(script).arg(&run).output().expect("python");
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
