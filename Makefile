@@ -5,6 +5,8 @@ SHELL := /bin/bash
 CACHE       ?= $(HOME)/.cache/neurofm
 PYENV       := $(CACHE)/pyenv
 PY          := $(PYENV)/bin/python
+# libtorch 2.11.0 for tch, from the PyPI torch wheel (CUDA 13 build; runs on CPU too).
+TORCH_VENV  := $(CACHE)/torch-2.11.0
 JOBS        ?= 2
 SHARED_DATA ?= $(abspath ../shared/data)
 APT_PACKAGES := libhdf5-dev libopenmpi-dev openmpi-bin libclang-dev clang pkg-config
@@ -13,10 +15,10 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export NEUROFM_SHARED_DATA := $(SHARED_DATA)
 export NEUROFM_PYTHON := $(PY)
 
-.PHONY: setup system-packages pyenv build test test-rust test-interop bench clean
+.PHONY: setup system-packages pyenv libtorch build test test-rust test-interop bench bench-train clean
 
-## setup: system packages (apt) and the Python venv for interop tests, kept outside the clone
-setup: system-packages pyenv
+## setup: system packages (apt), libtorch and the Python venv for interop tests, kept outside the clone
+setup: system-packages pyenv libtorch
 
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -31,6 +33,16 @@ $(PYENV)/.installed: tests/interop/requirements.txt
 	python3 -m venv $(PYENV)
 	$(PYENV)/bin/pip install -q --disable-pip-version-check -r tests/interop/requirements.txt
 	cp tests/interop/requirements.txt $@
+
+# `.libtorch` (git-ignored) points at the wheel's torch/ directory; .cargo/config.toml sets
+# LIBTORCH to it, so plain `cargo build` works after `make setup`.
+libtorch: $(TORCH_VENV)/.installed
+	@ln -sfn "$$($(TORCH_VENV)/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')" .libtorch
+
+$(TORCH_VENV)/.installed:
+	python3 -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install -q --disable-pip-version-check torch==2.11.0
+	touch $@
 
 ## build: release binaries in target/release
 build: setup
@@ -50,6 +62,10 @@ test-interop:
 bench: build
 	$(PY) benches/convert_vs_anndata.py --bin target/release/neurofm-data --gb $${BENCH_GB:-2}
 	RAYON_NUM_THREADS=1 cargo run --release -j$(JOBS) -p neurofm-dataloader --example reader_bench
+
+## bench-train: training throughput (cells/s, tokens/s, step split, MFU) of BENCH_CONFIG on WHB
+bench-train: build
+	benches/train_throughput.sh $${BENCH_CONFIG:-configs/seed-hello.toml} $${BENCH_STEPS:-6}
 
 clean:
 	cargo clean

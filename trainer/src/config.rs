@@ -143,8 +143,9 @@ impl Default for OptimConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Precision {
-    /// bf16 autocast on CUDA, fp32 on CPU.
+    /// bf16 mixed precision on CUDA, fp32 on CPU.
     Auto,
+    /// bf16 matmuls and attention with fp32 weights, norms and loss (also on CPUs with bf16 units).
     Bf16,
     Fp32,
 }

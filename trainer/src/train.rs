@@ -292,9 +292,6 @@ pub struct RunOptions {
 /// Trains according to `cfg` in `run`, resuming if `run.resume_from` is set.
 pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSummary> {
     let device = opts.device.resolve()?;
-    if cfg.train.precision == Precision::Bf16 && device == Device::Cpu {
-        return Err(TrainError::Config("train.precision = \"bf16\" needs a GPU here; use \"auto\" or \"fp32\" on CPU".into()));
-    }
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads as i32);
     }
@@ -402,7 +399,9 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
 
     let bar = progress_bar(opts.progress, total_steps, state.step);
     let started = Instant::now();
-    let mut window = Window::new();
+    let mut window = Window::default();
+    let mut overall = Window::default();
+    let first_step = state.step;
     let mut last_val = None;
     let accum = cfg.train.grad_accum;
     let batches_per_epoch = data.batches_per_epoch();
@@ -413,29 +412,36 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
         let mut stream = data.train_stream(state.position);
         while trainer.step < total_steps && state.position.batch + accum <= batches_per_epoch {
             trainer.begin_step()?;
-            let step_start = Instant::now();
+            let mut stats = StepStats::default();
             let mut totals = StepTotals::default();
+            let compute_start = Instant::now();
             for _ in 0..accum {
                 let wait = Instant::now();
                 let (pos, batch) = stream.next().ok_or_else(|| TrainError::Internal("the epoch ended before its planned batches".into()))??;
-                window.data_wait += wait.elapsed().as_secs_f64();
+                stats.data_wait += wait.elapsed().as_secs_f64();
                 let b = DeviceBatch::new(&batch, device)?;
                 let t = trainer.accumulate(&b)?;
                 totals.loss_sum += t.loss_sum;
                 totals.n_masked += t.n_masked;
                 totals.n_correct += t.n_correct;
-                window.cells += b.n_cells;
-                window.tokens += b.tokens();
-                window.flops += trainer.model.train_flops(&b.seq_lens, t.n_masked as usize);
+                stats.cells += b.n_cells;
+                stats.tokens += b.tokens();
+                stats.flops += trainer.model.train_flops(&b.seq_lens, t.n_masked as usize);
                 state.position = pos;
             }
-            let fwd_bwd = step_start.elapsed().as_secs_f64();
+            stats.compute = compute_start.elapsed().as_secs_f64() - stats.data_wait;
+            let opt_start = Instant::now();
             let last_good = || match checkpoints.newest() {
                 Some(p) => format!("The last good checkpoint is {}", p.display()),
                 None => "No checkpoint was written yet".into(),
             };
             let out = trainer.apply(totals, last_good)?;
-            window.add_step(&out, totals, fwd_bwd, step_start.elapsed().as_secs_f64() - fwd_bwd);
+            stats.optimizer = opt_start.elapsed().as_secs_f64();
+            (stats.loss_sum, stats.n_masked, stats.grad_norm, stats.lr) = (totals.loss_sum, totals.n_masked, out.grad_norm, out.lr);
+            window.add(&stats);
+            if trainer.step > first_step + 1 {
+                overall.add(&stats); // the first step warms up allocators and kernels
+            }
             state.step = trainer.step;
             let epoch_done = state.position.batch + accum > batches_per_epoch;
             if epoch_done {
@@ -443,7 +449,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
             }
             if let Some(bar) = &bar {
                 bar.set_position(trainer.step);
-                bar.set_message(format!("loss {:.3}  {:.1} cells/s", out.loss, window.cells_per_s()));
+                bar.set_message(format!("loss {:.3}  {:.1} cells/s", out.loss, window.sum.cells as f64 / window.seconds()));
             }
             let step = trainer.step;
             if step % cfg.train.log_every == 0 || step == total_steps {
@@ -461,7 +467,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
                 }
                 csv.write(&row)?;
                 events.flush()?;
-                window = Window::new();
+                window = Window::default();
             }
             let stop_here = opts.stop_at_step == Some(step);
             let final_step = step == total_steps;
@@ -502,6 +508,12 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
+    }
+    if overall.steps > 0 {
+        let summary = overall.summary(peak, &peak_source);
+        info!("throughput: {summary}");
+        let json = serde_json::to_vec_pretty(&summary).map_err(|e| TrainError::Internal(e.to_string()))?;
+        dataloader::write_atomic(&run.path.join("throughput.json"), &json)?;
     }
     events.flush()?;
     let demo = quick_demo(&trainer, &data, rank)?;
@@ -571,58 +583,93 @@ fn progress_bar(enabled: bool, total: u64, at: u64) -> Option<indicatif::Progres
     Some(bar)
 }
 
-/// Training statistics since the last log row.
-struct Window {
-    started: Instant,
-    steps: u64,
-    loss_sum: f64,
-    n_masked: f64,
-    grad_norm: f64,
-    lr: f64,
+/// Timings and sizes of one optimizer step.
+#[derive(Debug, Clone, Copy, Default)]
+struct StepStats {
     cells: usize,
     tokens: usize,
     flops: f64,
     data_wait: f64,
     compute: f64,
     optimizer: f64,
+    loss_sum: f64,
+    n_masked: f64,
+    grad_norm: f64,
+    lr: f64,
+}
+
+/// Steps since the last log row (or over the whole run). Rates use step time only, so
+/// validation and checkpoints do not count against throughput.
+#[derive(Debug, Clone, Copy, Default)]
+struct Window {
+    steps: u64,
+    sum: StepStats,
 }
 
 impl Window {
-    fn new() -> Window {
-        Window { started: Instant::now(), steps: 0, loss_sum: 0.0, n_masked: 0.0, grad_norm: 0.0, lr: 0.0, cells: 0, tokens: 0, flops: 0.0, data_wait: 0.0, compute: 0.0, optimizer: 0.0 }
-    }
-
-    fn add_step(&mut self, out: &StepOutcome, totals: StepTotals, fwd_bwd: f64, optimizer: f64) {
+    fn add(&mut self, s: &StepStats) {
+        let t = &mut self.sum;
         self.steps += 1;
-        self.loss_sum += totals.loss_sum;
-        self.n_masked += totals.n_masked;
-        self.grad_norm = out.grad_norm;
-        self.lr = out.lr;
-        self.compute += fwd_bwd;
-        self.optimizer += optimizer;
+        t.cells += s.cells;
+        t.tokens += s.tokens;
+        t.flops += s.flops;
+        t.data_wait += s.data_wait;
+        t.compute += s.compute;
+        t.optimizer += s.optimizer;
+        t.loss_sum += s.loss_sum;
+        t.n_masked += s.n_masked;
+        (t.grad_norm, t.lr) = (s.grad_norm, s.lr);
     }
 
-    fn cells_per_s(&self) -> f64 {
-        self.cells as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
+    fn seconds(&self) -> f64 {
+        (self.sum.data_wait + self.sum.compute + self.sum.optimizer).max(1e-9)
     }
 
     fn row(&self, step: u64, epoch: u64, peak: f64, elapsed: f64) -> Row {
-        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        let (t, secs) = (&self.sum, self.seconds());
         Row {
             step,
             epoch,
             split: "train",
-            loss: Some(self.loss_sum / self.n_masked.max(1.0)),
-            lr: Some(self.lr),
-            grad_norm: Some(self.grad_norm),
-            cells_per_s: Some(self.cells as f64 / secs),
-            tokens_per_s: Some(self.tokens as f64 / secs),
-            mfu: Some(self.flops / secs / peak),
-            data_wait_frac: Some(self.data_wait / secs),
+            loss: Some(t.loss_sum / t.n_masked.max(1.0)),
+            lr: Some(t.lr),
+            grad_norm: Some(t.grad_norm),
+            cells_per_s: Some(t.cells as f64 / secs),
+            tokens_per_s: Some(t.tokens as f64 / secs),
+            mfu: Some(t.flops / secs / peak),
+            data_wait_frac: Some(t.data_wait / secs),
             elapsed_s: Some(elapsed),
             ..Row::default()
         }
     }
+
+    /// Throughput summary written to `throughput.json` (what `make bench-train` prints).
+    fn summary(&self, peak: f64, peak_source: &str) -> serde_json::Value {
+        let (t, secs) = (&self.sum, self.seconds());
+        let per_step_ms = |x: f64| 1e3 * x / self.steps.max(1) as f64;
+        serde_json::json!({
+            "steps_timed": self.steps,
+            "cells_per_s": t.cells as f64 / secs,
+            "tokens_per_s": t.tokens as f64 / secs,
+            "step_ms": {
+                "data_wait": per_step_ms(t.data_wait),
+                "forward_backward": per_step_ms(t.compute),
+                "optimizer": per_step_ms(t.optimizer),
+            },
+            "tflops_achieved": t.flops / secs / 1e12,
+            "mfu": t.flops / secs / peak,
+            "peak_tflops": peak / 1e12,
+            "peak_source": peak_source,
+            "max_rss_mb": max_rss_mb(),
+        })
+    }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MB.
+fn max_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 /// The original's demo: for one validation cell, each masked gene's true bin and the model's
