@@ -3,13 +3,13 @@
 //! Sequence per cell: `[CLS]` then genes, either the whole panel in gene order or the non-zero
 //! genes plus sampled zero genes up to `max_len` (shorter sequences on sparse data).
 //! Masking replaces `ratio` of the gene positions by `[MASK]`, `nonzero_fraction` of them
-//! drawn among non-zero genes (the original study's "half on expressed genes"). Everything
-//! random is keyed by (seed, epoch, cell), so any batch can be rebuilt on any rank.
+//! drawn among non-zero genes and the rest among zero genes (the original study's "half on
+//! expressed genes"). Everything random is keyed by (seed, epoch, cell), so any batch can be
+//! rebuilt on any rank.
 
 use std::sync::Arc;
 
 use rand::seq::index::sample;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
@@ -184,7 +184,10 @@ impl Batcher {
     }
 }
 
-/// Positions (into the gene positions, `[CLS]` excluded) to mask for one cell.
+/// Positions (into the gene positions, `[CLS]` excluded) to mask for one cell:
+/// `nonzero_fraction` of them among expressed genes and the rest among unexpressed ones, as the
+/// original study did (so always guessing bin 0 scores `1 - nonzero_fraction`). When a cell
+/// lacks genes of one kind, the shortfall is drawn from the other.
 pub fn mask_positions(bins: &[i64], m: MaskConfig, cell: u32, epoch: u64) -> Vec<usize> {
     let n = bins.len();
     let n_mask = ((m.ratio * n as f64).round() as usize).min(n);
@@ -192,24 +195,22 @@ pub fn mask_positions(bins: &[i64], m: MaskConfig, cell: u32, epoch: u64) -> Vec
         return Vec::new();
     }
     let mut rng = rng_for(&[m.seed, 31, epoch, cell as u64]);
-    let nonzero: Vec<usize> = (0..n).filter(|&p| bins[p] > 0).collect();
-    let n_nz = ((m.nonzero_fraction * n_mask as f64).round() as usize).min(nonzero.len());
-    let mut chosen = vec![false; n];
-    let mut out = Vec::with_capacity(n_mask);
-    for k in sample(&mut rng, nonzero.len(), n_nz) {
-        chosen[nonzero[k]] = true;
-        out.push(nonzero[k]);
-    }
-    // The rest uniformly among positions not yet chosen (rejection: cheap at masking ratios).
-    while out.len() < n_mask {
-        let p = rng.random_range(0..n);
-        if !chosen[p] {
-            chosen[p] = true;
-            out.push(p);
-        }
-    }
+    let (nonzero, zero): (Vec<usize>, Vec<usize>) = (0..n).partition(|&p| bins[p] > 0);
+    let (n_nz, n_zero) = mask_counts(nonzero.len(), zero.len(), m);
+    let mut out: Vec<usize> = sample(&mut rng, nonzero.len(), n_nz).into_iter().map(|k| nonzero[k]).collect();
+    out.extend(sample(&mut rng, zero.len(), n_zero).into_iter().map(|k| zero[k]));
     out.sort_unstable();
     out
+}
+
+/// How many expressed and unexpressed positions `mask_positions` masks in a sequence with
+/// `nonzero` expressed and `zero` unexpressed gene positions.
+pub fn mask_counts(nonzero: usize, zero: usize, m: MaskConfig) -> (usize, usize) {
+    let n = nonzero + zero;
+    let n_mask = ((m.ratio * n as f64).round() as usize).min(n);
+    let want_nz = (m.nonzero_fraction * n_mask as f64).round() as usize;
+    let n_nz = want_nz.min(nonzero).max(n_mask.saturating_sub(zero));
+    (n_nz, n_mask - n_nz)
 }
 
 /// A `BatchFn` that tokenizes and masks in the reader's worker threads.
@@ -259,7 +260,11 @@ mod tests {
         let b = batcher(n, SequenceMode::FullPanel, Some(M)).build(&cells(&dense, n), 1);
         assert_eq!(b.n_masked(), 10, "round(0.25 × 40)");
         let masked_nonzero = (1..=n).filter(|&p| b.target_bins[p] > 0).count();
-        assert_eq!(masked_nonzero, 5, "half of the masked positions on expressed genes");
+        assert_eq!(masked_nonzero, 5, "half of the masked positions on expressed genes, half on the others");
+        // A cell with only 3 expressed genes: the shortfall comes from unexpressed ones.
+        let few: Vec<i64> = (0..40).map(|g| i64::from(g < 3)).collect();
+        let pos = mask_positions(&few, M, 0, 0);
+        assert_eq!((pos.len(), pos.iter().filter(|&&p| few[p] > 0).count()), (10, 3));
         for p in 0..=n {
             if b.target_bins[p] != IGNORE {
                 assert_eq!(b.input_bins[p], 5, "masked input is [MASK]");

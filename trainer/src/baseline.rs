@@ -3,23 +3,27 @@
 //! The original study's perplexity after one epoch (8.45) was exactly that of predicting the
 //! global bin frequencies, and a per-gene table of bin frequencies already reached 6.85: a
 //! model is only learning expression context when it beats the per-gene table.
+//!
+//! Both tables hold the bins of *masked* positions, the distribution a context-free model
+//! trained on the same objective would learn (masking favours expressed genes, so it differs
+//! from a gene's marginal bin frequencies). They are exact expectations over the masking: each
+//! gene position of a training sequence counts with its probability of being masked.
 
-use dataloader::mask::{MaskedBatch, IGNORE};
+use dataloader::mask::{mask_counts, Batcher, MaskConfig, MaskedBatch, IGNORE, VALIDATION_EPOCH};
+use dataloader::shard::CellBatch;
 use dataloader::store::Store;
-use dataloader::tokenize::Tokenizer;
 
 use crate::error::Result;
 
 /// Add-½ smoothing: no bin seen in validation gets probability zero.
 const PSEUDOCOUNT: f64 = 0.5;
 
-/// Bin frequencies per gene and overall, counted on training cells.
+/// Expected bin counts at masked positions, per gene and overall, over training cells.
 pub struct BinFrequencies {
     n_bins: usize,
     /// `per_gene[g * n_bins + b]`.
-    per_gene: Vec<u64>,
-    global: Vec<u64>,
-    n_cells: u64,
+    per_gene: Vec<f64>,
+    global: Vec<f64>,
 }
 
 /// Negative log-likelihood sums of both predictors over masked positions.
@@ -45,48 +49,49 @@ impl BaselineScore {
 }
 
 impl BinFrequencies {
-    /// Counts bins of `cells` (use the training cells) with the run's tokenizer.
-    pub fn fit(store: &Store, tokenizer: &Tokenizer, cells: &[u32]) -> Result<BinFrequencies> {
-        let (n_genes, n_bins) = (tokenizer.genes.len(), tokenizer.vocab.n_bins);
-        let mut per_gene = vec![0u64; n_genes * n_bins];
-        let mut bins = Vec::new();
-        for chunk in cells.chunks(4096) {
+    /// Counts over `cells` (use training cells) with the run's sequences (`unmasked` builds them
+    /// without masks) and masking settings.
+    pub fn fit(store: &Store, unmasked: &Batcher, mask: MaskConfig, cells: &[u32]) -> Result<BinFrequencies> {
+        let (n_genes, n_bins) = (unmasked.tokenizer.genes.len(), unmasked.tokenizer.vocab.n_bins);
+        let mut per_gene = vec![0f64; n_genes * n_bins];
+        for chunk in cells.chunks(1024) {
             let rows: Vec<usize> = chunk.iter().map(|&c| c as usize).collect();
-            let block = store.read_cells(&rows)?;
-            for i in 0..block.n_rows() {
-                let (idx, val) = block.row(i);
-                tokenizer.bin_nonzero(idx, val, &mut bins);
-                for (&g, &b) in idx.iter().zip(&bins) {
-                    per_gene[g as usize * n_bins + b as usize] += 1;
+            let b = unmasked.build(&CellBatch { cells: chunk.to_vec(), counts: store.read_cells(&rows)? }, VALIDATION_EPOCH);
+            for i in 0..b.batch_size {
+                // Gene positions of this sequence: not [CLS] (position 0), not padding.
+                let row = i * b.seq_len + 1..(i + 1) * b.seq_len;
+                let genes: Vec<(usize, usize)> =
+                    row.filter(|&p| !b.padding[p]).map(|p| (b.gene_ids[p] as usize, b.input_bins[p] as usize)).collect();
+                let nonzero = genes.iter().filter(|g| g.1 > 0).count();
+                let zero = genes.len() - nonzero;
+                let (m_nz, m_zero) = mask_counts(nonzero, zero, mask);
+                let p_nz = if nonzero > 0 { m_nz as f64 / nonzero as f64 } else { 0.0 };
+                let p_zero = if zero > 0 { m_zero as f64 / zero as f64 } else { 0.0 };
+                for (g, bin) in genes {
+                    per_gene[g * n_bins + bin] += if bin > 0 { p_nz } else { p_zero };
                 }
             }
         }
-        // Bin 0 of a gene: the cells where it was not stored (or binned to zero).
-        let n_cells = cells.len() as u64;
-        for g in 0..n_genes {
-            let row = &mut per_gene[g * n_bins..(g + 1) * n_bins];
-            let nonzero: u64 = row[1..].iter().sum();
-            row[0] = n_cells - nonzero;
-        }
-        let mut global = vec![0u64; n_bins];
+        let mut global = vec![0f64; n_bins];
         for (i, c) in per_gene.iter().enumerate() {
             global[i % n_bins] += c;
         }
-        Ok(BinFrequencies { n_bins, per_gene, global, n_cells })
+        Ok(BinFrequencies { n_bins, per_gene, global })
     }
 
     /// Scores the masked positions of a batch (gene ids ≥ n_genes are special tokens, never masked).
     pub fn score(&self, batch: &MaskedBatch) -> BaselineScore {
         let nb = self.n_bins as f64;
-        let total_global: u64 = self.global.iter().sum();
+        let total_global: f64 = self.global.iter().sum();
         let mut s = BaselineScore::default();
         for (&g, &t) in batch.gene_ids.iter().zip(&batch.target_bins) {
             if t == IGNORE {
                 continue;
             }
             let (g, t) = (g as usize, t as usize);
-            let p_gene = (self.per_gene[g * self.n_bins + t] as f64 + PSEUDOCOUNT) / (self.n_cells as f64 + PSEUDOCOUNT * nb);
-            let p_global = (self.global[t] as f64 + PSEUDOCOUNT) / (total_global as f64 + PSEUDOCOUNT * nb);
+            let row = &self.per_gene[g * self.n_bins..(g + 1) * self.n_bins];
+            let p_gene = (row[t] + PSEUDOCOUNT) / (row.iter().sum::<f64>() + PSEUDOCOUNT * nb);
+            let p_global = (self.global[t] + PSEUDOCOUNT) / (total_global + PSEUDOCOUNT * nb);
             s.per_gene_nll -= p_gene.ln();
             s.global_nll -= p_global.ln();
             s.n_masked += 1;

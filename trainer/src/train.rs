@@ -210,6 +210,7 @@ pub struct RunData {
     pub val_cells: Vec<u32>,
     reader: ShardReader,
     batcher: Batcher,
+    mask: MaskConfig,
     workers: usize,
     prefetch: usize,
     batch_size: usize,
@@ -250,6 +251,7 @@ impl RunData {
             val_cells,
             reader,
             batcher,
+            mask,
             workers: cfg.data.workers,
             prefetch: cfg.data.prefetch,
             batch_size: cfg.train.batch_size,
@@ -383,7 +385,9 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
     let (peak, peak_source) = peak_flops(device, cfg.train.peak_tflops);
     info!("MFU against {:.1} TFLOP/s ({peak_source})", peak / 1e12);
 
-    let frequencies = BinFrequencies::fit(&data.store, &data.tokenizer, &sample_cells(&data.train_cells, cfg.tokenizer.max_fit_cells, cfg.seed))?;
+    let unmasked = Batcher::new(data.tokenizer.clone(), cfg.sequence, None)?;
+    let fit_cells = sample_cells(&data.train_cells, cfg.tokenizer.max_fit_cells, cfg.seed);
+    let frequencies = BinFrequencies::fit(&data.store, &unmasked, data.mask, &fit_cells)?;
     let mut baseline = BaselineScore::default();
     for b in data.val_stream(rank) {
         baseline.add(frequencies.score(&b?));
