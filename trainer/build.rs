@@ -6,6 +6,9 @@
 //! same binary runs against another PyTorch 2.11 installation.
 fn main() {
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
+        // The real directory, not the `.libtorch` link inside the clone: binaries keep working
+        // when the clone moves.
+        let lib = std::fs::canonicalize(&lib).map(|p| p.display().to_string()).unwrap_or(lib);
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch");
