@@ -168,20 +168,20 @@ impl Encoder {
         self.final_norm.forward(&x)
     }
 
-    /// Bin logits for selected token states `[n, d_model]`.
-    pub fn head(&self, states: &Tensor) -> Result<Tensor> {
-        self.head.forward(states, self.compute)
+    /// fp32 bin logits `[n, n_bins]` at flat positions (`batch × seq`) of token states; the
+    /// head runs on those rows only.
+    pub fn logits_at(&self, states: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let rows = states.f_reshape([-1, self.cfg.d_model as i64])?.f_index_select(0, positions)?;
+        Ok(self.head.forward(&rows, self.compute)?.f_to_kind(Kind::Float)?)
     }
 
-    /// Cross-entropy summed over masked positions. `masked` lists the flat positions
-    /// (`batch × seq`) whose `targets` are not `IGNORE`; the head runs on those rows only.
+    /// Cross-entropy summed over masked positions. `masked` lists the flat positions whose
+    /// `targets` are not `IGNORE`.
     pub fn masked_loss(&self, states: &Tensor, masked: &Tensor, targets: &Tensor) -> Result<MaskedLoss> {
-        let d = self.cfg.d_model as i64;
-        let n_masked = masked.size()[0] as usize;
-        let logits = self.head(&states.f_reshape([-1, d])?.f_index_select(0, masked)?)?.f_to_kind(Kind::Float)?;
+        let logits = self.logits_at(states, masked)?;
         let loss_sum = logits.f_cross_entropy_loss::<Tensor>(targets, None, Reduction::Sum, IGNORE, 0.0)?;
         let n_correct = tch::no_grad(|| logits.f_argmax(-1, false)?.f_eq_tensor(targets)?.f_sum(Kind::Int64))?.f_int64_value(&[])?;
-        Ok(MaskedLoss { loss_sum, n_masked, n_correct })
+        Ok(MaskedLoss { loss_sum, n_masked: masked.size()[0] as usize, n_correct })
     }
 
     /// One vector per cell from token states (`[CLS]` is position 0).

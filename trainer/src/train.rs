@@ -18,7 +18,6 @@ use dataloader::split::SplitSpec;
 use dataloader::store::Store;
 use dataloader::tokenize::Tokenizer;
 use dataloader::shard::Rank;
-use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 use tracing::info;
 
@@ -29,7 +28,7 @@ use crate::device::{classify_oom, peak_flops, DeviceChoice};
 use crate::error::{Result, TrainError};
 use crate::events::EventWriter;
 use crate::metrics::{MetricsCsv, Row};
-use crate::model::{self, Encoder, Vocabulary};
+use crate::model::{self, Encoder, MaskedLoss, Vocabulary};
 use crate::optim::{learning_rate, AdamW};
 use crate::run_dir::RunDir;
 
@@ -108,6 +107,18 @@ pub struct StepTotals {
     pub n_correct: f64,
 }
 
+impl StepTotals {
+    fn of(l: &MaskedLoss) -> Result<StepTotals> {
+        Ok(StepTotals { loss_sum: l.loss_sum.f_double_value(&[])?, n_masked: l.n_masked as f64, n_correct: l.n_correct as f64 })
+    }
+
+    pub fn add(&mut self, o: StepTotals) {
+        self.loss_sum += o.loss_sum;
+        self.n_masked += o.n_masked;
+        self.n_correct += o.n_correct;
+    }
+}
+
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy)]
 pub struct StepOutcome {
@@ -149,16 +160,18 @@ impl Trainer {
 
     /// Forward and backward of one micro-batch; gradients of the *summed* loss accumulate.
     pub fn accumulate(&mut self, b: &DeviceBatch) -> Result<StepTotals> {
-        let out = (|| -> Result<StepTotals, tch::TchError> {
-            let states = self.model.forward(&b.genes, &b.bins, b.padding.as_ref(), true).map_err(torch_err)?;
-            let l = self.model.masked_loss(&states, &b.masked, &b.targets).map_err(torch_err)?;
-            let loss_sum = l.loss_sum.f_double_value(&[])?;
+        let step = || -> Result<StepTotals> {
+            let states = self.model.forward(&b.genes, &b.bins, b.padding.as_ref(), true)?;
+            let l = self.model.masked_loss(&states, &b.masked, &b.targets)?;
             if l.n_masked > 0 {
                 l.loss_sum.f_backward()?;
             }
-            Ok(StepTotals { loss_sum, n_masked: l.n_masked as f64, n_correct: l.n_correct as f64 })
-        })();
-        out.map_err(|e| classify_oom(e, self.cfg.train.batch_size, self.cfg.train.grad_accum))
+            StepTotals::of(&l)
+        };
+        step().map_err(|e| match e {
+            TrainError::Torch(t) => classify_oom(t, self.cfg.train.batch_size, self.cfg.train.grad_accum),
+            other => other,
+        })
     }
 
     /// Averages gradients over `totals.n_masked` (global over micro-batches and ranks), clips,
@@ -187,18 +200,9 @@ impl Trainer {
                 let states = self.model.forward(&b.genes, &b.bins, b.padding.as_ref(), false)?;
                 self.model.masked_loss(&states, &b.masked, &b.targets)
             })?;
-            t.loss_sum += l.loss_sum.f_double_value(&[])?;
-            t.n_masked += l.n_masked as f64;
-            t.n_correct += l.n_correct as f64;
+            t.add(StepTotals::of(&l)?);
         }
         Ok(t)
-    }
-}
-
-fn torch_err(e: TrainError) -> tch::TchError {
-    match e {
-        TrainError::Torch(t) => t,
-        other => tch::TchError::Torch(other.to_string()),
     }
 }
 
@@ -225,12 +229,10 @@ impl RunData {
         let store = Arc::new(Store::open(&cfg.data.store)?);
         let by = (!cfg.split.by.is_empty()).then(|| cfg.split.by.clone());
         let split = SplitSpec { val_fraction: cfg.split.val_fraction, seed: cfg.seed, by }.apply(&store)?;
-        let mut val_cells = split.val;
-        if cfg.data.val_max_cells > 0 && val_cells.len() > cfg.data.val_max_cells {
-            val_cells.sort_by_key(|&c| hash_keys(&[cfg.seed, 41, c as u64]));
-            val_cells.truncate(cfg.data.val_max_cells);
-            val_cells.sort_unstable();
-        }
+        let val_cells = match cfg.data.val_max_cells {
+            0 => split.val,
+            cap => sample_cells(&split.val, cap, cfg.seed, 41),
+        };
         let tokenizer = match tokenizer {
             Some(t) => t,
             None => {
@@ -276,12 +278,6 @@ impl RunData {
     }
 }
 
-/// SHA-256 of a file, hex.
-fn sha256_file(path: &std::path::Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
-    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// Options of one `neurofm-train` invocation besides the config.
 pub struct RunOptions {
     pub device: DeviceChoice,
@@ -308,7 +304,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
     let tokenizer = match &resumed {
         Some((ckpt, state)) => {
             check_resume_compatible(&cfg, ckpt, state)?;
-            let sha = sha256_file(&tokenizer_path)?;
+            let sha = dataloader::convert::sha256_file(&tokenizer_path)?;
             if sha != state.tokenizer_sha256 {
                 return Err(TrainError::input(&tokenizer_path, format!("is not the tokenizer checkpoint {} was trained with (sha256 differs); resume in the original run directory", ckpt.display())));
             }
@@ -325,7 +321,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
     if resumed.is_none() || !own_tokenizer.exists() {
         data.tokenizer.save(&own_tokenizer)?;
     }
-    let tokenizer_sha256 = sha256_file(&own_tokenizer)?;
+    let tokenizer_sha256 = dataloader::convert::sha256_file(&own_tokenizer)?;
     dataloader::write_atomic(&run.path.join("config.toml"), cfg.to_toml()?.as_bytes())?;
 
     let per_epoch = (data.batches_per_epoch() / cfg.train.grad_accum) as u64;
@@ -386,7 +382,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
     info!("MFU against {:.1} TFLOP/s ({peak_source})", peak / 1e12);
 
     let unmasked = Batcher::new(data.tokenizer.clone(), cfg.sequence, None)?;
-    let fit_cells = sample_cells(&data.train_cells, cfg.tokenizer.max_fit_cells, cfg.seed);
+    let fit_cells = sample_cells(&data.train_cells, cfg.tokenizer.max_fit_cells, cfg.seed, 42);
     let frequencies = BinFrequencies::fit(&data.store, &unmasked, data.mask, &fit_cells)?;
     let mut baseline = BaselineScore::default();
     for b in data.val_stream(rank) {
@@ -425,9 +421,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
                 stats.data_wait += wait.elapsed().as_secs_f64();
                 let b = DeviceBatch::new(&batch, device)?;
                 let t = trainer.accumulate(&b)?;
-                totals.loss_sum += t.loss_sum;
-                totals.n_masked += t.n_masked;
-                totals.n_correct += t.n_correct;
+                totals.add(t);
                 stats.cells += b.n_cells;
                 stats.tokens += b.tokens();
                 stats.flops += trainer.model.train_flops(&b.seq_lens, t.n_masked as usize);
@@ -538,13 +532,13 @@ fn check_resume_compatible(cfg: &TrainConfig, ckpt: &std::path::Path, state: &Tr
     Ok(())
 }
 
-/// At most `max` cells, a deterministic sample.
-fn sample_cells(cells: &[u32], max: usize, seed: u64) -> Vec<u32> {
+/// At most `max` cells, ascending: those with the smallest hash of (seed, purpose, cell).
+fn sample_cells(cells: &[u32], max: usize, seed: u64, purpose: u64) -> Vec<u32> {
     if cells.len() <= max {
         return cells.to_vec();
     }
     let mut s = cells.to_vec();
-    s.sort_by_key(|&c| hash_keys(&[seed, 42, c as u64]));
+    s.sort_by_key(|&c| hash_keys(&[seed, purpose, c as u64]));
     s.truncate(max);
     s.sort_unstable();
     s
@@ -687,10 +681,9 @@ fn quick_demo(trainer: &Trainer, data: &RunData, rank: Rank) -> Result<String> {
     let b = DeviceBatch::new(&batch, trainer.device)?;
     let probs = tch::no_grad(|| -> Result<Tensor> {
         let states = trainer.model.forward(&b.genes, &b.bins, b.padding.as_ref(), false)?;
-        let pos = Tensor::f_from_slice(&cell.iter().map(|&(p, _)| p as i64).collect::<Vec<_>>())?.f_to_device(trainer.device)?;
-        let d = trainer.cfg.model.d_model as i64;
-        let logits = trainer.model.head(&states.f_reshape([-1, d])?.f_index_select(0, &pos)?)?;
-        Ok(logits.f_to_kind(Kind::Float)?.f_softmax(-1, Kind::Float)?.f_to_device(Device::Cpu)?)
+        // The first cell's masked positions lead `b.masked` (flat positions are ascending).
+        let logits = trainer.model.logits_at(&states, &b.masked.f_narrow(0, 0, cell.len() as i64)?)?;
+        Ok(logits.f_softmax(-1, Kind::Float)?.f_to_device(Device::Cpu)?)
     })?;
     let (top_p, top_i) = probs.f_topk(3.min(data.tokenizer.vocab.n_bins as i64), -1, true, true)?;
     for (row, &(p, truth)) in cell.iter().enumerate() {
