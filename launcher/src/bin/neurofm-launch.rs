@@ -1,0 +1,166 @@
+//! `neurofm-launch`: one rank per local GPU (NCCL), or N CPU ranks through mpirun/srun (MPI);
+//! the group lives and dies together, and `--max-restarts` restarts it from its checkpoint.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use launcher::supervise::{run_group, ChildSpec, Outcome};
+
+/// Launch a data-parallel group: `neurofm-launch --nproc-per-node 4 -- neurofm-train --config ...`
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Ranks on this node (default: the visible GPUs, or 1 without GPUs).
+    #[arg(long)]
+    nproc_per_node: Option<usize>,
+    /// Nodes in the job (each runs its own neurofm-launch with its --node-rank).
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
+    #[arg(long, default_value_t = 0)]
+    node_rank: usize,
+    /// Host of global rank 0, where the rendezvous store listens.
+    #[arg(long, default_value = "127.0.0.1")]
+    master_addr: String,
+    #[arg(long, default_value_t = 29500)]
+    master_port: u16,
+    /// auto: NCCL when GPUs are visible, else MPI.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    backend: Backend,
+    /// Restart the whole group this many times after a failure (the command should resume,
+    /// which neurofm-train does by itself on a restart).
+    #[arg(long, default_value_t = 0)]
+    max_restarts: u32,
+    /// Seconds between SIGTERM and SIGKILL when stopping the group.
+    #[arg(long, default_value_t = 30.0)]
+    grace_s: f64,
+    /// The command every rank runs.
+    #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    Auto,
+    Nccl,
+    Mpi,
+    Single,
+}
+
+fn main() -> ExitCode {
+    match launch(Args::parse()) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("neurofm-launch: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn launch(args: Args) -> Result<i32> {
+    let gpus = visible_gpus();
+    let backend = match args.backend {
+        Backend::Auto if gpus.is_empty() => Backend::Mpi,
+        Backend::Auto => Backend::Nccl,
+        b => b,
+    };
+    let nproc = args.nproc_per_node.unwrap_or(if backend == Backend::Nccl { gpus.len() } else { 1 }).max(1);
+    if args.nnodes == 0 || args.node_rank >= args.nnodes {
+        bail!("--node-rank {} is not in --nnodes {}", args.node_rank, args.nnodes);
+    }
+    if backend == Backend::Nccl && nproc > gpus.len() {
+        bail!("{nproc} NCCL ranks need {nproc} GPUs but {} are visible on this node; lower --nproc-per-node or use --backend mpi for CPU ranks", gpus.len());
+    }
+    if backend == Backend::Single && nproc * args.nnodes > 1 {
+        bail!("--backend single runs one process; use nccl (GPUs) or mpi (CPU) for {} ranks", nproc * args.nnodes);
+    }
+    let grace = Duration::from_secs_f64(args.grace_s.max(0.0));
+    for attempt in 0..=args.max_restarts {
+        let children = match backend {
+            Backend::Mpi => vec![mpi_handoff(&args, nproc, attempt)?],
+            _ => spawn_ranks(&args, nproc, &gpus, backend, attempt),
+        };
+        let Outcome { code, failed, interrupted } = run_group(children, grace).context("running the group")?;
+        if code == 0 || interrupted || attempt == args.max_restarts {
+            return Ok(code);
+        }
+        eprintln!(
+            "neurofm-launch: {} failed with exit code {code}; restarting the group ({} of {}) from its newest checkpoint",
+            failed.as_deref().unwrap_or("a rank"),
+            attempt + 1,
+            args.max_restarts
+        );
+    }
+    unreachable!("the loop returns on its last attempt")
+}
+
+/// One child per local rank, with the environment contract (DESIGN §5) and its own GPU.
+fn spawn_ranks(args: &Args, nproc: usize, gpus: &[String], backend: Backend, attempt: u32) -> Vec<ChildSpec> {
+    let world = nproc * args.nnodes;
+    (0..nproc)
+        .map(|local| {
+            let rank = args.node_rank * nproc + local;
+            let mut env = vec![
+                ("RANK".to_string(), rank.to_string()),
+                ("WORLD_SIZE".into(), world.to_string()),
+                ("LOCAL_RANK".into(), local.to_string()),
+                ("LOCAL_WORLD_SIZE".into(), nproc.to_string()),
+                ("MASTER_ADDR".into(), args.master_addr.clone()),
+                ("MASTER_PORT".into(), args.master_port.to_string()),
+                ("NEUROFM_BACKEND".into(), format!("{backend:?}").to_lowercase()),
+                ("NEUROFM_RESTART_COUNT".into(), attempt.to_string()),
+            ];
+            if let Some(gpu) = gpus.get(local) {
+                env.push(("CUDA_VISIBLE_DEVICES".into(), gpu.clone()));
+            }
+            ChildSpec { label: format!("rank {rank}"), program: args.command[0].clone(), args: args.command[1..].to_vec(), env, prefix_output: true }
+        })
+        .collect()
+}
+
+/// CPU ranks talk MPI, so MPI's own launcher starts them: `srun --mpi=pmix` inside a SLURM
+/// allocation, else `mpirun` on this node.
+fn mpi_handoff(args: &Args, nproc: usize, attempt: u32) -> Result<ChildSpec> {
+    let env = vec![("NEUROFM_BACKEND".to_string(), "mpi".to_string()), ("NEUROFM_RESTART_COUNT".into(), attempt.to_string())];
+    let mut argv: Vec<OsString> = Vec::new();
+    let program = if std::env::var_os("SLURM_JOB_ID").is_some() {
+        let ntasks = nproc * args.nnodes;
+        argv.extend(["--mpi=pmix".into(), format!("--ntasks={ntasks}").into(), "--kill-on-bad-exit=1".into(), "--label".into()]);
+        if args.nnodes > 1 {
+            argv.push(format!("--nodes={}", args.nnodes).into());
+        }
+        "srun"
+    } else {
+        if args.nnodes > 1 {
+            bail!("multi-node CPU runs need a host list: run inside a SLURM allocation (srun), or call mpirun with a hostfile yourself");
+        }
+        argv.extend(["-np".into(), nproc.to_string().into(), "--oversubscribe".into(), "--bind-to".into(), "none".into(), "--tag-output".into()]);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            argv.push("--allow-run-as-root".into()); // containers and CI run as root
+        }
+        // Forward the neurofm settings explicitly (mpirun only guarantees them on this node).
+        let mut names: Vec<String> = std::env::vars().map(|(k, _)| k).filter(|k| k.starts_with("NEUROFM_") || k == "RUST_LOG").collect();
+        names.extend(env.iter().map(|(k, _)| k.clone()));
+        names.sort();
+        names.dedup();
+        for k in names {
+            argv.extend(["-x".into(), k.into()]);
+        }
+        "mpirun"
+    };
+    argv.extend(args.command.iter().cloned());
+    Ok(ChildSpec { label: program.into(), program: program.into(), args: argv, env, prefix_output: false })
+}
+
+/// The GPUs this node may use: `CUDA_VISIBLE_DEVICES` if set, else every NVIDIA device the
+/// driver lists. Read without touching CUDA, so the launcher never holds a GPU context.
+fn visible_gpus() -> Vec<String> {
+    if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        return v.split(',').map(str::trim).filter(|s| !s.is_empty() && *s != "-1" && *s != "NoDevFiles").map(String::from).collect();
+    }
+    let n = std::fs::read_dir("/proc/driver/nvidia/gpus").map(|d| d.count()).unwrap_or(0);
+    (0..n).map(|i| i.to_string()).collect()
+}
