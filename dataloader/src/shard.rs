@@ -3,12 +3,15 @@
 //! Epoch plan (same on every rank, from (seed, epoch) alone):
 //! 1. the split's cells are grouped into blocks by a key, normally the store chunk holding
 //!    them (`Store::chunk_of`), so reading a block decodes its chunk once; blocks are permuted;
-//! 2. the permuted sequence is cut into `world` equal, disjoint ranges, each a multiple of the
-//!    batch size (the remainder is dropped), so every rank runs the same number of steps and
-//!    no rank waits on a collective another skipped;
-//! 3. each rank shuffles its range within windows of `window_blocks` blocks and cuts batches.
+//! 2. cells are shuffled within windows of `window_blocks` blocks: this is the epoch's cell
+//!    order, independent of batch size and world size;
+//! 3. the order is cut into global batches of `world × batch_size` cells (the remainder is
+//!    dropped) and rank r takes the r-th slice of each. So every rank runs the same number of
+//!    steps, no rank waits on a collective another skipped, and W ranks with batch B see
+//!    exactly the batches of one rank with batch W·B.
 //!
-//! A position (epoch, batch) is all that is needed to resume exactly.
+//! A position (epoch, batch) is all that is needed to resume exactly; `ReaderPosition::rescale`
+//! carries it over to another world or batch size.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -73,6 +76,15 @@ pub struct ReaderPosition {
     pub batch: usize,
 }
 
+impl ReaderPosition {
+    /// The same place in the epoch's cell order when a global batch holds `to` cells instead
+    /// of `from` (a resume with another world size or batch size). Rounds down, so at most one
+    /// partial batch of cells is seen twice.
+    pub fn rescale(self, from: usize, to: usize) -> ReaderPosition {
+        ReaderPosition { epoch: self.epoch, batch: self.batch * from / to.max(1) }
+    }
+}
+
 /// Cells of one batch with their raw counts, in batch order.
 #[derive(Debug, Clone)]
 pub struct CellBatch {
@@ -128,24 +140,30 @@ impl ShardReader {
         self.cells.len() / self.rank.world() / self.cfg.batch_size
     }
 
-    /// This rank's batches for `epoch`.
-    pub fn plan(&self, epoch: u64) -> EpochPlan {
-        let b = self.cfg.batch_size;
+    /// Every cell of the split in this epoch's order (the same for any world or batch size).
+    pub fn epoch_order(&self, epoch: u64) -> Vec<u32> {
         let mut blocks: Vec<&[u32]> = self.blocks.iter().map(|r| &self.cells[r.clone()]).collect();
         blocks.shuffle(&mut rng_for(&[self.cfg.seed, 10, epoch]));
-        let per_rank = self.batches_per_epoch() * b;
-        let start = self.rank.rank() * per_rank;
-        let mine: Vec<u32> = blocks.into_iter().flatten().copied().skip(start).take(per_rank).collect();
-        // Windows hold whole batches, so a batch never straddles two reads.
-        let mean_block = self.cells.len().div_ceil(self.blocks.len().max(1));
-        let window = (mean_block * self.cfg.window_blocks).div_ceil(b).max(1) * b;
-        let mut batches = Vec::with_capacity(per_rank / b);
-        for (w, chunk) in mine.chunks(window).enumerate() {
-            let mut cells = chunk.to_vec();
-            cells.shuffle(&mut rng_for(&[self.cfg.seed, 11, epoch, self.rank.rank() as u64, w as u64]));
-            batches.extend(cells.chunks(b).map(<[u32]>::to_vec));
+        let mut order: Vec<u32> = blocks.into_iter().flatten().copied().collect();
+        for (w, window) in order.chunks_mut(self.window_cells()).enumerate() {
+            window.shuffle(&mut rng_for(&[self.cfg.seed, 11, epoch, w as u64]));
         }
-        EpochPlan { batches, batches_per_window: window / b }
+        order
+    }
+
+    /// This rank's batches for `epoch`: its slice of each global batch.
+    pub fn plan(&self, epoch: u64) -> EpochPlan {
+        let b = self.cfg.batch_size;
+        let global = b * self.rank.world();
+        let order = self.epoch_order(epoch);
+        let batches = order.chunks_exact(global).map(|g| g[self.rank.rank() * b..][..b].to_vec()).collect();
+        // Read about one shuffle window per group of batches: its chunks are decoded once.
+        EpochPlan { batches, batches_per_window: (self.window_cells() / global).max(1) }
+    }
+
+    fn window_cells(&self) -> usize {
+        let mean_block = self.cells.len().div_ceil(self.blocks.len().max(1));
+        (mean_block * self.cfg.window_blocks).max(1)
     }
 }
 
@@ -305,6 +323,21 @@ mod tests {
         // Within an epoch a single rank sees each cell at most once.
         let all: Vec<u32> = r.plan(3).batches.concat();
         assert_eq!(all.iter().collect::<HashSet<_>>().len(), all.len());
+    }
+
+    #[test]
+    fn ranks_slice_the_batches_of_one_rank_with_the_global_batch() {
+        let cells: Vec<u32> = (0..700).collect();
+        let one = ShardReader::new(cells.clone(), by10, Rank::single(), cfg(12)).unwrap().plan(2);
+        let two: Vec<EpochPlan> = (0..2).map(|r| ShardReader::new(cells.clone(), by10, Rank::new(r, 2).unwrap(), cfg(6)).unwrap().plan(2)).collect();
+        assert_eq!(one.batches.len(), two[0].batches.len());
+        for (k, global) in one.batches.iter().enumerate() {
+            assert_eq!(&[two[0].batches[k].clone(), two[1].batches[k].clone()].concat(), global);
+        }
+        // A position moves to the same cell offset under another global batch.
+        let p = ReaderPosition { epoch: 3, batch: 10 };
+        assert_eq!(p.rescale(12, 24), ReaderPosition { epoch: 3, batch: 5 });
+        assert_eq!(p.rescale(12, 5), ReaderPosition { epoch: 3, batch: 24 });
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub struct TrainState {
     pub tokenizer_sha256: String,
     /// Data-parallel ranks that wrote it (resume works with any).
     pub world_size: usize,
+    /// Cells per global batch (world size × batch size) that `position` counts in; 0 in
+    /// checkpoints older than this field (then assumed unchanged).
+    #[serde(default)]
+    pub global_batch: usize,
     /// Dropout randomness is reseeded every step from (seed, step), so the step is the RNG state.
     pub rng: String,
 }
@@ -159,6 +163,7 @@ mod tests {
             vocab: Vocabulary { n_genes: 3, n_bins: 5 },
             tokenizer_sha256: "x".into(),
             world_size: 1,
+            global_batch: 4,
             rng: "per-step".into(),
         }
     }

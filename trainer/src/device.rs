@@ -34,11 +34,12 @@ impl FromStr for DeviceChoice {
 }
 
 impl DeviceChoice {
-    /// The libtorch device, or an error when the requested GPU is not there.
-    pub fn resolve(self) -> Result<Device> {
+    /// The libtorch device, or an error when the requested GPU is not there. `auto` gives
+    /// local rank r the GPU r (mod the visible count; one when the launcher pinned it).
+    pub fn resolve(self, local_rank: usize) -> Result<Device> {
         let gpus = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
         match self {
-            DeviceChoice::Auto => Ok(if gpus > 0 { Device::Cuda(0) } else { Device::Cpu }),
+            DeviceChoice::Auto => Ok(if gpus > 0 { Device::Cuda(local_rank % gpus) } else { Device::Cpu }),
             DeviceChoice::Cpu => Ok(Device::Cpu),
             DeviceChoice::Cuda(n) if n < gpus => Ok(Device::Cuda(n)),
             DeviceChoice::Cuda(n) => Err(TrainError::Device {
@@ -132,7 +133,7 @@ mod tests {
         if tch::Cuda::is_available() {
             return;
         }
-        let e = DeviceChoice::Cuda(0).resolve().unwrap_err();
+        let e = DeviceChoice::Cuda(0).resolve(0).unwrap_err();
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().contains("--device cpu"), "{e}");
     }

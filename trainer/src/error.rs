@@ -33,6 +33,10 @@ pub enum TrainError {
     #[error("out of GPU memory at batch size {batch_size}: try train.batch_size = {suggest} with train.grad_accum = {accum} (same cells per step), or a shorter sequence ({detail})")]
     OutOfMemory { batch_size: usize, suggest: usize, accum: usize, detail: String },
 
+    /// The data-parallel group could not form or broke (a rank missing, NCCL failing).
+    #[error("distributed: {0}")]
+    Distributed(String),
+
     /// A libtorch failure that is not the user's input.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -45,12 +49,14 @@ pub enum TrainError {
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
 
 impl TrainError {
-    /// 2 when the user must change the input or the command, 3 for a diverged run, else 1.
+    /// 2 when the user must change the input or the command, 3 for a diverged run, 4 when
+    /// the group of ranks failed, else 1.
     pub fn exit_code(&self) -> i32 {
         match self {
             TrainError::Config(_) | TrainError::BadInput { .. } | TrainError::Device { .. } | TrainError::OutOfMemory { .. } => 2,
             TrainError::Data(e) => e.exit_code(),
             TrainError::NonFinite { .. } => 3,
+            TrainError::Distributed(_) => 4,
             TrainError::Io { .. } | TrainError::Torch(_) | TrainError::Internal(_) => 1,
         }
     }
@@ -61,5 +67,14 @@ impl TrainError {
 
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         TrainError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+impl From<launcher::LaunchError> for TrainError {
+    fn from(e: launcher::LaunchError) -> Self {
+        match e {
+            launcher::LaunchError::Env { .. } | launcher::LaunchError::Config(_) => TrainError::Config(e.to_string()),
+            other => TrainError::Distributed(other.to_string()),
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Result, TrainError};
 
-const COLUMNS: [&str; 15] = [
+const COLUMNS: [&str; 16] = [
     "step",
     "epoch",
     "split",
@@ -20,6 +20,7 @@ const COLUMNS: [&str; 15] = [
     "tokens_per_s",
     "mfu",
     "data_wait_frac",
+    "allreduce_frac",
     "baseline_perplexity",
     "global_baseline_perplexity",
     "elapsed_s",
@@ -40,6 +41,8 @@ pub struct Row {
     pub tokens_per_s: Option<f64>,
     pub mfu: Option<f64>,
     pub data_wait_frac: Option<f64>,
+    /// Share of step time in gradient all-reduce (0 for one rank).
+    pub allreduce_frac: Option<f64>,
     pub baseline_perplexity: Option<f64>,
     pub global_baseline_perplexity: Option<f64>,
     pub elapsed_s: Option<f64>,
@@ -58,6 +61,7 @@ impl Row {
             self.tokens_per_s,
             self.mfu,
             self.data_wait_frac,
+            self.allreduce_frac,
             self.baseline_perplexity,
             self.global_baseline_perplexity,
             self.elapsed_s,

@@ -59,6 +59,20 @@ impl RunDir {
         Ok(RunDir { path: path.to_path_buf(), resume_from })
     }
 
+    /// Opens the directory rank 0 prepared, for the other ranks of a group (after a barrier,
+    /// so they see the same checkpoints).
+    pub fn join(path: &Path, resume: &Resume) -> Result<RunDir> {
+        if !path.is_dir() {
+            return Err(TrainError::input(path, "rank 0 did not create this run directory; every rank must see the same file system"));
+        }
+        let resume_from = match resume {
+            Resume::Path(p) => Some(std::fs::canonicalize(p).map_err(|e| TrainError::io(p, e))?),
+            Resume::Auto => Checkpoints::new(path).newest(),
+            Resume::No => None,
+        };
+        Ok(RunDir { path: path.to_path_buf(), resume_from })
+    }
+
     /// The tokenizer of the run being resumed: this run's, else the checkpoint's own run's.
     pub fn tokenizer_path(&self) -> PathBuf {
         let here = self.path.join("tokenizer.json");

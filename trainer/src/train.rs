@@ -6,6 +6,9 @@
 //! `Trainer::apply` divides by the global number of masked tokens, clips and updates.
 //! Everything random is keyed by (seed, step) or (seed, epoch, cell), so a resumed run
 //! continues exactly where an uninterrupted one would be.
+//!
+//! With several ranks every rank runs this same loop on its slice of each global batch; only
+//! rank 0 writes logs, events and checkpoints (`Outputs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,10 +26,13 @@ use tracing::info;
 
 use crate::baseline::{BaselineScore, BinFrequencies};
 use crate::checkpoint::{read_state, Checkpoints, TrainState, MODEL_FILE, OPTIMIZER_FILE};
+use crate::comm::Communicator;
 use crate::config::{Precision, TrainConfig};
-use crate::device::{classify_oom, peak_flops, DeviceChoice};
+use crate::ddp::{CommCost, Ddp, BUCKET_BYTES};
+use crate::device::{classify_oom, peak_flops};
 use crate::error::{Result, TrainError};
 use crate::events::EventWriter;
+use crate::fault::Fault;
 use crate::metrics::{MetricsCsv, Row};
 use crate::model::{self, Encoder, MaskedLoss, Vocabulary};
 use crate::optim::{learning_rate, AdamW};
@@ -137,6 +143,8 @@ pub struct Trainer {
     /// Optimizer steps done.
     pub step: u64,
     pub total_steps: u64,
+    /// This process's rank: dropout differs between ranks (they see different cells).
+    pub rank: usize,
 }
 
 impl Trainer {
@@ -148,13 +156,13 @@ impl Trainer {
             (Precision::Bf16 | Precision::Auto, _) => Kind::BFloat16,
         };
         let opt = AdamW::new(&vs, &cfg.optim)?;
-        Ok(Trainer { cfg: cfg.clone(), device, vs, model, opt, step: 0, total_steps })
+        Ok(Trainer { cfg: cfg.clone(), device, vs, model, opt, step: 0, total_steps, rank: 0 })
     }
 
-    /// Starts a step: clears gradients and reseeds dropout from (seed, step).
+    /// Starts a step: clears gradients and reseeds dropout from (seed, step, rank).
     pub fn begin_step(&mut self) -> Result<()> {
         self.opt.zero_grad()?;
-        tch::manual_seed(hash_keys(&[self.cfg.seed, 40, self.step]) as i64 >> 1);
+        tch::manual_seed(hash_keys(&[self.cfg.seed, 40, self.step, self.rank as u64]) as i64 >> 1);
         Ok(())
     }
 
@@ -280,20 +288,24 @@ impl RunData {
 
 /// Options of one `neurofm-train` invocation besides the config.
 pub struct RunOptions {
-    pub device: DeviceChoice,
+    /// This rank's device (resolved from `--device` and the local rank).
+    pub device: Device,
     /// Draw a progress bar (on a terminal).
     pub progress: bool,
     /// Checkpoint and stop after this step (to split a run across job time limits).
     pub stop_at_step: Option<u64>,
 }
 
-/// Trains according to `cfg` in `run`, resuming if `run.resume_from` is set.
-pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSummary> {
-    let device = opts.device.resolve()?;
+/// Trains according to `cfg` in `run`, resuming if `run.resume_from` is set, as one rank of
+/// `comm`'s group (every rank calls this with the same config and run directory).
+pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions, comm: &dyn Communicator) -> Result<RunSummary> {
+    let device = opts.device;
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads as i32);
     }
-    let rank = Rank::single();
+    let rank = Rank::new(comm.rank(), comm.world())?;
+    let lead = rank.rank() == 0;
+    let fault = Fault::from_env()?;
 
     // Resume: the checkpoint must belong to this model, tokenizer and gene panel.
     let resumed = match &run.resume_from {
@@ -316,13 +328,21 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
         }
         None => None,
     };
-    let data = RunData::open(&cfg, rank, tokenizer)?;
+    // Rank 0 fits the tokenizer; the others wait and load the same file.
     let own_tokenizer = run.path.join("tokenizer.json");
-    if resumed.is_none() || !own_tokenizer.exists() {
-        data.tokenizer.save(&own_tokenizer)?;
-    }
+    let data = if lead {
+        let data = RunData::open(&cfg, rank, tokenizer)?;
+        if resumed.is_none() || !own_tokenizer.exists() {
+            data.tokenizer.save(&own_tokenizer)?;
+        }
+        dataloader::write_atomic(&run.path.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+        comm.barrier()?;
+        data
+    } else {
+        comm.barrier()?;
+        RunData::open(&cfg, rank, Some(Tokenizer::load(&own_tokenizer)?))?
+    };
     let tokenizer_sha256 = dataloader::convert::sha256_file(&own_tokenizer)?;
-    dataloader::write_atomic(&run.path.join("config.toml"), cfg.to_toml()?.as_bytes())?;
 
     let per_epoch = (data.batches_per_epoch() / cfg.train.grad_accum) as u64;
     if per_epoch == 0 {
@@ -336,6 +356,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
     let total_steps = if cfg.train.max_steps > 0 { cfg.train.max_steps } else { cfg.train.epochs * per_epoch };
     let vocab = Vocabulary { n_genes: data.tokenizer.genes.len(), n_bins: data.tokenizer.vocab.n_bins };
     let mut trainer = Trainer::new(&cfg, vocab, device, total_steps)?;
+    trainer.rank = rank.rank();
     let mut state = TrainState {
         step: 0,
         position: ReaderPosition::default(),
@@ -344,6 +365,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
         vocab,
         tokenizer_sha256,
         world_size: rank.world(),
+        global_batch: rank.world() * cfg.train.batch_size,
         rng: "dropout reseeded from (seed, step) each step; data from (seed, epoch, cell)".into(),
     };
     if let Some((ckpt, saved)) = &resumed {
@@ -354,6 +376,19 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
         state.position = saved.position;
         state.best_val_loss = saved.best_val_loss;
         info!("resuming from {} at step {} (epoch {}, batch {})", ckpt.display(), saved.step, saved.position.epoch, saved.position.batch);
+        if saved.global_batch > 0 && saved.global_batch != state.global_batch {
+            state.position = saved.position.rescale(saved.global_batch, state.global_batch);
+            info!(
+                "global batch changed from {} to {} cells (world size {} → {}): continuing at batch {} of the same epoch order",
+                saved.global_batch, state.global_batch, saved.world_size, rank.world(), state.position.batch
+            );
+        }
+    }
+    let mut ddp = Ddp::new(comm, trainer.opt.parameters().map(Tensor::shallow_clone).collect(), BUCKET_BYTES, device)?;
+    ddp.broadcast_parameters()?;
+    if rank.world() > 1 {
+        let c = ddp.take_cost();
+        info!("data parallel over {} ranks ({}): {:.1} MB of gradients all-reduced per step in {} buckets", rank.world(), comm.name(), c.bytes_per_step as f64 / 1e6, c.buckets);
     }
 
     let (all, body, head) = trainer.model.param_counts();
@@ -374,9 +409,8 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
         total_steps
     );
 
-    let mut events = EventWriter::create(&run.path)?;
-    events.text("config", state.step, &format!("```toml\n{}\n```", cfg.to_toml()?))?;
-    let mut csv = MetricsCsv::open(&run.path, resumed.as_ref().map(|(_, s)| s.step))?;
+    let mut out = Outputs::open(lead, &run.path, resumed.as_ref().map(|(_, s)| s.step))?;
+    out.text("config", state.step, &format!("```toml\n{}\n```", cfg.to_toml()?))?;
     let checkpoints = Checkpoints::new(&run.path);
     let (peak, peak_source) = peak_flops(device, cfg.train.peak_tflops);
     info!("MFU against {:.1} TFLOP/s ({peak_source})", peak / 1e12);
@@ -388,16 +422,22 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
     for b in data.val_stream(rank) {
         baseline.add(frequencies.score(&b?));
     }
+    let mut sums = [baseline.per_gene_nll, baseline.global_nll, baseline.n_masked as f64];
+    ddp.sum(&mut sums)?;
+    let baseline = BaselineScore { per_gene_nll: sums[0], global_nll: sums[1], n_masked: sums[2] as u64 };
     let (base_ppl, global_ppl) = baseline.perplexities();
     info!("validation baselines on the fixed masks: per-gene bin frequencies {base_ppl:.3}, global bin frequencies {global_ppl:.3} (perplexity)");
 
-    let validate = |trainer: &Trainer| -> Result<ValMetrics> {
+    let validate = |trainer: &Trainer, ddp: &mut Ddp| -> Result<ValMetrics> {
         let t = trainer.evaluate(data.val_stream(rank))?;
+        let mut sums = [t.loss_sum, t.n_masked, t.n_correct];
+        ddp.sum(&mut sums)?;
+        let t = StepTotals { loss_sum: sums[0], n_masked: sums[1], n_correct: sums[2] };
         let loss = t.loss_sum / t.n_masked.max(1.0);
         Ok(ValMetrics { loss, perplexity: loss.exp(), masked_acc: t.n_correct / t.n_masked.max(1.0), baseline_perplexity: base_ppl, global_baseline_perplexity: global_ppl })
     };
 
-    let bar = progress_bar(opts.progress, total_steps, state.step);
+    let bar = progress_bar(opts.progress && lead, total_steps, state.step);
     let started = Instant::now();
     let mut window = Window::default();
     let mut overall = Window::default();
@@ -428,26 +468,37 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
                 state.position = pos;
             }
             stats.compute = compute_start.elapsed().as_secs_f64() - stats.data_wait;
+            // Data parallelism: gradients and the step's sums over all ranks.
+            ddp.all_reduce_gradients()?;
+            let mut sums = [totals.loss_sum, totals.n_masked, totals.n_correct, stats.cells as f64, stats.tokens as f64, stats.flops];
+            ddp.sum(&mut sums)?;
+            totals = StepTotals { loss_sum: sums[0], n_masked: sums[1], n_correct: sums[2] };
+            (stats.cells, stats.tokens, stats.flops) = (sums[3] as usize, sums[4] as usize, sums[5]);
+            let comm_cost = ddp.take_cost();
+            stats.comm = comm_cost.seconds;
             let opt_start = Instant::now();
             let last_good = || match checkpoints.newest() {
                 Some(p) => format!("The last good checkpoint is {}", p.display()),
                 None => "No checkpoint was written yet".into(),
             };
-            let out = trainer.apply(totals, last_good)?;
+            let outcome = trainer.apply(totals, last_good)?;
             stats.optimizer = opt_start.elapsed().as_secs_f64();
-            (stats.loss_sum, stats.n_masked, stats.grad_norm, stats.lr) = (totals.loss_sum, totals.n_masked, out.grad_norm, out.lr);
+            (stats.loss_sum, stats.n_masked, stats.grad_norm, stats.lr) = (totals.loss_sum, totals.n_masked, outcome.grad_norm, outcome.lr);
             window.add(&stats);
             if trainer.step > first_step + 1 {
                 overall.add(&stats); // the first step warms up allocators and kernels
             }
             state.step = trainer.step;
+            if let Some(f) = &fault {
+                f.maybe_crash(rank.rank(), state.step);
+            }
             let epoch_done = state.position.batch + accum > batches_per_epoch;
             if epoch_done {
                 state.position = ReaderPosition { epoch: state.position.epoch + 1, batch: 0 };
             }
             if let Some(bar) = &bar {
                 bar.set_position(trainer.step);
-                bar.set_message(format!("loss {:.3}  {:.1} cells/s", out.loss, window.sum.cells as f64 / window.seconds()));
+                bar.set_message(format!("loss {:.3}  {:.1} cells/s", outcome.loss, window.sum.cells as f64 / window.seconds()));
             }
             let step = trainer.step;
             if step % cfg.train.log_every == 0 || step == total_steps {
@@ -460,11 +511,11 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
                     ("train/tokens_per_s", row.tokens_per_s),
                     ("train/mfu", row.mfu),
                     ("train/data_wait_frac", row.data_wait_frac),
+                    ("train/allreduce_frac", row.allreduce_frac),
                 ] {
-                    events.scalar(tag, step, v.unwrap_or(f64::NAN))?;
+                    out.scalar(tag, step, v.unwrap_or(f64::NAN))?;
                 }
-                csv.write(&row)?;
-                events.flush()?;
+                out.row(&row)?;
                 window = Window::default();
             }
             let stop_here = opts.stop_at_step == Some(step);
@@ -472,12 +523,12 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
             let do_val = final_step || if cfg.train.val_every > 0 { step % cfg.train.val_every == 0 } else { epoch_done };
             let mut is_best = false;
             if do_val {
-                let v = validate(&trainer)?;
+                let v = validate(&trainer, &mut ddp)?;
                 is_best = state.best_val_loss.is_none_or(|b| v.loss < b);
                 if is_best {
                     state.best_val_loss = Some(v.loss);
                 }
-                log_validation(&mut events, &mut csv, step, state.position.epoch, &v, started.elapsed().as_secs_f64())?;
+                log_validation(&mut out, step, state.position.epoch, &v, started.elapsed().as_secs_f64())?;
                 let msg = format!(
                     "step {step} epoch {}: val loss {:.4}, perplexity {:.3} (per-gene baseline {:.3}, global {:.3}), masked accuracy {:.3}",
                     state.position.epoch, v.loss, v.perplexity, v.baseline_perplexity, v.global_baseline_perplexity, v.masked_acc
@@ -490,10 +541,16 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
             }
             let do_ckpt = final_step || stop_here || if cfg.train.checkpoint_every > 0 { step % cfg.train.checkpoint_every == 0 } else { do_val };
             if do_ckpt {
-                checkpoints.save(&state, is_best, cfg.train.keep_last, |dir| {
-                    trainer.vs.save(dir.join(MODEL_FILE))?;
-                    trainer.opt.save(&dir.join(OPTIMIZER_FILE))
-                })?;
+                if rank.world() > 1 {
+                    let crc = ddp.check_in_sync()?;
+                    info!("step {step}: parameters identical on all {} ranks (crc32c {crc:08x})", rank.world());
+                }
+                if lead {
+                    checkpoints.save(&state, is_best, cfg.train.keep_last, |dir| {
+                        trainer.vs.save(dir.join(MODEL_FILE))?;
+                        trainer.opt.save(&dir.join(OPTIMIZER_FILE))
+                    })?;
+                }
             }
             if stop_here {
                 info!("stopping at step {step} as asked (--stop-at-step); continue with --resume auto");
@@ -507,16 +564,18 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<RunSumma
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if overall.steps > 0 {
-        let summary = overall.summary(peak, &peak_source);
+    if overall.steps > 0 && lead {
+        let summary = overall.summary(peak, &peak_source, &ddp.take_cost(), rank.world());
         info!("throughput: {summary}");
         let json = serde_json::to_vec_pretty(&summary).map_err(|e| TrainError::Internal(e.to_string()))?;
         dataloader::write_atomic(&run.path.join("throughput.json"), &json)?;
     }
-    events.flush()?;
-    let demo = quick_demo(&trainer, &data, rank)?;
-    dataloader::write_atomic(&run.path.join("demo.tsv"), demo.as_bytes())?;
-    info!("quick demo (one validation cell, masked genes; also in demo.tsv):\n{demo}");
+    out.flush()?;
+    if lead {
+        let demo = quick_demo(&trainer, &data, rank)?;
+        dataloader::write_atomic(&run.path.join("demo.tsv"), demo.as_bytes())?;
+        info!("quick demo (one validation cell, masked genes; also in demo.tsv):\n{demo}");
+    }
     Ok(RunSummary { steps: trainer.step, val: last_val, run_dir: run.path.clone() })
 }
 
@@ -544,7 +603,42 @@ fn sample_cells(cells: &[u32], max: usize, seed: u64, purpose: u64) -> Vec<u32> 
     s
 }
 
-fn log_validation(events: &mut EventWriter, csv: &mut MetricsCsv, step: u64, epoch: u64, v: &ValMetrics, elapsed: f64) -> Result<()> {
+/// Events and metrics.csv, written by rank 0 only (other ranks get no-ops).
+struct Outputs {
+    events: Option<EventWriter>,
+    csv: Option<MetricsCsv>,
+}
+
+impl Outputs {
+    fn open(lead: bool, run: &std::path::Path, resumed_at: Option<u64>) -> Result<Outputs> {
+        if !lead {
+            return Ok(Outputs { events: None, csv: None });
+        }
+        Ok(Outputs { events: Some(EventWriter::create(run)?), csv: Some(MetricsCsv::open(run, resumed_at)?) })
+    }
+
+    fn scalar(&mut self, tag: &str, step: u64, v: f64) -> Result<()> {
+        self.events.as_mut().map_or(Ok(()), |e| e.scalar(tag, step, v))
+    }
+
+    fn text(&mut self, tag: &str, step: u64, text: &str) -> Result<()> {
+        self.events.as_mut().map_or(Ok(()), |e| e.text(tag, step, text))
+    }
+
+    /// Writes a metrics.csv row and flushes the events.
+    fn row(&mut self, row: &Row) -> Result<()> {
+        if let Some(c) = self.csv.as_mut() {
+            c.write(row)?;
+        }
+        self.flush()
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.events.as_mut().map_or(Ok(()), EventWriter::flush)
+    }
+}
+
+fn log_validation(out: &mut Outputs, step: u64, epoch: u64, v: &ValMetrics, elapsed: f64) -> Result<()> {
     for (tag, x) in [
         ("val/loss", v.loss),
         ("val/perplexity", v.perplexity),
@@ -552,10 +646,9 @@ fn log_validation(events: &mut EventWriter, csv: &mut MetricsCsv, step: u64, epo
         ("val/baseline_perplexity", v.baseline_perplexity),
         ("val/global_baseline_perplexity", v.global_baseline_perplexity),
     ] {
-        events.scalar(tag, step, x)?;
+        out.scalar(tag, step, x)?;
     }
-    events.flush()?;
-    csv.write(&Row {
+    out.row(&Row {
         step,
         epoch,
         split: "val",
@@ -589,6 +682,8 @@ struct StepStats {
     flops: f64,
     data_wait: f64,
     compute: f64,
+    /// Gradient all-reduce and step sums across ranks.
+    comm: f64,
     optimizer: f64,
     loss_sum: f64,
     n_masked: f64,
@@ -613,6 +708,7 @@ impl Window {
         t.flops += s.flops;
         t.data_wait += s.data_wait;
         t.compute += s.compute;
+        t.comm += s.comm;
         t.optimizer += s.optimizer;
         t.loss_sum += s.loss_sum;
         t.n_masked += s.n_masked;
@@ -620,7 +716,7 @@ impl Window {
     }
 
     fn seconds(&self) -> f64 {
-        (self.sum.data_wait + self.sum.compute + self.sum.optimizer).max(1e-9)
+        (self.sum.data_wait + self.sum.compute + self.sum.comm + self.sum.optimizer).max(1e-9)
     }
 
     fn row(&self, step: u64, epoch: u64, peak: f64, elapsed: f64) -> Row {
@@ -636,13 +732,15 @@ impl Window {
             tokens_per_s: Some(t.tokens as f64 / secs),
             mfu: Some(t.flops / secs / peak),
             data_wait_frac: Some(t.data_wait / secs),
+            allreduce_frac: Some(t.comm / secs),
             elapsed_s: Some(elapsed),
             ..Row::default()
         }
     }
 
     /// Throughput summary written to `throughput.json` (what `make bench-train` prints).
-    fn summary(&self, peak: f64, peak_source: &str) -> serde_json::Value {
+    /// Cells, tokens and FLOPs are summed over ranks; times are rank 0's.
+    fn summary(&self, peak: f64, peak_source: &str, comm: &CommCost, world: usize) -> serde_json::Value {
         let (t, secs) = (&self.sum, self.seconds());
         let per_step_ms = |x: f64| 1e3 * x / self.steps.max(1) as f64;
         serde_json::json!({
@@ -652,10 +750,17 @@ impl Window {
             "step_ms": {
                 "data_wait": per_step_ms(t.data_wait),
                 "forward_backward": per_step_ms(t.compute),
+                "allreduce": per_step_ms(t.comm),
                 "optimizer": per_step_ms(t.optimizer),
             },
+            "world_size": world,
+            "allreduce": {
+                "bytes_per_step": comm.bytes_per_step,
+                "buckets": comm.buckets,
+                "share_of_step": t.comm / secs,
+            },
             "tflops_achieved": t.flops / secs / 1e12,
-            "mfu": t.flops / secs / peak,
+            "mfu": t.flops / secs / peak / world as f64,
             "peak_tflops": peak / 1e12,
             "peak_source": peak_source,
             "max_rss_mb": max_rss_mb(),

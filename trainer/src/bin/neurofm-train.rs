@@ -1,10 +1,13 @@
-//! `neurofm-train`: masked-bin pretraining from a TOML config.
+//! `neurofm-train`: masked-bin pretraining from a TOML config, as one process or as one rank
+//! of a data-parallel group (started by neurofm-launch, srun or mpirun; DESIGN §5).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use launcher::env::DistEnv;
 use tracing_subscriber::fmt::writer::MakeWriterExt;
+use trainer::comm::{connect, nccl_lib, resolve_backend, Backend, Communicator};
 use trainer::config::TrainConfig;
 use trainer::device::DeviceChoice;
 use trainer::run_dir::{Resume, RunDir};
@@ -42,6 +45,9 @@ struct Args {
     /// No progress bar (it is drawn only on a terminal anyway).
     #[arg(long)]
     no_progress: bool,
+    /// Transport between ranks: auto (NCCL on GPUs, MPI on CPUs), nccl, mpi, single.
+    #[arg(long, value_enum, env = "NEUROFM_BACKEND", default_value = "auto")]
+    backend: Backend,
 }
 
 fn main() -> ExitCode {
@@ -54,15 +60,35 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match train(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("error: {e}");
-            ExitCode::from(e.exit_code() as u8)
-        }
+        Err(e) => exit_with(&e),
     }
 }
 
+/// Reports `e` and exits at once. Skipping destructors is deliberate in a group: a failing
+/// rank must not wait in MPI_Finalize or NCCL teardown for ranks stuck in a collective; its
+/// exit is what makes mpirun, srun or neurofm-launch stop the others.
+fn exit_with(e: &TrainError) -> ! {
+    tracing::error!("{e}");
+    eprintln!("error: {e}");
+    std::process::exit(e.exit_code())
+}
+
 fn train(args: Args) -> Result<(), TrainError> {
+    let env = DistEnv::from_env()?;
+    let device = args.device.resolve(env.local_rank)?;
+    let backend = resolve_backend(args.backend, &env, device);
+    if backend == Backend::Nccl {
+        nccl_lib::ensure_loadable(); // may re-exec this process with NCCL on the library path
+    }
+    let comm = connect(backend, &env, device)?;
+    // From here on a failure exits without tearing the communicator down (see `exit_with`).
+    if let Err(e) = train_in_group(&args, comm.as_ref(), device) {
+        exit_with(&e);
+    }
+    Ok(())
+}
+
+fn train_in_group(args: &Args, comm: &dyn Communicator, device: tch::Device) -> Result<(), TrainError> {
     let mut overrides = args.overrides.clone();
     if let Some(data) = &args.data {
         overrides.push(format!("data.store={}", toml_string(&data.to_string_lossy())));
@@ -70,11 +96,28 @@ fn train(args: Args) -> Result<(), TrainError> {
     let cfg = TrainConfig::load(&args.config, &overrides)?;
     let stem = args.config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
     let run_path = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(stem));
-    let run_dir = RunDir::prepare(&run_path, &args.resume.clone().unwrap_or(Resume::No), args.force)?;
-    init_logging(&run_dir.path)?;
+    // A group restarted by neurofm-launch --max-restarts continues from its newest checkpoint.
+    let restarted = std::env::var("NEUROFM_RESTART_COUNT").ok().and_then(|c| c.parse::<u32>().ok()).unwrap_or(0) > 0;
+    let resume = match (&args.resume, restarted) {
+        (Some(r), _) => r.clone(),
+        (None, true) => Resume::Auto,
+        (None, false) => Resume::No,
+    };
+    let force = args.force && !restarted;
+    // Rank 0 creates (or wipes) the directory; the others open it once it is ready.
+    let run_dir = if comm.rank() == 0 {
+        let dir = RunDir::prepare(&run_path, &resume, force);
+        comm.barrier()?;
+        dir?
+    } else {
+        comm.barrier()?;
+        RunDir::join(&run_path, &resume)?
+    };
+    init_logging(&run_dir.path, comm.rank(), comm.world())?;
     tracing::info!("neurofm-train {} → {}", env!("CARGO_PKG_VERSION"), run_dir.path.display());
-    let summary = run(cfg, &run_dir, &RunOptions { device: args.device, progress: !args.no_progress, stop_at_step: args.stop_at_step })?;
-    if let Some(v) = summary.val {
+    let opts = RunOptions { device, progress: !args.no_progress, stop_at_step: args.stop_at_step };
+    let summary = run(cfg, &run_dir, &opts, comm)?;
+    if let (Some(v), 0) = (summary.val, comm.rank()) {
         tracing::info!(
             "done: {} steps; validation perplexity {:.3} vs per-gene baseline {:.3}, masked accuracy {:.3}",
             summary.steps,
@@ -91,15 +134,21 @@ fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-/// Logs to stderr and to `train.log` in the run directory (appended across resumes).
-fn init_logging(run_dir: &std::path::Path) -> Result<(), TrainError> {
+/// Logs to stderr, and on rank 0 also to `train.log` in the run directory (appended across
+/// resumes). Other ranks log warnings and errors only, so a group's output stays readable.
+fn init_logging(run_dir: &std::path::Path, rank: usize, world: usize) -> Result<(), TrainError> {
+    let default = if rank == 0 { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+    if rank > 0 {
+        fmt.with_writer(std::io::stderr).init();
+        return Ok(());
+    }
     let path = run_dir.join("train.log");
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| TrainError::Io { path: path.clone(), source: e })?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_writer(std::io::stderr.and(std::sync::Mutex::new(file)))
-        .init();
+    fmt.with_writer(std::io::stderr.and(std::sync::Mutex::new(file))).init();
+    if world > 1 {
+        tracing::info!("rank 0 of {world} writes this log, the events and the checkpoints");
+    }
     Ok(())
 }

@@ -1,0 +1,238 @@
+//! Data-parallel training end to end: 2 CPU ranks under mpirun (through neurofm-launch), their
+//! equivalence with one rank at twice the batch, resume across world sizes, a crashing rank,
+//! restarts, and a rank that never arrives.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use dataloader::convert::{convert, ConvertOptions};
+use dataloader::synth::{self, SynthOptions};
+
+/// Dropout off, so one rank with batch 16 and two with batch 8 compute the same steps.
+const TINY: &str = r#"
+seed = 5
+[data]
+workers = 2
+[tokenizer]
+n_bins = 8
+[model]
+d_model = 16
+n_heads = 2
+n_layers = 2
+d_ff = 32
+dropout = 0.0
+attention_dropout = 0.0
+[optim]
+lr = 3e-3
+warmup_steps = 2
+[train]
+batch_size = 8
+grad_accum = 2
+max_steps = 8
+log_every = 1
+val_every = 4
+checkpoint_every = 2
+keep_last = 4
+threads = 1
+"#;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    store: PathBuf,
+    config: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        std::env::set_var("HDF5_USE_FILE_LOCKING", "FALSE");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let src = root.join("cells.h5ad");
+        synth::write(&SynthOptions::new(src.clone(), 400, 60, 3, 11)).expect("synth");
+        let store = root.join("cells.zarr");
+        convert(&src, &store, &ConvertOptions::default()).expect("convert");
+        let config = root.join("tiny.toml");
+        std::fs::write(&config, TINY).expect("config");
+        Fixture { _dir: dir, root, store, config }
+    })
+}
+
+/// mpirun is installed by `make setup`; outside CI a machine without it skips these tests.
+fn have_mpirun() -> bool {
+    let found = Command::new("mpirun").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(found || std::env::var_os("CI").is_none(), "CI must have mpirun (apt openmpi-bin)");
+    found
+}
+
+fn train_args(run: &Path, extra: &[&str]) -> Vec<String> {
+    let f = fixture();
+    let mut a: Vec<String> = ["--config", &f.config.display().to_string(), "--data", &f.store.display().to_string(), "--run-dir", &run.display().to_string(), "--device", "cpu", "--no-progress"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// `neurofm-launch [launch_args] -- neurofm-train ...` with extra environment.
+fn launch(launch_args: &[&str], run: &Path, train_extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(launcher_bin());
+    cmd.args(launch_args).arg("--").arg(env!("CARGO_BIN_EXE_neurofm-train")).args(train_args(run, train_extra));
+    cmd.env_remove("NEUROFM_FAULT").envs(env.iter().copied());
+    cmd.output().expect("run neurofm-launch")
+}
+
+fn launcher_bin() -> PathBuf {
+    // Built by the workspace (`make test` builds every binary first).
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_neurofm-train"));
+    exe.with_file_name("neurofm-launch")
+}
+
+fn single(run: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_neurofm-train")).args(train_args(run, extra)).output().expect("run neurofm-train")
+}
+
+fn ok(what: &str, out: &Output) {
+    assert!(out.status.success(), "{what} failed ({:?}):\n{}{}", out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// (step, split, loss) of every metrics row.
+fn losses(run: &Path) -> Vec<(u64, String, f64)> {
+    let text = std::fs::read_to_string(run.join("metrics.csv")).expect("metrics.csv");
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (c[0].parse().unwrap(), c[2].to_string(), c[3].parse().unwrap())
+        })
+        .collect()
+}
+
+fn assert_same_curve(a: &Path, b: &Path) {
+    let (la, lb) = (losses(a), losses(b));
+    assert_eq!(la.len(), lb.len(), "{la:?}\nvs\n{lb:?}");
+    for (x, y) in la.iter().zip(&lb) {
+        assert_eq!((x.0, &x.1), (y.0, &y.1));
+        assert!((x.2 - y.2).abs() < 1e-5, "step {} {}: loss {} vs {}", x.0, x.1, x.2, y.2);
+    }
+}
+
+fn assert_same_weights(a: &Path, b: &Path) {
+    let read = |p: &Path| {
+        let mut w = tch::Tensor::read_safetensors(p.join("checkpoints/last/model.safetensors")).expect("weights");
+        w.sort_by(|x, y| x.0.cmp(&y.0));
+        w
+    };
+    let (wa, wb) = (read(a), read(b));
+    assert_eq!(wa.len(), wb.len());
+    for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        let diff = (ta - tb).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{na} differs by {diff}");
+    }
+}
+
+/// neurofm-train processes still running with `needle` in their command line.
+fn leftovers(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !zombie && text.contains("neurofm-train") && text.contains(needle) {
+            found.push(text);
+        }
+    }
+    found
+}
+
+#[test]
+fn two_mpi_ranks_equal_one_rank_with_twice_the_batch() {
+    if !have_mpirun() {
+        return;
+    }
+    let root = &fixture().root;
+    let (one, two) = (root.join("one-rank"), root.join("two-ranks"));
+    ok("1 rank", &single(&one, &["--set", "train.batch_size=16"]));
+    let out = launch(&["--backend", "mpi", "--nproc-per-node", "2"], &two, &[], &[]);
+    ok("2 ranks", &out);
+    assert_same_curve(&one, &two);
+    assert_same_weights(&one, &two);
+    // Every checkpoint verified that both ranks hold bit-identical parameters.
+    let log = std::fs::read_to_string(two.join("train.log")).unwrap();
+    assert_eq!(log.matches("parameters identical on all 2 ranks").count(), 4, "{log}");
+    let t: serde_json::Value = serde_json::from_slice(&std::fs::read(two.join("throughput.json")).unwrap()).unwrap();
+    assert_eq!(t["world_size"], 2);
+    assert_eq!(t["allreduce"]["bytes_per_step"], 5784 * 4, "every f32 parameter's gradient, once");
+    assert_eq!(t["allreduce"]["buckets"], 1);
+}
+
+#[test]
+fn a_run_resumes_with_another_world_size() {
+    if !have_mpirun() {
+        return;
+    }
+    let root = &fixture().root;
+    let (straight, switched) = (root.join("straight-16"), root.join("two-then-one"));
+    ok("1 rank", &single(&straight, &["--set", "train.batch_size=16"]));
+    ok("2 ranks to step 4", &launch(&["--backend", "mpi", "--nproc-per-node", "2"], &switched, &["--stop-at-step", "4"], &[]));
+    // Same global batch (1 × 16 = 2 × 8): the run continues exactly.
+    ok("1 rank from step 4", &single(&switched, &["--resume", "auto", "--set", "train.batch_size=16"]));
+    assert_same_curve(&straight, &switched);
+    assert_same_weights(&straight, &switched);
+}
+
+#[test]
+fn a_crashing_rank_stops_the_group_with_its_exit_code() {
+    if !have_mpirun() {
+        return;
+    }
+    let run = fixture().root.join("crash");
+    let start = Instant::now();
+    let out = launch(&["--backend", "mpi", "--nproc-per-node", "2", "--grace-s", "5"], &run, &[], &[("NEUROFM_FAULT", "rank=1,step=3,exit=7")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(60), "took {:?}", start.elapsed());
+    assert!(leftovers(&run.display().to_string()).is_empty(), "processes left: {:?}", leftovers(&run.display().to_string()));
+    // The checkpoint of step 2 survived for a restart.
+    assert!(run.join("checkpoints/step-0000002/state.json").is_file());
+}
+
+#[test]
+fn max_restarts_recovers_from_a_crash_and_finishes() {
+    if !have_mpirun() {
+        return;
+    }
+    let root = &fixture().root;
+    let (clean, run) = (root.join("restart-reference"), root.join("restarted"));
+    ok("reference", &launch(&["--backend", "mpi", "--nproc-per-node", "2"], &clean, &[], &[]));
+    let out = launch(&["--backend", "mpi", "--nproc-per-node", "2", "--max-restarts", "1", "--grace-s", "5"], &run, &[], &[("NEUROFM_FAULT", "rank=1,step=3,exit=7")]);
+    ok("restarted group", &out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("restarting the group (1 of 1)"), "{err}");
+    // Resumed from step 2 (the newest checkpoint) and ended where an uninterrupted run ends.
+    assert!(std::fs::read_to_string(run.join("train.log")).unwrap().contains("at step 2"));
+    assert_same_curve(&clean, &run);
+    assert_same_weights(&clean, &run);
+}
+
+#[test]
+fn a_rank_that_never_arrives_is_named_within_the_deadline() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let run = fixture().root.join("lonely");
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_neurofm-train"))
+        .args(train_args(&run, &["--backend", "nccl"]))
+        .envs([("RANK", "0"), ("WORLD_SIZE", "3"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port), ("NEUROFM_RENDEZVOUS_TIMEOUT", "2")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("rank(s) 1, 2 of 3 did not join the rendezvous"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
