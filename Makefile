@@ -9,13 +9,13 @@ PY          := $(PYENV)/bin/python
 TORCH_VENV  := $(CACHE)/torch-2.11.0
 JOBS        ?= 2
 SHARED_DATA ?= $(abspath ../shared/data)
-APT_PACKAGES := libhdf5-dev libopenmpi-dev openmpi-bin libclang-dev clang pkg-config
+APT_PACKAGES := libhdf5-dev libopenmpi-dev openmpi-bin libclang-dev clang pkg-config slurmctld slurmd slurm-client
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export NEUROFM_SHARED_DATA := $(SHARED_DATA)
 export NEUROFM_PYTHON := $(PY)
 
-.PHONY: setup system-packages pyenv libtorch build test test-rust test-interop bench bench-train clean
+.PHONY: setup system-packages pyenv libtorch build test test-rust test-interop test-slurm bench bench-train clean
 
 ## setup: system packages (apt), libtorch and the Python venv for interop tests, kept outside the clone
 setup: system-packages pyenv libtorch
@@ -48,8 +48,9 @@ $(TORCH_VENV)/.installed:
 build: setup
 	cargo build --release -j$(JOBS) --workspace
 
-## test: unit + integration tests (Rust), then anndata/zarr interop checks (Python)
-test: setup test-rust test-interop
+## test: unit + integration tests (Rust; 2-rank MPI runs included), anndata/zarr interop checks
+## (Python), then the slurm/ scripts on a real one-node SLURM cluster started on localhost
+test: setup test-rust test-interop test-slurm
 
 test-rust:
 	cargo build -j$(JOBS) --workspace --bins
@@ -57,6 +58,11 @@ test-rust:
 
 test-interop:
 	$(PY) tests/interop/check_stores.py --bin target/debug/neurofm-data --data "$(SHARED_DATA)"
+
+# Starting slurmctld/slurmd needs root; elsewhere (a workstation) this test is skipped unless CI is set.
+test-slurm:
+	@if [ "$$(id -u)" = 0 ] || [ -n "$${CI:-}" ]; then tests/slurm/run.sh target/debug; \
+	else echo "test-slurm: skipped (needs root to run slurmctld/slurmd)"; fi
 
 ## bench: conversion (vs anndata) and reader throughput, release build; prints numbers
 bench: build

@@ -10,7 +10,6 @@ use std::time::Duration;
 use launcher::env::DistEnv;
 use launcher::store::Rendezvous;
 use tch::{Device, Tensor};
-use tracing::info;
 
 use crate::error::{Result, TrainError};
 
@@ -104,8 +103,5 @@ pub fn connect(backend: Backend, env: &DistEnv, device: Device) -> Result<Box<dy
             Box::new(Nccl::connect(env, ordinal, rendezvous)?)
         }
     };
-    if comm.world() > 1 {
-        info!("rank {} of {} joined over {}", comm.rank(), comm.world(), comm.name());
-    }
     Ok(comm)
 }
