@@ -15,7 +15,7 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export NEUROFM_SHARED_DATA := $(SHARED_DATA)
 export NEUROFM_PYTHON := $(PY)
 
-.PHONY: setup system-packages pyenv libtorch build test test-rust test-interop test-slurm bench bench-train clean
+.PHONY: setup system-packages pyenv libtorch build test test-rust test-interop test-slurm bench bench-train bench-comm clean
 
 ## setup: system packages (apt), libtorch and the Python venv for interop tests, kept outside the clone
 setup: system-packages pyenv libtorch
@@ -69,9 +69,16 @@ bench: build
 	$(PY) benches/convert_vs_anndata.py --bin target/release/neurofm-data --gb $${BENCH_GB:-2}
 	RAYON_NUM_THREADS=1 cargo run --release -j$(JOBS) -p neurofm-dataloader --example reader_bench
 
-## bench-train: training throughput (cells/s, tokens/s, step split, MFU) of BENCH_CONFIG on WHB
+## bench-train: training throughput (cells/s, tokens/s, step split, MFU) of BENCH_CONFIG on WHB;
+## BENCH_RANKS=2 runs 2 CPU ranks over MPI and reports the all-reduce share
 bench-train: build
 	benches/train_throughput.sh $${BENCH_CONFIG:-configs/seed-hello.toml} $${BENCH_STEPS:-6}
+
+## bench-comm: DDP gradient all-reduce (buckets, ms, GB/s) over BENCH_RANKS CPU ranks (MPI);
+## on a GPU node, `neurofm-launch -- target/release/examples/allreduce_bench` measures NCCL
+bench-comm: build
+	cargo build --release -j$(JOBS) -p neurofm-trainer --example allreduce_bench
+	target/release/neurofm-launch --backend mpi --nproc-per-node $${BENCH_RANKS:-2} -- target/release/examples/allreduce_bench
 
 clean:
 	cargo clean

@@ -366,7 +366,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions, comm: &dyn Communi
         tokenizer_sha256,
         world_size: rank.world(),
         global_batch: rank.world() * cfg.train.batch_size,
-        rng: "dropout reseeded from (seed, step) each step; data from (seed, epoch, cell)".into(),
+        rng: "dropout reseeded from (seed, step, rank) each step; data from (seed, epoch, cell)".into(),
     };
     if let Some((ckpt, saved)) = &resumed {
         trainer.vs.load(ckpt.join(MODEL_FILE)).map_err(|e| TrainError::input(&ckpt.join(MODEL_FILE), e.to_string()))?;
@@ -388,7 +388,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions, comm: &dyn Communi
     ddp.broadcast_parameters()?;
     if rank.world() > 1 {
         let c = ddp.take_cost();
-        info!("data parallel over {} ranks ({}): {:.1} MB of gradients all-reduced per step in {} buckets", rank.world(), comm.name(), c.bytes_per_step as f64 / 1e6, c.buckets);
+        info!("data parallel over {} ranks ({}): {:.2} MB of gradients all-reduced per step in {} buckets", rank.world(), comm.name(), c.bytes_per_step as f64 / 1e6, c.buckets);
     }
 
     let (all, body, head) = trainer.model.param_counts();
@@ -502,7 +502,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions, comm: &dyn Communi
             }
             let step = trainer.step;
             if step % cfg.train.log_every == 0 || step == total_steps {
-                let row = window.row(step, state.position.epoch, peak, started.elapsed().as_secs_f64());
+                let row = window.row(step, state.position.epoch, peak * rank.world() as f64, started.elapsed().as_secs_f64());
                 for (tag, v) in [
                     ("train/loss", row.loss),
                     ("train/lr", row.lr),
@@ -719,7 +719,8 @@ impl Window {
         (self.sum.data_wait + self.sum.compute + self.sum.comm + self.sum.optimizer).max(1e-9)
     }
 
-    fn row(&self, step: u64, epoch: u64, peak: f64, elapsed: f64) -> Row {
+    /// `group_peak`: the peak of all ranks together (cells, tokens and FLOPs are the group's).
+    fn row(&self, step: u64, epoch: u64, group_peak: f64, elapsed: f64) -> Row {
         let (t, secs) = (&self.sum, self.seconds());
         Row {
             step,
@@ -730,7 +731,7 @@ impl Window {
             grad_norm: Some(t.grad_norm),
             cells_per_s: Some(t.cells as f64 / secs),
             tokens_per_s: Some(t.tokens as f64 / secs),
-            mfu: Some(t.flops / secs / peak),
+            mfu: Some(t.flops / secs / group_peak),
             data_wait_frac: Some(t.data_wait / secs),
             allreduce_frac: Some(t.comm / secs),
             elapsed_s: Some(elapsed),

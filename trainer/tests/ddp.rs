@@ -86,10 +86,12 @@ fn launch(launch_args: &[&str], run: &Path, train_extra: &[&str], env: &[(&str, 
     cmd.output().expect("run neurofm-launch")
 }
 
+/// neurofm-launch beside neurofm-train (another crate's binary: `make test` builds every
+/// workspace binary before the tests).
 fn launcher_bin() -> PathBuf {
-    // Built by the workspace (`make test` builds every binary first).
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_neurofm-train"));
-    exe.with_file_name("neurofm-launch")
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_neurofm-train")).with_file_name("neurofm-launch");
+    assert!(exe.is_file(), "{} is missing: run `cargo build --workspace --bins` first", exe.display());
+    exe
 }
 
 fn single(run: &Path, extra: &[&str]) -> Output {
@@ -235,4 +237,18 @@ fn a_rank_that_never_arrives_is_named_within_the_deadline() {
     assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(err.contains("rank(s) 1, 2 of 3 did not join the rendezvous"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn every_rank_stops_together_when_the_loss_diverges() {
+    if !have_mpirun() {
+        return;
+    }
+    let run = fixture().root.join("diverge");
+    let blow_up = ["--set", "optim.lr=1e30", "--set", "optim.warmup_steps=0", "--set", "optim.clip_norm=0"];
+    let out = launch(&["--backend", "mpi", "--nproc-per-node", "2", "--grace-s", "5"], &run, &blow_up, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    // Both ranks saw the same reduced loss and refused the same step.
+    assert_eq!(err.matches("ERROR neurofm_train: the training loss became NaN at step 2").count(), 2, "{err}");
 }

@@ -1,0 +1,51 @@
+//! Gradient all-reduce throughput of the DDP path (buckets + communicator), for the scaling
+//! estimate. Run under a launcher, e.g.
+//!   neurofm-launch --backend mpi --nproc-per-node 2 -- target/release/examples/allreduce_bench
+//!   neurofm-launch --nproc-per-node 8 -- target/release/examples/allreduce_bench   (NCCL, GPUs)
+//! Prints, per gradient size: buckets, ms per all-reduce, algorithm and bus bandwidth
+//! (bus = alg × 2(W-1)/W, NCCL's convention).
+
+use std::time::Instant;
+
+use launcher::env::DistEnv;
+use tch::{Device, Kind, Tensor};
+use trainer::comm::{connect, nccl_lib, resolve_backend, Backend};
+use trainer::ddp::{Ddp, BUCKET_BYTES};
+
+fn main() -> anyhow::Result<()> {
+    let env = DistEnv::from_env()?;
+    let device = if tch::Cuda::is_available() { Device::Cuda(env.local_rank % tch::Cuda::device_count() as usize) } else { Device::Cpu };
+    let backend = resolve_backend(Backend::Auto, &env, device);
+    if backend == Backend::Nccl {
+        nccl_lib::ensure_loadable();
+    }
+    let comm = connect(backend, &env, device)?;
+    let w = comm.world() as f64;
+    if comm.rank() == 0 {
+        println!("world {} over {} on {device:?}", comm.world(), comm.name());
+        println!("{:>10} {:>8} {:>10} {:>10} {:>10}", "MB", "buckets", "ms", "algbw GB/s", "busbw GB/s");
+    }
+    // Parameter sets shaped like the models: 1 MB … 512 MB of f32 in 4 MB tensors.
+    for mb in [1usize, 4, 16, 64, 156, 512] {
+        let n_tensors = mb.div_ceil(4);
+        let per = (mb << 20) / 4 / n_tensors;
+        let params: Vec<Tensor> = (0..n_tensors).map(|_| Tensor::ones([per as i64], (Kind::Float, device)).set_requires_grad(true)).collect();
+        // One backward gives every parameter a gradient to reduce.
+        params.iter().map(|p| p.sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b).backward();
+        let mut ddp = Ddp::new(comm.as_ref(), params.iter().map(Tensor::shallow_clone).collect(), BUCKET_BYTES, device)?;
+        ddp.all_reduce_gradients()?; // warm-up
+        let reps = if mb >= 156 { 5 } else { 20 };
+        comm.barrier()?;
+        let start = Instant::now();
+        for _ in 0..reps {
+            ddp.all_reduce_gradients()?;
+        }
+        let secs = start.elapsed().as_secs_f64() / reps as f64;
+        let bytes = ddp.take_cost().bytes_per_step as f64;
+        if comm.rank() == 0 {
+            let alg = bytes / secs / 1e9;
+            println!("{:>10.1} {:>8} {:>10.2} {:>10.2} {:>10.2}", bytes / 1e6, ddp.take_cost().buckets, secs * 1e3, alg, alg * 2.0 * (w - 1.0) / w);
+        }
+    }
+    Ok(())
+}
