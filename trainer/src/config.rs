@@ -219,7 +219,7 @@ impl TrainConfig {
         if m.d_model == 0 || m.n_heads == 0 || m.n_layers == 0 || m.d_ff == 0 {
             return bad("model", "d_model, n_heads, n_layers and d_ff must be ≥ 1".into());
         }
-        if m.d_model % m.n_heads != 0 {
+        if !m.d_model.is_multiple_of(m.n_heads) {
             return bad("model.n_heads", format!("{} does not divide model.d_model = {}; pick n_heads among its divisors", m.n_heads, m.d_model));
         }
         for (key, p) in [("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout)] {

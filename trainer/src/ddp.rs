@@ -66,10 +66,6 @@ impl<'c> Ddp<'c> {
         Ok(Ddp { comm, buckets, params, device, cost: CommCost { bytes_per_step: bytes, buckets: 0, seconds: 0.0 } })
     }
 
-    pub fn world(&self) -> usize {
-        self.comm.world()
-    }
-
     /// Bytes, buckets and time of the collectives so far (time resets).
     pub fn take_cost(&mut self) -> CommCost {
         let c = CommCost { buckets: self.buckets.len(), ..self.cost };

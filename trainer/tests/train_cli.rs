@@ -126,7 +126,7 @@ fn stopping_and_resuming_reproduces_an_uninterrupted_run() {
     }
     // Training changed the weights, and the loss went down.
     let first: f64 = a[0].2.parse().unwrap();
-    let last: f64 = a.iter().filter(|r| r.1 == "train").last().unwrap().2.parse().unwrap();
+    let last: f64 = a.iter().rev().find(|r| r.1 == "train").unwrap().2.parse().unwrap();
     assert!(last < first, "loss did not decrease: {first} → {last}");
     // Kept: the last 2 step checkpoints and best; the resolved config says what ran.
     let cfg = std::fs::read_to_string(straight.join("config.toml")).unwrap();
@@ -233,7 +233,7 @@ fn the_model_beats_the_context_free_baseline_on_data_with_structure() {
         "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=10",
     ]));
     let text = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
-    let val: Vec<f64> = text.lines().filter(|l| l.contains(",val,")).last().unwrap().split(',').filter_map(|c| c.parse().ok()).collect();
+    let val: Vec<f64> = text.lines().rev().find(|l| l.contains(",val,")).unwrap().split(',').filter_map(|c| c.parse().ok()).collect();
     // step, epoch, loss, perplexity, masked_acc, baseline, global baseline, elapsed
     let (ppl, baseline, global) = (val[3], val[5], val[6]);
     assert!(baseline < global, "per-gene table {baseline} should beat global frequencies {global}");

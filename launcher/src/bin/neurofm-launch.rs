@@ -77,7 +77,8 @@ fn launch(args: Args) -> Result<i32> {
         bail!("--backend single runs one process; use nccl (GPUs) or mpi (CPU) for {} ranks", nproc * args.nnodes);
     }
     let grace = Duration::from_secs_f64(args.grace_s.max(0.0));
-    for attempt in 0..=args.max_restarts {
+    let mut attempt = 0;
+    loop {
         let children = match backend {
             Backend::Mpi => vec![mpi_handoff(&args, nproc, attempt)?],
             _ => spawn_ranks(&args, nproc, &gpus, backend, attempt),
@@ -86,14 +87,13 @@ fn launch(args: Args) -> Result<i32> {
         if code == 0 || interrupted || attempt == args.max_restarts {
             return Ok(code);
         }
+        attempt += 1;
         eprintln!(
-            "neurofm-launch: {} failed with exit code {code}; restarting the group ({} of {}) from its newest checkpoint",
+            "neurofm-launch: {} failed with exit code {code}; restarting the group ({attempt} of {}) from its newest checkpoint",
             failed.as_deref().unwrap_or("a rank"),
-            attempt + 1,
             args.max_restarts
         );
     }
-    unreachable!("the loop returns on its last attempt")
 }
 
 /// One child per local rank, with the environment contract (DESIGN §5) and its own GPU.
