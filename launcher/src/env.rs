@@ -133,6 +133,14 @@ impl DistEnv {
     }
 }
 
+/// Name of the attempt counter `neurofm-launch --max-restarts` sets (0 on the first attempt).
+pub const RESTART_COUNT: &str = "NEUROFM_RESTART_COUNT";
+
+/// Whether this process belongs to a restarted group (it should resume, not start over).
+pub fn is_restart() -> bool {
+    std::env::var(RESTART_COUNT).ok().and_then(|c| c.parse::<u32>().ok()).unwrap_or(0) > 0
+}
+
 fn port_of(var: &str, port: usize) -> Result<u16> {
     u16::try_from(port).ok().filter(|&p| p > 0).ok_or_else(|| LaunchError::Env {
         var: var.into(),

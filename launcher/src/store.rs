@@ -209,7 +209,6 @@ impl StoreClient {
 pub struct Rendezvous {
     pub client: StoreClient,
     pub rank: usize,
-    pub world: usize,
     timeout: Duration,
     _server: Option<StoreServer>,
 }
@@ -233,7 +232,7 @@ impl Rendezvous {
                 env.rank
             )));
         }
-        Ok(Rendezvous { client, rank: env.rank, world: env.world, timeout, _server: server })
+        Ok(Rendezvous { client, rank: env.rank, timeout, _server: server })
     }
 
     /// Rank `root` publishes `value` under `key`; every rank returns it.

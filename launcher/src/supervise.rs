@@ -124,12 +124,7 @@ async fn supervise(children: Vec<ChildSpec>, grace: Duration) -> Result<Outcome>
 fn forward(outcome: &mut Option<Outcome>, kill_at: &mut Option<tokio::time::Instant>, live: &[i32], sig: i32, grace: Duration) {
     eprintln!("neurofm-launch: got signal {sig}; passing it on to {} process(es)", live.len());
     signal_groups(live, sig);
-    if outcome.is_none() {
-        *outcome = Some(Outcome { code: 128 + sig, failed: None, interrupted: true });
-    }
-    if let Some(o) = outcome.as_mut() {
-        o.interrupted = true;
-    }
+    outcome.get_or_insert(Outcome { code: 128 + sig, failed: None, interrupted: false }).interrupted = true;
     kill_at.get_or_insert(tokio::time::Instant::now() + grace);
 }
 

@@ -27,7 +27,7 @@ struct Bucket {
 pub struct CommCost {
     pub bytes_per_step: u64,
     pub buckets: usize,
-    /// Seconds spent in collectives (gradients and step sums) since the last `take_seconds`.
+    /// Seconds spent in collectives (gradients and step sums) since the last `Ddp::take_cost`.
     pub seconds: f64,
 }
 
@@ -37,7 +37,8 @@ pub struct Ddp<'c> {
     params: Vec<Tensor>,
     buckets: Vec<Bucket>,
     device: Device,
-    cost: CommCost,
+    /// Seconds in collectives since the last `take_cost`.
+    seconds: f64,
 }
 
 impl<'c> Ddp<'c> {
@@ -45,32 +46,31 @@ impl<'c> Ddp<'c> {
     /// it alone). A single rank gets no buckets: every call is then free.
     pub fn new(comm: &'c dyn Communicator, params: Vec<Tensor>, bucket_bytes: usize, device: Device) -> Result<Ddp<'c>> {
         let mut buckets = Vec::new();
-        if comm.world() > 1 && params.iter().any(|p| p.kind() != Kind::Float) {
+        if comm.world() == 1 {
+            return Ok(Ddp { comm, buckets, params, device, seconds: 0.0 });
+        }
+        if params.iter().any(|p| p.kind() != Kind::Float) {
             return Err(TrainError::Internal("DDP buckets hold f32 parameters only".into()));
         }
-        if comm.world() > 1 {
-            let (mut start, mut numel) = (0, 0i64);
-            for (i, p) in params.iter().enumerate() {
-                let n = p.numel() as i64;
-                if numel > 0 && (numel + n) as usize * 4 > bucket_bytes {
-                    buckets.push(Bucket { members: start..i, flat: Tensor::f_zeros([numel], (Kind::Float, device))? });
-                    (start, numel) = (i, 0);
-                }
-                numel += n;
+        let (mut start, mut numel) = (0, 0i64);
+        for (i, p) in params.iter().enumerate() {
+            let n = p.numel() as i64;
+            if numel > 0 && (numel + n) as usize * 4 > bucket_bytes {
+                buckets.push(Bucket { members: start..i, flat: Tensor::f_zeros([numel], (Kind::Float, device))? });
+                (start, numel) = (i, 0);
             }
-            if numel > 0 {
-                buckets.push(Bucket { members: start..params.len(), flat: Tensor::f_zeros([numel], (Kind::Float, device))? });
-            }
+            numel += n;
         }
-        let bytes = params.iter().map(|p| p.numel() as u64 * 4).sum::<u64>() * (comm.world() > 1) as u64;
-        Ok(Ddp { comm, buckets, params, device, cost: CommCost { bytes_per_step: bytes, buckets: 0, seconds: 0.0 } })
+        if numel > 0 {
+            buckets.push(Bucket { members: start..params.len(), flat: Tensor::f_zeros([numel], (Kind::Float, device))? });
+        }
+        Ok(Ddp { comm, buckets, params, device, seconds: 0.0 })
     }
 
     /// Bytes, buckets and time of the collectives so far (time resets).
     pub fn take_cost(&mut self) -> CommCost {
-        let c = CommCost { buckets: self.buckets.len(), ..self.cost };
-        self.cost.seconds = 0.0;
-        c
+        let bytes_per_step = self.buckets.iter().map(|b| b.flat.numel() as u64 * 4).sum();
+        CommCost { bytes_per_step, buckets: self.buckets.len(), seconds: std::mem::take(&mut self.seconds) }
     }
 
     /// Makes every rank's parameters rank 0's.
@@ -98,7 +98,7 @@ impl<'c> Ddp<'c> {
             unpack(&self.params[b.members.clone()], &b.flat, Tensor::grad)?;
         }
         self.sync_device();
-        self.cost.seconds += start.elapsed().as_secs_f64();
+        self.seconds += start.elapsed().as_secs_f64();
         Ok(())
     }
 
@@ -112,7 +112,7 @@ impl<'c> Ddp<'c> {
         self.comm.all_reduce_sum(&mut t)?;
         let summed = Vec::<f64>::try_from(t.f_to_device(Device::Cpu)?)?;
         values.copy_from_slice(&summed);
-        self.cost.seconds += start.elapsed().as_secs_f64();
+        self.seconds += start.elapsed().as_secs_f64();
         Ok(())
     }
 

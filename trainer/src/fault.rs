@@ -17,9 +17,8 @@ impl Fault {
     /// The fault configured for this attempt, if any.
     pub fn from_env() -> Result<Option<Fault>> {
         let Ok(spec) = std::env::var("NEUROFM_FAULT") else { return Ok(None) };
-        let restarted = std::env::var("NEUROFM_RESTART_COUNT").ok().and_then(|c| c.parse::<u32>().ok()).unwrap_or(0) > 0;
         let fault = Fault::parse(&spec)?;
-        Ok((!restarted).then_some(fault))
+        Ok((!launcher::env::is_restart()).then_some(fault))
     }
 
     fn parse(spec: &str) -> Result<Fault> {

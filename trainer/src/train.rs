@@ -148,15 +148,15 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// A freshly initialized model (seeded from the config).
-    pub fn new(cfg: &TrainConfig, vocab: Vocabulary, device: Device, total_steps: u64) -> Result<Trainer> {
+    /// A freshly initialized model (seeded from the config), for data-parallel rank `rank`.
+    pub fn new(cfg: &TrainConfig, vocab: Vocabulary, device: Device, total_steps: u64, rank: usize) -> Result<Trainer> {
         let (vs, mut model) = model::build(&cfg.model, vocab, device, cfg.seed);
         model.compute = match (cfg.train.precision, device) {
             (Precision::Fp32, _) | (Precision::Auto, Device::Cpu) => Kind::Float,
             (Precision::Bf16 | Precision::Auto, _) => Kind::BFloat16,
         };
         let opt = AdamW::new(&vs, &cfg.optim)?;
-        Ok(Trainer { cfg: cfg.clone(), device, vs, model, opt, step: 0, total_steps, rank: 0 })
+        Ok(Trainer { cfg: cfg.clone(), device, vs, model, opt, step: 0, total_steps, rank })
     }
 
     /// Starts a step: clears gradients and reseeds dropout from (seed, step, rank).
@@ -355,8 +355,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions, comm: &dyn Communi
     }
     let total_steps = if cfg.train.max_steps > 0 { cfg.train.max_steps } else { cfg.train.epochs * per_epoch };
     let vocab = Vocabulary { n_genes: data.tokenizer.genes.len(), n_bins: data.tokenizer.vocab.n_bins };
-    let mut trainer = Trainer::new(&cfg, vocab, device, total_steps)?;
-    trainer.rank = rank.rank();
+    let mut trainer = Trainer::new(&cfg, vocab, device, total_steps, rank.rank())?;
     let mut state = TrainState {
         step: 0,
         position: ReaderPosition::default(),
@@ -414,6 +413,8 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions, comm: &dyn Communi
     let checkpoints = Checkpoints::new(&run.path);
     let (peak, peak_source) = peak_flops(device, cfg.train.peak_tflops);
     info!("MFU against {:.1} TFLOP/s ({peak_source})", peak / 1e12);
+    // Cells, tokens and FLOPs of a step are summed over ranks, so rates compare with all ranks' peak.
+    let group_peak = peak * rank.world() as f64;
 
     let unmasked = Batcher::new(data.tokenizer.clone(), cfg.sequence, None)?;
     let fit_cells = sample_cells(&data.train_cells, cfg.tokenizer.max_fit_cells, cfg.seed, 42);
@@ -502,7 +503,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions, comm: &dyn Communi
             }
             let step = trainer.step;
             if step % cfg.train.log_every == 0 || step == total_steps {
-                let row = window.row(step, state.position.epoch, peak * rank.world() as f64, started.elapsed().as_secs_f64());
+                let row = window.row(step, state.position.epoch, group_peak, started.elapsed().as_secs_f64());
                 for (tag, v) in [
                     ("train/loss", row.loss),
                     ("train/lr", row.lr),
@@ -565,7 +566,7 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions, comm: &dyn Communi
         bar.finish_and_clear();
     }
     if overall.steps > 0 && lead {
-        let summary = overall.summary(peak, &peak_source, &ddp.take_cost(), rank.world());
+        let summary = overall.summary(group_peak, &peak_source, &ddp.take_cost(), rank.world());
         info!("throughput: {summary}");
         let json = serde_json::to_vec_pretty(&summary).map_err(|e| TrainError::Internal(e.to_string()))?;
         dataloader::write_atomic(&run.path.join("throughput.json"), &json)?;
@@ -741,7 +742,7 @@ impl Window {
 
     /// Throughput summary written to `throughput.json` (what `make bench-train` prints).
     /// Cells, tokens and FLOPs are summed over ranks; times are rank 0's.
-    fn summary(&self, peak: f64, peak_source: &str, comm: &CommCost, world: usize) -> serde_json::Value {
+    fn summary(&self, group_peak: f64, peak_source: &str, comm: &CommCost, world: usize) -> serde_json::Value {
         let (t, secs) = (&self.sum, self.seconds());
         let per_step_ms = |x: f64| 1e3 * x / self.steps.max(1) as f64;
         serde_json::json!({
@@ -761,8 +762,8 @@ impl Window {
                 "share_of_step": t.comm / secs,
             },
             "tflops_achieved": t.flops / secs / 1e12,
-            "mfu": t.flops / secs / peak / world as f64,
-            "peak_tflops": peak / 1e12,
+            "mfu": t.flops / secs / group_peak,
+            "peak_tflops": group_peak / world as f64 / 1e12,
             "peak_source": peak_source,
             "max_rss_mb": max_rss_mb(),
         })

@@ -7,8 +7,8 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use dataloader::convert::{convert, ConvertOptions};
-use dataloader::synth::{self, SynthOptions};
+mod common;
+use common::{synth_store, weights};
 
 /// Dropout off, so one rank with batch 16 and two with batch 8 compute the same steps.
 const TINY: &str = r#"
@@ -48,13 +48,9 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        std::env::set_var("HDF5_USE_FILE_LOCKING", "FALSE");
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
-        let src = root.join("cells.h5ad");
-        synth::write(&SynthOptions::new(src.clone(), 400, 60, 3, 11)).expect("synth");
-        let store = root.join("cells.zarr");
-        convert(&src, &store, &ConvertOptions::default()).expect("convert");
+        let store = synth_store(&root, "cells", 400, 60);
         let config = root.join("tiny.toml");
         std::fs::write(&config, TINY).expect("config");
         Fixture { _dir: dir, root, store, config }
@@ -124,12 +120,7 @@ fn assert_same_curve(a: &Path, b: &Path) {
 }
 
 fn assert_same_weights(a: &Path, b: &Path) {
-    let read = |p: &Path| {
-        let mut w = tch::Tensor::read_safetensors(p.join("checkpoints/last/model.safetensors")).expect("weights");
-        w.sort_by(|x, y| x.0.cmp(&y.0));
-        w
-    };
-    let (wa, wb) = (read(a), read(b));
+    let (wa, wb) = (weights(&a.join("checkpoints/last")), weights(&b.join("checkpoints/last")));
     assert_eq!(wa.len(), wb.len());
     for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {
         assert_eq!(na, nb);

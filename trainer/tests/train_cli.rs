@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use dataloader::convert::{convert, ConvertOptions};
-use dataloader::synth::{self, SynthOptions};
+mod common;
+use common::{synth_store, weights};
 
 /// A tiny model that still exercises dropout, clipping, warmup and accumulation.
 const TINY: &str = r#"
@@ -48,19 +48,11 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        std::env::set_var("HDF5_USE_FILE_LOCKING", "FALSE");
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
-        let make_n = |name: &str, cells: usize, genes: usize| {
-            let src = root.join(format!("{name}.h5ad"));
-            synth::write(&SynthOptions::new(src.clone(), cells, genes, 3, 11)).expect("synth");
-            let out = root.join(format!("{name}.zarr"));
-            convert(&src, &out, &ConvertOptions::default()).expect("convert");
-            out
-        };
-        let store = make_n("cells", 400, 60);
-        let narrow_store = make_n("narrow", 400, 50);
-        let structured_store = make_n("structured", 2000, 60);
+        let store = synth_store(&root, "cells", 400, 60);
+        let narrow_store = synth_store(&root, "narrow", 400, 50);
+        let structured_store = synth_store(&root, "structured", 2000, 60);
         let config = root.join("tiny.toml");
         std::fs::write(&config, TINY).expect("config");
         Fixture { _dir: dir, root, store, narrow_store, structured_store, config }
@@ -97,12 +89,6 @@ fn losses(run: &Path) -> Vec<(String, String, String)> {
         let c: Vec<&str> = l.split(',').collect();
         (c[0].to_string(), c[2].to_string(), c[3].to_string())
     }).collect()
-}
-
-fn weights(ckpt: &Path) -> Vec<(String, tch::Tensor)> {
-    let mut w = tch::Tensor::read_safetensors(ckpt.join("model.safetensors")).expect("weights");
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use launcher::env::RESTART_COUNT;
 use launcher::supervise::{run_group, ChildSpec, Outcome};
 
 /// Launch a data-parallel group: `neurofm-launch --nproc-per-node 4 -- neurofm-train --config ...`
@@ -110,7 +111,7 @@ fn spawn_ranks(args: &Args, nproc: usize, gpus: &[String], backend: Backend, att
                 ("MASTER_ADDR".into(), args.master_addr.clone()),
                 ("MASTER_PORT".into(), args.master_port.to_string()),
                 ("NEUROFM_BACKEND".into(), format!("{backend:?}").to_lowercase()),
-                ("NEUROFM_RESTART_COUNT".into(), attempt.to_string()),
+                (RESTART_COUNT.into(), attempt.to_string()),
             ];
             if let Some(gpu) = gpus.get(local) {
                 env.push(("CUDA_VISIBLE_DEVICES".into(), gpu.clone()));
@@ -123,7 +124,7 @@ fn spawn_ranks(args: &Args, nproc: usize, gpus: &[String], backend: Backend, att
 /// CPU ranks talk MPI, so MPI's own launcher starts them: `srun --mpi=pmix` inside a SLURM
 /// allocation, else `mpirun` on this node.
 fn mpi_handoff(args: &Args, nproc: usize, attempt: u32) -> Result<ChildSpec> {
-    let env = vec![("NEUROFM_BACKEND".to_string(), "mpi".to_string()), ("NEUROFM_RESTART_COUNT".into(), attempt.to_string())];
+    let env = vec![("NEUROFM_BACKEND".to_string(), "mpi".to_string()), (RESTART_COUNT.into(), attempt.to_string())];
     let mut argv: Vec<OsString> = Vec::new();
     let program = if std::env::var_os("SLURM_JOB_ID").is_some() {
         let ntasks = nproc * args.nnodes;

@@ -97,7 +97,7 @@ fn train_in_group(args: &Args, comm: &dyn Communicator, device: tch::Device) -> 
     let stem = args.config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
     let run_path = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(stem));
     // A group restarted by neurofm-launch --max-restarts continues from its newest checkpoint.
-    let restarted = std::env::var("NEUROFM_RESTART_COUNT").ok().and_then(|c| c.parse::<u32>().ok()).unwrap_or(0) > 0;
+    let restarted = launcher::env::is_restart();
     let resume = match (&args.resume, restarted) {
         (Some(r), _) => r.clone(),
         (None, true) => Resume::Auto,
