@@ -10,6 +10,7 @@ pub mod convert;
 pub mod csr;
 pub mod error;
 pub mod frame;
+pub mod h5write;
 pub mod inspect;
 pub mod mask;
 pub mod rng;

@@ -166,7 +166,7 @@ impl DictColumn {
 }
 
 /// Splits one CSV line (RFC 4180 quoting, no embedded newlines).
-fn parse_csv_line(line: &str) -> Vec<String> {
+pub fn parse_csv_line(line: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut quoted = false;

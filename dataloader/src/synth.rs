@@ -7,16 +7,16 @@
 //! only on (seed, cell), so every storage variant of the same options holds identical counts.
 
 use std::path::PathBuf;
-use std::str::FromStr;
 
-use hdf5::types::VarLenUnicode;
-use hdf5::{Dataset, Group, Location};
+use hdf5::{Dataset, Group};
 use rand_distr::{Distribution, Gamma, LogNormal, Poisson};
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::csr::CsrRows;
 use crate::error::{DataError, Result};
+use crate::frame::{Column, Frame};
+use crate::h5write::{dict_group, encoding, frame, strings};
 use crate::rng::rng_for;
 use crate::source::h5::h5err;
 
@@ -242,8 +242,7 @@ fn write_contents(file: &hdf5::File, o: &SynthOptions, path: &std::path::Path) -
         return Ok(SynthSummary { n_cells: o.cells, n_genes: o.genes, n_types: o.types, nnz: m.nnz() as u64 });
     }
 
-    str_attr(file, "encoding-type", "anndata", path)?;
-    str_attr(file, "encoding-version", "0.1.0", path)?;
+    encoding(file, "anndata", "0.1.0", path)?;
     let counts_group = match o.counts_in {
         SynthLocation::X => "X".to_string(),
         SynthLocation::Layer => "layers/counts".to_string(),
@@ -256,12 +255,11 @@ fn write_contents(file: &hdf5::File, o: &SynthOptions, path: &std::path::Path) -
         }
     };
     for d in ["layers", "obsm", "obsp", "varm", "varp", "uns"] {
-        let g = file.create_group(d).map_err(err(d))?;
-        dict_attrs(&g, path)?;
+        dict_group(file, d, path)?;
     }
     if o.counts_in == SynthLocation::Raw {
         let raw = file.create_group("raw").map_err(err("raw"))?;
-        frame(&raw, "var", &gene_names, &[], path)?;
+        frame(&raw, "var", &categorical_frame(&gene_names, vec![]), path)?;
     }
     let nnz = match o.layout {
         SynthLayout::Csr => write_csr_streaming(&parent_of(&counts_group)?, leaf(&counts_group), &model, o, path)?,
@@ -280,8 +278,7 @@ fn write_contents(file: &hdf5::File, o: &SynthOptions, path: &std::path::Path) -
                 }
                 let arr = ndarray::Array2::from_shape_vec((o.cells, o.genes), dense).map_err(|e| DataError::Internal(e.to_string()))?;
                 let ds = write_numeric_2d(&g, leaf(&counts_group), &arr, o, path)?;
-                str_attr(&ds, "encoding-type", "array", path)?;
-                str_attr(&ds, "encoding-version", "0.2.0", path)?;
+                encoding(&ds, "array", "0.2.0", path)?;
             }
             m.nnz() as u64
         }
@@ -301,60 +298,23 @@ fn write_contents(file: &hdf5::File, o: &SynthOptions, path: &std::path::Path) -
         float_opts.dtype = SynthDtype::F32;
         write_csr_block(file, "X", &logx, &float_opts, path)?;
     }
-    let obs_cols = [("cell_type", &types), ("library", &libs)];
-    frame(file, "obs", &cell_names, &obs_cols, path)?;
+    frame(file, "obs", &categorical_frame(&cell_names, vec![("cell_type", types), ("library", libs)]), path)?;
     let symbols: Vec<String> = (0..o.genes).map(|g| format!("G{g}")).collect();
-    frame(file, "var", &gene_names, &[("gene_symbol", &symbols)], path)?;
+    frame(file, "var", &categorical_frame(&gene_names, vec![("gene_symbol", symbols)]), path)?;
     Ok(SynthSummary { n_cells: o.cells, n_genes: o.genes, n_types: o.types, nnz })
+}
+
+/// A dataframe whose columns are all categorical, as pandas stores few distinct strings.
+fn categorical_frame(index: &[String], cols: Vec<(&str, Vec<String>)>) -> Frame {
+    Frame {
+        index_name: "_index".into(),
+        index: index.to_vec(),
+        columns: cols.into_iter().map(|(n, v)| (n.to_string(), Column::categorical_from_text(v))).collect(),
+    }
 }
 
 fn leaf(p: &str) -> &str {
     p.rsplit_once('/').map(|(_, l)| l).unwrap_or(p)
-}
-
-fn str_attr(loc: &Location, name: &str, value: &str, path: &std::path::Path) -> Result<()> {
-    let v = VarLenUnicode::from_str(value).map_err(|e| DataError::Internal(e.to_string()))?;
-    loc.new_attr::<VarLenUnicode>().create(name).and_then(|a| a.write_scalar(&v)).map_err(h5err(path, name))
-}
-
-fn dict_attrs(g: &Group, path: &std::path::Path) -> Result<()> {
-    str_attr(g, "encoding-type", "dict", path)?;
-    str_attr(g, "encoding-version", "0.1.0", path)
-}
-
-fn to_vlen(values: &[String]) -> Result<Vec<VarLenUnicode>> {
-    values.iter().map(|s| VarLenUnicode::from_str(s).map_err(|e| DataError::Internal(e.to_string()))).collect()
-}
-
-fn strings(g: &Group, name: &str, values: &[String], path: &std::path::Path) -> Result<Dataset> {
-    let data = to_vlen(values)?;
-    g.new_dataset_builder().with_data(&data).create(name).map_err(h5err(path, name))
-}
-
-/// An AnnData dataframe: string index plus categorical columns.
-fn frame(parent: &Group, name: &str, index: &[String], cols: &[(&str, &Vec<String>)], path: &std::path::Path) -> Result<()> {
-    let g = parent.create_group(name).map_err(h5err(path, name))?;
-    str_attr(&g, "encoding-type", "dataframe", path)?;
-    str_attr(&g, "encoding-version", "0.2.0", path)?;
-    str_attr(&g, "_index", "_index", path)?;
-    let order = to_vlen(&cols.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>())?;
-    g.new_attr_builder().with_data(&order).create("column-order").map_err(h5err(path, "column-order"))?;
-    let idx = strings(&g, "_index", index, path)?;
-    str_attr(&idx, "encoding-type", "string-array", path)?;
-    str_attr(&idx, "encoding-version", "0.2.0", path)?;
-    for (cname, values) in cols {
-        let mut cats: Vec<String> = values.to_vec();
-        cats.sort();
-        cats.dedup();
-        let codes: Vec<i32> = values.iter().map(|v| cats.binary_search(v).map(|c| c as i32).unwrap_or(-1)).collect();
-        let cg = g.create_group(cname).map_err(h5err(path, cname))?;
-        str_attr(&cg, "encoding-type", "categorical", path)?;
-        str_attr(&cg, "encoding-version", "0.2.0", path)?;
-        cg.new_attr::<bool>().create("ordered").and_then(|a| a.write_scalar(&false)).map_err(h5err(path, "ordered"))?;
-        cg.new_dataset_builder().with_data(&codes).create("codes").map_err(h5err(path, "codes"))?;
-        strings(&cg, "categories", &cats, path)?;
-    }
-    Ok(())
 }
 
 fn builder(g: &Group, o: &SynthOptions) -> hdf5::DatasetBuilder {
@@ -390,8 +350,7 @@ fn write_numeric_2d(g: &Group, name: &str, arr: &ndarray::Array2<f64>, o: &Synth
 
 fn sparse_group(parent: &Group, name: &str, enc: &str, shape: [usize; 2], path: &std::path::Path) -> Result<Group> {
     let g = parent.create_group(name).map_err(h5err(path, name))?;
-    str_attr(&g, "encoding-type", enc, path)?;
-    str_attr(&g, "encoding-version", "0.1.0", path)?;
+    encoding(&g, enc, "0.1.0", path)?;
     let s = [shape[0] as i64, shape[1] as i64];
     g.new_attr_builder().with_data(&s).create("shape").map_err(h5err(path, "shape"))?;
     Ok(g)

@@ -1,5 +1,25 @@
-//! Evaluation of pretrained cell embeddings (issue 5 builds `neurofm-eval` on this crate).
+//! Evaluation of pretrained cell embeddings: what a model learned, measured against baselines.
 //!
-//! `metrics`: classification and clustering scores defined as scikit-learn defines them.
+//! Read top to bottom: `evaluate` (the whole flow), then its parts: `labels` (classes and the
+//! train/test split), `dataset` (cells and genes), `embed` (a run's model → embeddings),
+//! `linalg` (standardization, PCA), `knn`, `probe` (logistic regression, few-shot, kNN),
+//! `cluster` (Louvain, silhouette), `umap`, `metrics` (scikit-learn's definitions), `plots`,
+//! `report`, `outputs` (npy, tsv, h5ad); `atlas` draws an atlas's own coordinates.
 
+pub mod atlas;
+pub mod cluster;
+pub mod dataset;
+pub mod embed;
+pub mod error;
+pub mod evaluate;
+pub mod knn;
+pub mod labels;
+pub mod linalg;
 pub mod metrics;
+pub mod outputs;
+pub mod plots;
+pub mod probe;
+pub mod report;
+pub mod umap;
+
+pub use error::{EvalError, Result};

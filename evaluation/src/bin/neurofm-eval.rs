@@ -1,0 +1,44 @@
+//! `neurofm-eval`: embeddings, probes with baselines, clustering, layouts and a report for a
+//! trained run; `neurofm-eval atlas-plot` draws an atlas's own coordinates.
+
+use clap::{Parser, Subcommand};
+use evaluation::atlas::{atlas_plot, AtlasConfig};
+use evaluation::evaluate::{evaluate, EvalConfig};
+use evaluation::EvalError;
+
+#[derive(Parser)]
+#[command(version, about = "Evaluate a neurofm run: cell embeddings, probes vs baselines, clustering, PCA/t-SNE/UMAP, report")]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    eval: Option<EvalConfig>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Scatter of an atlas's own 2-D coordinates, top clusters colored (Allen metadata CSVs).
+    AtlasPlot(AtlasConfig),
+}
+
+fn main() {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    let result: Result<(), EvalError> = match (cli.command, cli.eval) {
+        (Some(Command::AtlasPlot(cfg)), _) => atlas_plot(&cfg).map(|n| println!("{}: {n} cells", cfg.out.display())),
+        (None, Some(cfg)) => evaluate(&cfg).map(|m| {
+            let out = cfg.out.clone().unwrap_or_else(|| cfg.run.join("eval"));
+            println!("{:<34} {:>8} {:>8} {:>8} {:>8}", "representation", "accuracy", "macro F1", "ROC-AUC", "ARI");
+            for r in &m.representations {
+                println!("{:<34} {:>8.3} {:>8.3} {:>8} {:>8.3}", r.name, r.probe.accuracy, r.probe.macro_f1, evaluation::report::num(r.probe.roc_auc), r.cluster_ari);
+            }
+            println!("report: {}", out.join("report.html").display());
+        }),
+        (None, None) => Err(EvalError::Usage("give --run, --data and --label-col (or a subcommand); see --help".into())),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(e.exit_code());
+    }
+}

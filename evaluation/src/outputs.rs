@@ -1,0 +1,118 @@
+//! Files users take into their own tools: `embeddings.npy` (NumPy), `cells.tsv`, and an
+//! `embeddings.h5ad` whose `obsm` holds the embedding and its layouts (scanpy reads it as is).
+//! Every file is written to a temp name and renamed.
+
+use std::path::Path;
+
+use dataloader::frame::Frame;
+use dataloader::h5write::{dict_group, encoding, frame};
+use dataloader::source::h5::h5err;
+use ndarray::Array2;
+
+use crate::error::{EvalError, Result};
+
+/// Writes `bytes` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    dataloader::write_atomic(path, bytes).map_err(EvalError::from)
+}
+
+/// NumPy `.npy` v1.0 of a row-major float32 matrix (format spec: numpy.lib.format).
+pub fn npy_f32(x: &Array2<f32>) -> Vec<u8> {
+    let (n, d) = x.dim();
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({n}, {d}), }}");
+    // Magic (6) + version (2) + length (2) + header, padded with spaces to a multiple of 64.
+    let total = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - total % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + 4 * n * d);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in x.iter() {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Tab-separated text with a header line; tabs and newlines in values become spaces.
+pub fn tsv(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> Vec<u8> {
+    let clean = |s: &str| s.replace(['\t', '\n', '\r'], " ");
+    let mut out = header.join("\t");
+    out.push('\n');
+    for r in rows {
+        out.push_str(&r.iter().map(|v| clean(v)).collect::<Vec<_>>().join("\t"));
+        out.push('\n');
+    }
+    out.into_bytes()
+}
+
+/// CSV (RFC 4180: fields with commas, quotes or newlines are quoted).
+pub fn csv(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> Vec<u8> {
+    let field = |s: &str| if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
+    let mut out = header.iter().map(|h| field(h)).collect::<Vec<_>>().join(",");
+    out.push('\n');
+    for r in rows {
+        out.push_str(&r.iter().map(|v| field(v)).collect::<Vec<_>>().join(","));
+        out.push('\n');
+    }
+    out.into_bytes()
+}
+
+/// An AnnData file with `obs`, no genes (`X` absent, empty `var`) and `obsm` matrices.
+pub fn h5ad(path: &Path, obs: &Frame, obsm: &[(&str, &Array2<f32>)]) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let written = write_h5ad(&tmp, obs, obsm);
+    match written.and_then(|_| std::fs::rename(&tmp, path).map_err(|e| EvalError::io(path, e))) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn write_h5ad(path: &Path, obs: &Frame, obsm: &[(&str, &Array2<f32>)]) -> Result<()> {
+    let file = hdf5::File::create(path).map_err(h5err(path, "/"))?;
+    encoding(&file, "anndata", "0.1.0", path)?;
+    frame(&file, "obs", obs, path)?;
+    let var = Frame { index_name: "_index".into(), index: Vec::new(), columns: Vec::new() };
+    frame(&file, "var", &var, path)?;
+    let m = dict_group(&file, "obsm", path)?;
+    for (key, x) in obsm {
+        let (n, d) = x.dim();
+        let a = ndarray17::Array2::from_shape_vec((n, d), x.iter().copied().collect()).map_err(|e| EvalError::Internal(e.to_string()))?;
+        let ds = m.new_dataset_builder().with_data(&a).create(*key).map_err(h5err(path, key))?;
+        encoding(&ds, "array", "0.2.0", path)?;
+    }
+    for g in ["layers", "obsp", "varm", "varp", "uns"] {
+        dict_group(&file, g, path)?;
+    }
+    file.close().map_err(h5err(path, "/"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_header_is_aligned_and_data_follows() {
+        let x = Array2::from_shape_vec((2, 3), vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        let b = npy_f32(&x);
+        let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+        assert_eq!((10 + hlen) % 64, 0);
+        let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
+        assert!(header.contains("'shape': (2, 3)") && header.ends_with('\n'));
+        assert_eq!(b.len(), 10 + hlen + 24);
+        assert_eq!(f32::from_le_bytes(b[10 + hlen + 20..].try_into().unwrap()), 6.0);
+    }
+
+    #[test]
+    fn tsv_escapes_separators() {
+        let t = tsv(&["a", "b"], vec![vec!["x\ty".to_string(), "z".to_string()]].into_iter());
+        assert_eq!(String::from_utf8(t).unwrap(), "a\tb\nx y\tz\n");
+        let c = csv(&["a", "b"], vec![vec!["x,y".to_string(), "q\"".to_string()]].into_iter());
+        assert_eq!(String::from_utf8(c).unwrap(), "a,b\n\"x,y\",\"q\"\"\"\n");
+    }
+}
