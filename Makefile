@@ -9,13 +9,14 @@ PY          := $(PYENV)/bin/python
 TORCH_VENV  := $(CACHE)/torch-2.11.0
 JOBS        ?= 2
 SHARED_DATA ?= $(abspath ../shared/data)
-APT_PACKAGES := libhdf5-dev libopenmpi-dev openmpi-bin libclang-dev clang pkg-config slurmctld slurmd slurm-client
+APT_PACKAGES := libhdf5-dev libopenmpi-dev openmpi-bin libclang-dev clang pkg-config slurmctld slurmd slurm-client \
+                libfontconfig1-dev fonts-dejavu-core
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export NEUROFM_SHARED_DATA := $(SHARED_DATA)
 export NEUROFM_PYTHON := $(PY)
 
-.PHONY: setup system-packages pyenv libtorch build test test-rust test-interop test-slurm bench bench-train bench-comm clean
+.PHONY: setup system-packages pyenv libtorch build test test-rust test-interop test-slurm demo bench bench-train bench-comm bench-eval clean
 
 ## setup: system packages (apt), libtorch and the Python venv for interop tests, kept outside the clone
 setup: system-packages pyenv libtorch
@@ -58,11 +59,23 @@ test-rust:
 
 test-interop:
 	$(PY) tests/interop/check_stores.py --bin target/debug/neurofm-data --data "$(SHARED_DATA)"
+	$(PY) tests/interop/check_eval.py --bin-dir target/debug --data "$(SHARED_DATA)"
 
 # Starting slurmctld/slurmd needs root; elsewhere (a workstation) this test is skipped unless CI is set.
 test-slurm:
 	@if [ "$$(id -u)" = 0 ] || [ -n "$${CI:-}" ]; then tests/slurm/run.sh target/debug; \
 	else echo "test-slurm: skipped (needs root to run slurmctld/slurmd)"; fi
+
+## demo: the whole pipeline on a generated dataset (2000 cells, 4 types): convert → train →
+## evaluate; open demo/eval/report.html afterwards
+DEMO := demo
+demo: build
+	@mkdir -p $(DEMO)
+	target/release/neurofm-data --quiet synth --cells 2000 --genes 200 --types 4 --seed 7 --force $(DEMO)/cells.h5ad
+	target/release/neurofm-data convert -q --force $(DEMO)/cells.h5ad $(DEMO)/cells.zarr
+	target/release/neurofm-train --config configs/demo.toml --data $(DEMO)/cells.zarr --run-dir $(DEMO)/run --force --no-progress
+	target/release/neurofm-eval --run $(DEMO)/run --data $(DEMO)/cells.zarr --label-col cell_type --out $(DEMO)/eval
+	@echo "demo: open $(DEMO)/eval/report.html"
 
 ## bench: conversion (vs anndata) and reader throughput, release build; prints numbers
 bench: build
@@ -79,6 +92,11 @@ bench-train: build
 bench-comm: build
 	cargo build --release -j$(JOBS) -p neurofm-trainer --example allreduce_bench
 	target/release/neurofm-launch --backend mpi --nproc-per-node $${BENCH_RANKS:-2} -- target/release/examples/allreduce_bench
+
+## bench-eval: embedding speed (cells/s) on WHB with BENCH_RUN's model, and UMAP / t-SNE time
+## for BENCH_LAYOUT_CELLS (10,000) generated cells
+bench-eval: build
+	benches/eval_speed.sh $${BENCH_RUN:?set BENCH_RUN to a run directory trained on WHB} $${BENCH_LAYOUT_CELLS:-10000}
 
 clean:
 	cargo clean

@@ -346,6 +346,45 @@ pub fn tsne(x: &ArrayView2<f64>, seed: u64) -> Array2<f64> {
     params.transform(input).unwrap_or_else(|_| Array2::zeros((n, 2)))
 }
 
+/// `neurofm-eval layout` settings: a 2-D layout of any matrix.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LayoutConfig {
+    /// Rows to lay out: a 2-D float `.npy` (e.g. embeddings.npy).
+    #[arg(long)]
+    pub input: PathBuf,
+    #[arg(long, value_enum, default_value = "umap")]
+    pub method: LayoutMethod,
+    /// Output `.npy` (n × 2, float32).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Which layout `neurofm-eval layout` computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayoutMethod {
+    /// UMAP, 15 cosine neighbours.
+    Umap,
+    /// Barnes–Hut t-SNE, perplexity 30.
+    Tsne,
+    Pca,
+}
+
+/// Computes and writes the layout; returns the seconds it took (reading excluded).
+pub fn layout_file(cfg: &LayoutConfig) -> Result<f64> {
+    let x = outputs::read_npy(&cfg.input)?;
+    let start = Instant::now();
+    let y = match cfg.method {
+        LayoutMethod::Umap => umap(&x.view(), &cosine_knn(&x.view(), &x.view(), 15, true), &UmapConfig { seed: cfg.seed, ..UmapConfig::default() }),
+        LayoutMethod::Tsne => tsne(&x.view(), cfg.seed),
+        LayoutMethod::Pca => Pca::fit(&x.view(), 2, cfg.seed).transform(&x.view()),
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    outputs::write_atomic(&cfg.out, &outputs::npy_f32(&y.mapv(|v| v as f32)))?;
+    Ok(seconds)
+}
+
 fn run_info(model: &TrainedModel) -> RunInfo {
     let rows = read_metrics_csv(&model.run.join("metrics.csv")).unwrap_or_default();
     let last_val = rows.iter().rev().find(|r| r.split == "val");

@@ -34,6 +34,38 @@ pub fn npy_f32(x: &Array2<f32>) -> Vec<u8> {
     out
 }
 
+/// Reads a 2-D little-endian float32/float64 C-order `.npy` (what NumPy writes by default).
+pub fn read_npy(path: &Path) -> Result<Array2<f64>> {
+    let b = std::fs::read(path).map_err(|e| EvalError::io(path, e))?;
+    let bad = |why: &str| EvalError::input(path, format!("{why}; expected a 2-D float32/float64 .npy as numpy.save writes it"));
+    if b.len() < 10 || &b[..6] != b"\x93NUMPY" {
+        return Err(bad("not a .npy file"));
+    }
+    let (hlen, start) = match b[6] {
+        1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
+        2 | 3 if b.len() >= 12 => (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12),
+        _ => return Err(bad("unknown .npy version")),
+    };
+    let header = b.get(start..start + hlen).and_then(|h| std::str::from_utf8(h).ok()).ok_or_else(|| bad("truncated header"))?;
+    if header.contains("'fortran_order': True") {
+        return Err(bad("Fortran order"));
+    }
+    let width = if header.contains("'<f4'") { 4 } else if header.contains("'<f8'") { 8 } else { return Err(bad("dtype is not <f4 or <f8")) };
+    let shape = header.split("'shape': (").nth(1).and_then(|r| r.split(')').next()).ok_or_else(|| bad("no shape"))?;
+    let dims: Vec<usize> = shape.split(',').map(str::trim).filter(|d| !d.is_empty()).map(|d| d.parse().map_err(|_| bad("bad shape"))).collect::<Result<_>>()?;
+    let [n, d] = dims[..] else { return Err(bad("not 2-D")) };
+    let data = &b[start + hlen..];
+    if data.len() != n * d * width {
+        return Err(bad("data size does not match the shape"));
+    }
+    let values: Vec<f64> = if width == 4 {
+        data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()
+    } else {
+        data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
+    };
+    Array2::from_shape_vec((n, d), values).map_err(|e| EvalError::Internal(e.to_string()))
+}
+
 /// Tab-separated text with a header line; tabs and newlines in values become spaces.
 pub fn tsv(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> Vec<u8> {
     let clean = |s: &str| s.replace(['\t', '\n', '\r'], " ");
@@ -106,6 +138,17 @@ mod tests {
         assert!(header.contains("'shape': (2, 3)") && header.ends_with('\n'));
         assert_eq!(b.len(), 10 + hlen + 24);
         assert_eq!(f32::from_le_bytes(b[10 + hlen + 20..].try_into().unwrap()), 6.0);
+    }
+
+    #[test]
+    fn npy_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.npy");
+        let x = Array2::from_shape_vec((2, 3), vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.5]).unwrap();
+        std::fs::write(&p, npy_f32(&x)).unwrap();
+        assert_eq!(read_npy(&p).unwrap(), x.mapv(f64::from));
+        std::fs::write(&p, b"nope").unwrap();
+        assert_eq!(read_npy(&p).unwrap_err().exit_code(), 2);
     }
 
     #[test]

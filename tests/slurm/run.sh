@@ -77,7 +77,7 @@ submit() {  # submit SCRIPT [sbatch options...]: waits, fails the test if the jo
     echo "slurm: $script ok"
 }
 
-# ---- the jobs: convert, then train on one node and with the multi-node script ---------------
+# ---- the jobs: convert, train on one node and with the multi-node script, evaluate ---------------
 export NEUROFM_HOME=$ROOT BIN DEVICE=cpu
 "$BIN/neurofm-data" --quiet synth --cells 600 --genes 50 --types 3 "$WORK/cells.h5ad"
 cat > "$WORK/tiny.toml" <<CONF
@@ -113,4 +113,11 @@ for script in train-1node.sbatch train-multinode.sbatch; do
     grep -q "parameters identical on all 2 ranks" "$out" || fail "$script: no DDP consistency check in the log"
 done
 echo "slurm: every job produced checkpoints and events"
+
+# ---- evaluate the one-node run with eval.sbatch ---------------------------------------------
+RUN_DIR=$WORK/run-train-1node DATA=$WORK/cells.zarr LABEL_COL=cell_type OUT=$WORK/eval \
+    submit eval.sbatch --gpus-per-node=1 --cpus-per-task=1 --time=10
+[ -f "$WORK/eval/metrics.json" ] && [ -f "$WORK/eval/report.html" ] && [ -f "$WORK/eval/embeddings.h5ad" ] \
+    || fail "eval.sbatch: no metrics.json, report.html or embeddings.h5ad in $WORK/eval"
+echo "slurm: eval.sbatch wrote the report"
 rm -rf "$WORK"

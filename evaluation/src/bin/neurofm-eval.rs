@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use evaluation::atlas::{atlas_plot, AtlasConfig};
-use evaluation::evaluate::{evaluate, EvalConfig};
+use evaluation::evaluate::{evaluate, layout_file, EvalConfig, LayoutConfig};
 use evaluation::EvalError;
 
 #[derive(Parser)]
@@ -20,12 +20,15 @@ struct Cli {
 enum Command {
     /// Scatter of an atlas's own 2-D coordinates, top clusters colored (Allen metadata CSVs).
     AtlasPlot(AtlasConfig),
+    /// 2-D layout (UMAP, t-SNE or PCA) of any matrix in a .npy file.
+    Layout(LayoutConfig),
 }
 
 fn main() {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
     let result: Result<(), EvalError> = match (cli.command, cli.eval) {
+        (Some(Command::Layout(cfg)), _) => layout_file(&cfg).map(|secs| println!("{}: {:?} layout in {secs:.2} s", cfg.out.display(), cfg.method)),
         (Some(Command::AtlasPlot(cfg)), _) => atlas_plot(&cfg).map(|n| println!("{}: {n} cells", cfg.out.display())),
         (None, Some(cfg)) => evaluate(&cfg).map(|m| {
             let out = cfg.out.clone().unwrap_or_else(|| cfg.run.join("eval"));
