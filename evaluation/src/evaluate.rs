@@ -574,7 +574,7 @@ fn write_report(out: &Path, m: &EvalMetrics, figures: &[(String, String)]) -> Re
     }
     b.push(Block::Heading("Model vs baselines".into()));
     b.push(Block::Paragraph("Logistic regression on standardized features (C by 5-fold CV on the training cells), scored on the test cells; kNN: 15 cosine neighbours among training cells; clusters: Louvain on the 15-NN fuzzy graph of all cells, compared with the labels.".into()));
-    let head = ["representation", "dim", "accuracy", "balanced acc.", "macro F1", "ROC-AUC", "kNN acc.", "clusters", "ARI", "NMI", "silhouette"];
+    let head = ["representation", "dim", "accuracy", "balanced acc.", "macro F1", "F1 (class 1)", "ROC-AUC", "kNN acc.", "clusters", "ARI", "NMI", "silhouette"];
     let rows = m
         .representations
         .iter()
@@ -585,6 +585,7 @@ fn write_report(out: &Path, m: &EvalMetrics, figures: &[(String, String)]) -> Re
                 num(Some(r.probe.accuracy)),
                 num(Some(r.probe.balanced_accuracy)),
                 num(Some(r.probe.macro_f1)),
+                num(r.probe.f1_positive),
                 num(r.probe.roc_auc),
                 num(Some(r.knn_accuracy)),
                 r.clusters.to_string(),

@@ -17,6 +17,9 @@ pub struct Neighbours {
     pub similarity: Vec<Vec<f64>>,
 }
 
+/// Neighbour indices and similarities of one block of queries.
+type Block = (Vec<Vec<usize>>, Vec<Vec<f64>>);
+
 /// Rows per block of the similarity matrix (bounds memory to `BLOCK × n_refs` floats).
 const BLOCK: usize = 256;
 
@@ -27,7 +30,7 @@ pub fn cosine_knn(queries: &ArrayView2<f64>, refs: &ArrayView2<f64>, k: usize, e
     let r = unit_rows(refs);
     let k = k.min(r.nrows().saturating_sub(exclude_self as usize));
     let starts: Vec<usize> = (0..q.nrows()).step_by(BLOCK).collect();
-    let blocks: Vec<(Vec<Vec<usize>>, Vec<Vec<f64>>)> = starts
+    let blocks: Vec<Block> = starts
         .par_iter()
         .map(|&a| {
             let b = (a + BLOCK).min(q.nrows());

@@ -23,6 +23,9 @@ pub enum ClassSpec {
     Binary { positive: Vec<String>, negative: Vec<String> },
 }
 
+/// Maps a label value to its class, or `None` for a cell left out.
+type ClassOf = Box<dyn Fn(&str) -> Option<usize>>;
+
 /// Evaluated cells and their classes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Labels {
@@ -56,7 +59,7 @@ impl Labels {
             let top: Vec<String> = col.top_values(12).into_iter().map(|(v, n)| format!("{v} ({n})")).collect();
             Err(EvalError::input(data, format!("{flag} value(s) {} do not occur in obs `{column}`; its values include {}", absent.join(", "), top.join(", "))))
         };
-        let (classes, class_of): (Vec<String>, Box<dyn Fn(&str) -> Option<usize>>) = match spec {
+        let (classes, class_of): (Vec<String>, ClassOf) = match spec {
             ClassSpec::All => {
                 let mut names: Vec<String> = present.keys().filter(|v| !v.is_empty()).cloned().collect();
                 names.sort();
@@ -208,8 +211,8 @@ impl Split {
         Ok(Split { train, test })
     }
 
-    /// Groups in random order go to the test part until it holds `test_frac` of the cells;
-    /// several draws are tried so that every class lands in both parts.
+    /// Groups in random order go to the test part until it holds `test_frac` of the cells; of
+    /// 200 such draws, the one closest to `test_frac` that puts every class in both parts wins.
     fn by_group(labels: &Labels, col: &str, test_frac: f64, obs: &Frame, seed: u64, data: &Path) -> Result<Split> {
         let column = obs
             .column(col)
@@ -224,35 +227,36 @@ impl Split {
         let groups: Vec<Vec<usize>> = groups.into_values().collect();
         let target = (labels.y.len() as f64 * test_frac).round() as usize;
         let n_classes = labels.n_classes();
+        let count = |part: &[usize]| {
+            let mut c = vec![0; n_classes];
+            for &i in part {
+                c[labels.y[i]] += 1;
+            }
+            c
+        };
+        let mut best: Option<Split> = None;
         for attempt in 0..200u64 {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(attempt));
             let mut order: Vec<usize> = (0..groups.len()).collect();
-            order.shuffle(&mut rng);
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed.wrapping_add(attempt)));
             let (mut train, mut test) = (Vec::new(), Vec::new());
             for g in order {
-                if test.len() < target {
-                    test.extend_from_slice(&groups[g]);
-                } else {
-                    train.extend_from_slice(&groups[g]);
-                }
+                let part = if test.len() < target { &mut test } else { &mut train };
+                part.extend_from_slice(&groups[g]);
             }
-            let count = |part: &[usize]| {
-                let mut c = vec![0; n_classes];
-                for &i in part {
-                    c[labels.y[i]] += 1;
-                }
-                c
-            };
-            if count(&train).iter().all(|&c| c >= MIN_TRAIN_PER_CLASS) && count(&test).iter().all(|&c| c >= 1) {
+            let valid = count(&train).iter().all(|&c| c >= MIN_TRAIN_PER_CLASS) && count(&test).iter().all(|&c| c >= 1);
+            let closer = best.as_ref().is_none_or(|b| test.len().abs_diff(target) < b.test.len().abs_diff(target));
+            if valid && closer {
                 train.sort_unstable();
                 test.sort_unstable();
-                return Ok(Split { train, test });
+                best = Some(Split { train, test });
             }
         }
-        Err(EvalError::input(
-            data,
-            format!("--split group:{col}: found no assignment of {} groups that puts every class in both the training and the test part; use fewer classes or --split stratified", groups.len()),
-        ))
+        best.ok_or_else(|| {
+            EvalError::input(
+                data,
+                format!("--split group:{col}: found no assignment of {} groups that puts every class in both the training and the test part; use fewer classes or --split stratified", groups.len()),
+            )
+        })
     }
 
     /// `k` folds of `part` (positions into `labels`) stratified by class, for cross-validation.
@@ -277,11 +281,12 @@ mod tests {
     use super::*;
 
     fn obs(values: &[&str], groups: &[&str]) -> Frame {
-        let mut f = Frame::default();
-        f.index = (0..values.len()).map(|i| format!("c{i}")).collect();
-        f.columns.push(("label".into(), Column::categorical_from_text(values.iter().map(|s| s.to_string()).collect())));
-        f.columns.push(("lib".into(), Column::categorical_from_text(groups.iter().map(|s| s.to_string()).collect())));
-        f
+        let text = |v: &[&str]| Column::categorical_from_text(v.iter().map(|s| s.to_string()).collect());
+        Frame {
+            index: (0..values.len()).map(|i| format!("c{i}")).collect(),
+            columns: vec![("label".into(), text(values)), ("lib".into(), text(groups))],
+            ..Default::default()
+        }
     }
 
     fn many(n_a: usize, n_b: usize) -> Frame {

@@ -50,12 +50,14 @@ impl Confusion {
     /// positive scores 0 (sklearn's `f1_score(average="macro", zero_division=0)`).
     pub fn macro_f1(&self) -> f64 {
         let seen: Vec<usize> = (0..self.n_classes).filter(|&c| self.row(c) + self.col(c) > 0).collect();
-        let f1 = |c: usize| {
-            let tp = self.get(c, c) as f64;
-            let denom = (self.row(c) + self.col(c)) as f64; // 2·tp + fp + fn
-            if tp == 0.0 { 0.0 } else { 2.0 * tp / denom }
-        };
-        seen.iter().map(|&c| f1(c)).sum::<f64>() / seen.len().max(1) as f64
+        seen.iter().map(|&c| self.f1(c)).sum::<f64>() / seen.len().max(1) as f64
+    }
+
+    /// F1 of class `c` against the rest (sklearn's binary `f1_score` with `pos_label = c`).
+    pub fn f1(&self, c: usize) -> f64 {
+        let tp = self.get(c, c) as f64;
+        let denom = (self.row(c) + self.col(c)) as f64; // 2·tp + fp + fn
+        if tp == 0.0 { 0.0 } else { 2.0 * tp / denom }
     }
 
     /// Rows of counts, for CSV and plots.

@@ -32,6 +32,8 @@ pub struct Scores {
     pub accuracy: f64,
     pub balanced_accuracy: f64,
     pub macro_f1: f64,
+    /// F1 of class 1 in a binary problem (what the original study reported), else `None`.
+    pub f1_positive: Option<f64>,
     /// Binary ROC-AUC (class 1 positive), or one-vs-rest macro for several classes.
     pub roc_auc: Option<f64>,
 }
@@ -40,7 +42,7 @@ impl Scores {
     pub fn of(truth: &[usize], pred: &[usize], proba: &Array2<f64>, n_classes: usize) -> (Scores, Confusion) {
         let cm = Confusion::new(truth, pred, n_classes);
         let rows: Vec<Vec<f64>> = proba.rows().into_iter().map(|r| r.to_vec()).collect();
-        let scores = Scores { accuracy: cm.accuracy(), balanced_accuracy: cm.balanced_accuracy(), macro_f1: cm.macro_f1(), roc_auc: roc_auc_ovr_macro(truth, &rows, n_classes) };
+        let scores = Scores { accuracy: cm.accuracy(), balanced_accuracy: cm.balanced_accuracy(), macro_f1: cm.macro_f1(), f1_positive: (n_classes == 2).then(|| cm.f1(1)), roc_auc: roc_auc_ovr_macro(truth, &rows, n_classes) };
         (scores, cm)
     }
 }

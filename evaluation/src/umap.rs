@@ -39,13 +39,13 @@ pub fn fuzzy_graph(nb: &Neighbours, n: usize) -> Graph {
     let k_total = nb.k + 1; // umap-learn counts the point itself among its neighbours
     let target = (k_total as f64).log2();
     let mut directed: Vec<std::collections::HashMap<usize, f64>> = vec![Default::default(); n];
-    for i in 0..n {
-        let d: Vec<f64> = nb.similarity[i].iter().map(|s| (1.0 - s).max(0.0)).collect();
+    for (row, (idx, sim)) in directed.iter_mut().zip(nb.index.iter().zip(&nb.similarity)) {
+        let d: Vec<f64> = sim.iter().map(|s| (1.0 - s).max(0.0)).collect();
         let rho = d.iter().copied().find(|&v| v > 0.0).unwrap_or(0.0);
         let sigma = smooth_sigma(&d, rho, target);
-        for (&j, &dij) in nb.index[i].iter().zip(&d) {
+        for (&j, &dij) in idx.iter().zip(&d) {
             let w = if dij - rho <= 0.0 { 1.0 } else { (-(dij - rho) / sigma).exp() };
-            directed[i].insert(j, w);
+            row.insert(j, w);
         }
     }
     let mut adj: Vec<Vec<(usize, f64)>> = vec![Vec::new(); n];

@@ -72,6 +72,8 @@ def check_metrics(out, m):
     close(model["balanced_accuracy"], skm.balanced_accuracy_score(truth, yhat), "balanced accuracy")
     close(model["macro_f1"], skm.f1_score(truth, yhat, average="macro"), "macro F1")
     k = probs.shape[1]
+    if k == 2:
+        close(model["f1_positive"], skm.f1_score(truth, yhat), "F1 of class 1")
     auc = skm.roc_auc_score(truth, probs[:, 1]) if k == 2 else skm.roc_auc_score(truth, probs, multi_class="ovr", average="macro")
     close(model["roc_auc"], auc, "ROC-AUC", tol=1e-7)
     cm = skm.confusion_matrix(truth, yhat, labels=list(range(k)))
