@@ -75,6 +75,10 @@ pub struct EvalConfig {
     /// Also probe all log-normalized genes directly (slow for many genes × many classes).
     #[arg(long)]
     pub expression_baseline: bool,
+    /// Evaluate at most this many labelled cells (a seeded sample with every class's share), so
+    /// memory stays bounded on an atlas: the expression baseline holds cells × genes values.
+    #[arg(long, default_value_t = 50_000)]
+    pub max_cells: usize,
     /// Layouts (t-SNE, UMAP) use at most this many cells, a seeded random sample beyond.
     #[arg(long, default_value_t = 20_000)]
     pub max_layout_cells: usize,
@@ -175,7 +179,11 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalMetrics> {
     } else {
         ClassSpec::All
     };
-    let labels = Labels::from_obs(&data.obs, &cfg.label_col, &spec, cfg.min_class_cells, &data.path)?;
+    let mut labels = Labels::from_obs(&data.obs, &cfg.label_col, &spec, cfg.min_class_cells, &data.path)?;
+    let left_out = labels.subsample(cfg.max_cells, cfg.seed);
+    if left_out > 0 {
+        info!("evaluating a sample of {} cells ({left_out} left out; raise --max-cells to keep them)", labels.cells.len());
+    }
     for (name, n) in &labels.dropped {
         info!("class `{name}` dropped: {n} cells < --min-class-cells {}", cfg.min_class_cells);
     }

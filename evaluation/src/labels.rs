@@ -130,6 +130,27 @@ impl Labels {
         self.y = y;
     }
 
+    /// Keeps at most `max` cells, the same share of every class (seeded), so memory and time
+    /// stay bounded on an atlas; returns how many cells were left out.
+    pub fn subsample(&mut self, max: usize, seed: u64) -> usize {
+        let n = self.cells.len();
+        if n <= max {
+            return 0;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut keep = Vec::with_capacity(max);
+        for k in 0..self.classes.len() {
+            let mut members: Vec<usize> = (0..n).filter(|&i| self.y[i] == k).collect();
+            let take = ((members.len() as f64 * max as f64 / n as f64).round() as usize).max(1).min(members.len());
+            members.shuffle(&mut rng);
+            keep.extend_from_slice(&members[..take]);
+        }
+        keep.sort_unstable();
+        self.cells = keep.iter().map(|&i| self.cells[i]).collect();
+        self.y = keep.iter().map(|&i| self.y[i]).collect();
+        n - self.cells.len()
+    }
+
     /// Cells per class.
     pub fn counts(&self) -> Vec<usize> {
         let mut c = vec![0; self.classes.len()];
@@ -332,6 +353,16 @@ mod tests {
         let err = Split::new(&all, &SplitKind::Stratified, 0.2, &f, 0, Path::new("d")).unwrap_err();
         assert!(err.to_string().contains("class `b` has 1 cell(s)"), "{err}");
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn subsampling_keeps_class_shares() {
+        let f = many(600, 400);
+        let mut l = Labels::from_obs(&f, "label", &ClassSpec::All, 0, Path::new("d")).unwrap();
+        assert_eq!(l.subsample(100, 1), 900);
+        assert_eq!(l.counts(), vec![60, 40]);
+        assert!(l.cells.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(l.subsample(1000, 1), 0);
     }
 
     #[test]

@@ -14,7 +14,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import traceback
 import warnings
 import zlib
 
@@ -26,28 +25,14 @@ from sklearn.manifold import trustworthiness
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
+from checks import RESULTS, check, failures
+
 warnings.filterwarnings("ignore")
 
-RESULTS = []
 PNG_SIZE = (960, 720)
 # Our UMAP may trail umap-learn by at most this much on each neighbourhood score.
 UMAP_KNN_MARGIN = 0.05
 UMAP_TRUST_MARGIN = 0.03
-
-
-def check(name):
-    def wrap(fn):
-        def run(*a, **k):
-            try:
-                fn(*a, **k)
-                RESULTS.append((name, None))
-                print(f"ok    {name}")
-            except Exception as e:  # noqa: BLE001 - report every failure, keep going
-                RESULTS.append((name, e))
-                print(f"FAIL  {name}: {e}")
-                traceback.print_exc()
-        return run
-    return wrap
 
 
 def run(cmd):
@@ -216,9 +201,7 @@ def main():
         for name, path, col in (("whb", whb, "subtype"), ("metaneighbor", meta, "cell_type")):
             x, labels = log_pca(path, col)
             check_umap(args.bin_dir, tmp, name, x, labels)
-    failed = [n for n, e in RESULTS if e is not None]
-    print(f"{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed")
-    sys.exit(1 if failed else 0)
+    sys.exit(1 if failures() or not RESULTS else 0)
 
 
 if __name__ == "__main__":

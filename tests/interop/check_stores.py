@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import traceback
 import warnings
 
 import anndata as ad
@@ -18,25 +17,9 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from checks import RESULTS, check, failures
+
 warnings.filterwarnings("ignore")
-
-RESULTS = []
-
-
-def check(name):
-    def wrap(fn):
-        def run(*a, **k):
-            try:
-                fn(*a, **k)
-                RESULTS.append((name, None))
-                print(f"ok    {name}")
-            except Exception as e:  # noqa: BLE001 - report every failure, keep going
-                RESULTS.append((name, e))
-                print(f"FAIL  {name}: {e}")
-                traceback.print_exc()
-        return run
-    return wrap
-
 
 def convert(binary, src, out, *extra, expect=0):
     p = subprocess.run([binary, "convert", "-q", src, out, *extra], capture_output=True, text=True)
@@ -175,8 +158,7 @@ def main():
             assert np.allclose(a.obs["x"].to_numpy(), src_rows * 0.5)
         metadata()
 
-    failed = sum(1 for _, e in RESULTS if e is not None)
-    print(f"{len(RESULTS) - failed} passed, {failed} failed")
+    failed = failures()
     return 1 if failed or not RESULTS and data else 0
 
 
