@@ -209,9 +209,8 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalMetrics> {
         ("QC: log counts, log genes".into(), qc_features(&counts)),
     ];
     if cfg.expression_baseline {
-        reps.push((format!("expression ({} genes)", data.genes.len()), expression.clone()));
+        reps.push((format!("expression ({} genes)", data.genes.len()), expression));
     }
-    drop(expression);
 
     let mut scores = Vec::new();
     let mut model_probe = None;
@@ -354,7 +353,10 @@ pub fn tsne(x: &ArrayView2<f64>, seed: u64) -> Array2<f64> {
     let input = if x.ncols() > 50 { Pca::fit(x, 50, seed).transform(x) } else { x.to_owned() };
     let perplexity = 30f64.min((n as f64 - 1.0) / 3.0 - 1e-6);
     let params = linfa_tsne::TSneParams::embedding_size(2).perplexity(perplexity).approx_threshold(0.5).max_iter(1000);
-    params.transform(input).unwrap_or_else(|_| Array2::zeros((n, 2)))
+    params.transform(input).unwrap_or_else(|e| {
+        tracing::warn!("t-SNE failed ({e}); its layout is left empty (NaN)");
+        Array2::from_elem((n, 2), f64::NAN)
+    })
 }
 
 /// `neurofm-eval layout` settings: a 2-D layout of any matrix.
