@@ -16,7 +16,7 @@ use crate::cluster::{louvain, silhouette};
 use crate::dataset::EvalData;
 use crate::embed::TrainedModel;
 use crate::error::{EvalError, Result};
-use crate::knn::cosine_knn;
+use crate::knn::Neighbours;
 use crate::labels::{ClassSpec, Labels, Split, SplitKind};
 use crate::linalg::{log_normalized, qc_features, Pca};
 use crate::metrics::{adjusted_rand_index, normalized_mutual_info};
@@ -157,8 +157,8 @@ pub struct LayoutInfo {
     pub umap_seconds: f64,
 }
 
-/// Neighbours of the clustering graph (scanpy's default).
-const GRAPH_K: usize = 15;
+/// Neighbours of the clustering graph, the cell itself included (scanpy's default).
+const GRAPH_NEIGHBOURS: usize = 15;
 /// Principal components of the expression baseline.
 const EXPRESSION_PCS: usize = 50;
 /// Cells the silhouette is computed on (a seeded sample above).
@@ -215,10 +215,11 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalMetrics> {
     let mut scores = Vec::new();
     let mut model_probe = None;
     let mut clusters_of_model = Vec::new();
+    let mut neighbours_of_model = None;
     let mut roc_curves = Vec::new();
     for (i, (name, x)) in reps.iter().enumerate() {
         let started = Instant::now();
-        let (s, probe, clusters) = score_representation(name, &x.view(), &labels, &split, cfg.seed)?;
+        let (s, probe, clusters, nb) = score_representation(name, &x.view(), &labels, &split, cfg.seed)?;
         info!("{name}: accuracy {:.3}, macro F1 {:.3}, ROC-AUC {} ({:.1} s)", s.probe.accuracy, s.probe.macro_f1, num(s.probe.roc_auc), started.elapsed().as_secs_f64());
         if labels.n_classes() == 2 {
             let truth: Vec<bool> = split.test.iter().map(|&t| labels.y[t] == 1).collect();
@@ -228,13 +229,14 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalMetrics> {
         if i == 0 {
             model_probe = Some(probe);
             clusters_of_model = clusters;
+            neighbours_of_model = Some(nb);
         }
         scores.push(s);
     }
     let model_probe = model_probe.ok_or_else(|| EvalError::Internal("no representation was scored".into()))?;
 
     // Layouts of the model's embedding.
-    let layout = layouts(&reps[0].1.view(), cfg.max_layout_cells, cfg.seed);
+    let layout = layouts(&reps[0].1.view(), neighbours_of_model.as_ref(), cfg.max_layout_cells, cfg.seed);
     info!("layouts of {} cells: t-SNE {:.1} s, UMAP {:.1} s", layout.cells.len(), layout.tsne_seconds, layout.umap_seconds);
 
     let run = run_info(&model);
@@ -284,12 +286,12 @@ fn pooling_name(p: Pooling) -> &'static str {
 }
 
 /// Probe, few-shot curve, kNN accuracy, Louvain agreement and silhouette of one representation;
-/// also returns the probe (for plots) and the clusters.
-fn score_representation(name: &str, x: &ArrayView2<f64>, labels: &Labels, split: &Split, seed: u64) -> Result<(RepresentationScores, ProbeResult, Vec<usize>)> {
+/// also returns the probe (for plots), the clusters and the kNN graph (reused by UMAP).
+fn score_representation(name: &str, x: &ArrayView2<f64>, labels: &Labels, split: &Split, seed: u64) -> Result<(RepresentationScores, ProbeResult, Vec<usize>, Neighbours)> {
     let probe = logistic_probe(x, labels, split, seed)?;
     let few = few_shot(x, labels, split, probe.c, seed)?;
     let knn_acc = knn_accuracy(x, labels, split);
-    let nb = cosine_knn(x, x, GRAPH_K, true);
+    let nb = crate::umap::neighbours(x, GRAPH_NEIGHBOURS);
     let clusters = louvain(&fuzzy_graph(&nb, x.nrows()), 1.0, seed);
     let n_clusters = clusters.iter().max().map_or(0, |&m| m + 1);
     let s = RepresentationScores {
@@ -306,7 +308,7 @@ fn score_representation(name: &str, x: &ArrayView2<f64>, labels: &Labels, split:
         cluster_nmi: normalized_mutual_info(&labels.y, &clusters),
         silhouette: silhouette(x, &labels.y, SILHOUETTE_CELLS, seed),
     };
-    Ok((s, probe, clusters))
+    Ok((s, probe, clusters, nb))
 }
 
 /// 2-D views of the model's embedding: PCA on every cell, t-SNE and UMAP on a sample.
@@ -321,7 +323,8 @@ struct Layout {
     umap_seconds: f64,
 }
 
-fn layouts(x: &ArrayView2<f64>, max_cells: usize, seed: u64) -> Layout {
+/// `all_neighbours`: the 15-NN graph of every row of `x`, reused when no sampling is needed.
+fn layouts(x: &ArrayView2<f64>, all_neighbours: Option<&Neighbours>, max_cells: usize, seed: u64) -> Layout {
     let n = x.nrows();
     let pca_fit = Pca::fit(x, 2, seed);
     let pca = pca_fit.transform(x);
@@ -338,8 +341,11 @@ fn layouts(x: &ArrayView2<f64>, max_cells: usize, seed: u64) -> Layout {
     let tsne = tsne(&sub.view(), seed);
     let tsne_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let nb = cosine_knn(&sub.view(), &sub.view(), 15, true);
-    let umap = umap(&sub.view(), &nb, &UmapConfig { seed, ..UmapConfig::default() });
+    let cfg = UmapConfig { seed, ..UmapConfig::default() };
+    let umap = match all_neighbours.filter(|nb| n <= max_cells && nb.k + 1 == cfg.n_neighbors) {
+        Some(nb) => umap(&sub.view(), nb, &cfg),
+        None => umap(&sub.view(), &crate::umap::neighbours(&sub.view(), cfg.n_neighbors), &cfg),
+    };
     let umap_seconds = t1.elapsed().as_secs_f64();
     Layout { cells, pca, pca_ratio: pca_fit.explained_variance_ratio.to_vec(), tsne, umap, tsne_seconds, umap_seconds }
 }
@@ -389,7 +395,10 @@ pub fn layout_file(cfg: &LayoutConfig) -> Result<f64> {
     let x = outputs::read_npy(&cfg.input)?;
     let start = Instant::now();
     let y = match cfg.method {
-        LayoutMethod::Umap => umap(&x.view(), &cosine_knn(&x.view(), &x.view(), 15, true), &UmapConfig { seed: cfg.seed, ..UmapConfig::default() }),
+        LayoutMethod::Umap => {
+            let ucfg = UmapConfig { seed: cfg.seed, ..UmapConfig::default() };
+            umap(&x.view(), &crate::umap::neighbours(&x.view(), ucfg.n_neighbors), &ucfg)
+        }
         LayoutMethod::Tsne => tsne(&x.view(), cfg.seed),
         LayoutMethod::Pca => Pca::fit(&x.view(), 2, cfg.seed).transform(&x.view()),
     };

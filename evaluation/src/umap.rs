@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::cluster::Graph;
-use crate::knn::Neighbours;
+use crate::knn::{cosine_knn, Neighbours};
 use crate::linalg::Pca;
 
 /// Settings (umap-learn's names and defaults).
@@ -26,6 +26,12 @@ impl Default for UmapConfig {
     fn default() -> Self {
         UmapConfig { n_neighbors: 15, n_epochs: None, negative_sample_rate: 5, learning_rate: 1.0, seed: 0 }
     }
+}
+
+/// The kNN graph UMAP expects: `n_neighbors` counts the cell itself (as umap-learn and scanpy
+/// count it), so each cell gets `n_neighbors - 1` others, by cosine similarity.
+pub fn neighbours(x: &ArrayView2<f64>, n_neighbors: usize) -> Neighbours {
+    cosine_knn(x, x, n_neighbors.saturating_sub(1).max(1), true)
 }
 
 /// Curve parameters fitted by umap-learn's `find_ab_params(spread=1, min_dist=0.1)`.
@@ -173,7 +179,6 @@ fn initial_layout(x: &ArrayView2<f64>, rng: &mut ChaCha8Rng, seed: u64) -> Array
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::knn::cosine_knn;
     use rand_distr::{Distribution, StandardNormal};
 
     #[test]
@@ -195,7 +200,7 @@ mod tests {
             z * 0.3 + if j == i % 4 { 3.0 } else { 0.0 }
         });
         let labels: Vec<usize> = (0..n).map(|i| i % 4).collect();
-        let nb = cosine_knn(&x.view(), &x.view(), 15, true);
+        let nb = neighbours(&x.view(), 15);
         let emb = umap(&x.view(), &nb, &UmapConfig { n_epochs: Some(200), ..Default::default() });
         assert!(emb.iter().all(|v| v.is_finite()));
         // Majority of each point's 5 nearest layout neighbours (Euclidean) share its class.
