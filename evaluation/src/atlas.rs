@@ -10,7 +10,7 @@ use dataloader::select::parse_csv_line;
 use plotters::prelude::*;
 
 use crate::error::{EvalError, Result};
-use crate::plots::{color, SIZE};
+use crate::plots::{self, color};
 
 /// `neurofm-eval atlas-plot` settings.
 #[derive(Debug, Clone, clap::Args)]
@@ -108,22 +108,9 @@ pub fn atlas_plot(cfg: &AtlasConfig) -> Result<usize> {
     let names = cluster_names(cfg)?;
     let label = |id: &str| names.get(id).map(|n| format!("{id}: {n}")).unwrap_or_else(|| id.to_string());
 
-    let tmp = cfg.out.with_file_name(format!(".{}.tmp.png", cfg.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
-    let draw = || -> std::result::Result<(), String> {
-        let root = BitMapBackend::new(&tmp, SIZE).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let span = |f: fn(&(f64, f64, String)) -> f64| {
-            let (lo, hi) = pts.iter().map(f).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
-            let pad = ((hi - lo) * 0.03).max(1e-9);
-            (lo - pad)..(hi + pad)
-        };
-        let mut chart = ChartBuilder::on(&root)
-            .caption(format!("{} cells, top {} clusters", pts.len(), top.len()), ("sans-serif", 22))
-            .margin(12)
-            .x_label_area_size(35)
-            .y_label_area_size(45)
-            .build_cartesian_2d(span(|p| p.0), span(|p| p.1))
-            .map_err(|e| e.to_string())?;
+    plots::figure(&cfg.out, |root| {
+        let title = format!("{} cells, top {} clusters", pts.len(), top.len());
+        let mut chart = plots::xy_chart(root, &title, plots::range(pts.iter().map(|p| p.0)), plots::range(pts.iter().map(|p| p.1)))?;
         chart.configure_mesh().disable_mesh().x_desc(&cfg.x_col).y_desc(&cfg.y_col).draw().map_err(|e| e.to_string())?;
         let r = if pts.len() > 100_000 { 1 } else { 2 };
         let rank: HashMap<&str, usize> = top.iter().enumerate().map(|(k, t)| (t.0, k)).collect();
@@ -143,11 +130,8 @@ pub fn atlas_plot(cfg: &AtlasConfig) -> Result<usize> {
                 .label(format!("highlighted: {}", label(h)))
                 .legend(|(x, y)| Circle::new((x, y), 5, BLACK.stroke_width(1)));
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 12)).draw().map_err(|e| e.to_string())?;
-        root.present().map_err(|e| e.to_string())
-    };
-    draw().map_err(|e| EvalError::input(&cfg.out, format!("cannot draw the figure: {e}")))?;
-    std::fs::rename(&tmp, &cfg.out).map_err(|e| EvalError::io(&cfg.out, e))?;
+        chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 12)).draw().map_err(|e| e.to_string())
+    })?;
     Ok(pts.len())
 }
 

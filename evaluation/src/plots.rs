@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -31,7 +32,7 @@ fn plot_err(path: &Path) -> impl Fn(String) -> EvalError + '_ {
 }
 
 /// Draws into a PNG at `path` (written to a temp name, then renamed).
-fn figure(path: &Path, draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Result<(), String>) -> Result<()> {
+pub(crate) fn figure(path: &Path, draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Result<(), String>) -> Result<()> {
     // BitMapBackend picks the encoder from the extension, so the temp name ends in `.png`.
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp.png"));
@@ -44,7 +45,8 @@ fn figure(path: &Path, draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> 
     std::fs::rename(&tmp, path).map_err(|e| EvalError::io(path, e))
 }
 
-fn range(v: impl Iterator<Item = f64> + Clone) -> std::ops::Range<f64> {
+/// An axis range covering `v` with 5 % padding (non-finite values ignored).
+pub(crate) fn range(v: impl Iterator<Item = f64> + Clone) -> std::ops::Range<f64> {
     let lo = v.clone().fold(f64::INFINITY, f64::min);
     let hi = v.fold(f64::NEG_INFINITY, f64::max);
     if !lo.is_finite() || !hi.is_finite() {
@@ -55,16 +57,20 @@ fn range(v: impl Iterator<Item = f64> + Clone) -> std::ops::Range<f64> {
     (lo - pad)..(hi + pad)
 }
 
+/// A titled chart with numeric axes, the frame every scatter and curve figure shares.
+pub(crate) fn xy_chart<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, Shift>,
+    title: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> Result<ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>, String> {
+    ChartBuilder::on(root).caption(title, ("sans-serif", 24)).margin(12).x_label_area_size(40).y_label_area_size(50).build_cartesian_2d(x, y).map_err(|e| e.to_string())
+}
+
 /// Points `xy` colored by class, with a legend (grey for `None`, drawn first).
 pub fn scatter(path: &Path, title: &str, xy: &[(f64, f64)], class: &[Option<usize>], names: &[String], axes: (&str, &str)) -> Result<()> {
     figure(path, |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, ("sans-serif", 24))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            .build_cartesian_2d(range(xy.iter().map(|p| p.0)), range(xy.iter().map(|p| p.1)))
-            .map_err(|e| e.to_string())?;
+        let mut chart = xy_chart(root, title, range(xy.iter().map(|p| p.0)), range(xy.iter().map(|p| p.1)))?;
         chart.configure_mesh().x_desc(axes.0).y_desc(axes.1).light_line_style(WHITE).draw().map_err(|e| e.to_string())?;
         let radius = if xy.len() > 20_000 { 1 } else if xy.len() > 3_000 { 2 } else { 3 };
         let grey: Vec<(f64, f64)> = xy.iter().zip(class).filter(|(_, c)| c.is_none()).map(|(p, _)| *p).collect();
@@ -112,13 +118,7 @@ pub fn roc_points(positive: &[bool], score: &[f64]) -> Vec<(f64, f64)> {
 /// Several ROC curves on one chart, labelled with their AUC.
 pub fn roc(path: &Path, title: &str, curves: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
     figure(path, |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, ("sans-serif", 24))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            .build_cartesian_2d(0.0..1.0, 0.0..1.0)
-            .map_err(|e| e.to_string())?;
+        let mut chart = xy_chart(root, title, 0.0..1.0, 0.0..1.0)?;
         chart.configure_mesh().x_desc("false positive rate").y_desc("true positive rate").draw().map_err(|e| e.to_string())?;
         chart.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], RGBColor(180, 180, 180))).map_err(|e| e.to_string())?;
         for (k, (name, pts)) in curves.iter().enumerate() {
