@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dataloader::convert::{convert, ConvertOptions};
-use dataloader::mask::{batch_fn, Batcher, MaskConfig, SequenceMode};
+use dataloader::mask::{batch_fn, Batcher, MaskConfig, SequenceMode, ViewConfig};
 use dataloader::shard::{BatchFn, BatchStream, CellBatch, Rank, ReaderPosition, ShardConfig, ShardReader};
 use dataloader::store::write::MatrixCodec;
 use dataloader::store::Store;
@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
     };
     let raw: BatchFn<usize> = Arc::new(|b: CellBatch| Ok(b.cells.len()));
     for mode in [SequenceMode::FullPanel, SequenceMode::NonzeroPlusZeros { max_len: 1024 }] {
-        let batcher = Batcher::new(tok.clone(), mode, mask)?;
+        let batcher = Batcher::new(tok.clone(), mode, mask, ViewConfig::SINGLE)?;
         let masked = batch_fn(batcher, 1);
         let counted: BatchFn<usize> = Arc::new(move |b: CellBatch| masked(b).map(|m| m.batch_size));
         for workers in [1, 2] {

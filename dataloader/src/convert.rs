@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::csr::CsrRows;
 use crate::error::{DataError, Result};
-use crate::rng::rng_for;
+use crate::rng::{rng_for, Purpose};
 use crate::select::{self, GeneScan, GeneSelection, KeepFilter};
 use crate::source::{self, CountsLocation, MatrixInfo, SourceFile};
 use crate::store::write::{MatrixCodec, StoreWriter};
@@ -163,7 +163,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
 
     let mut blocks = plan_blocks(&rows, opts.block_cells);
     if let Some(seed) = opts.shuffle_seed {
-        blocks.shuffle(&mut rng_for(&[seed, 0]));
+        blocks.shuffle(&mut rng_for(&[seed, Purpose::ConvertBlocks as u64]));
     }
 
     let writer = StoreWriter::create(&tmp, opts.zstd_level, opts.matrix_codec)?;
@@ -369,7 +369,7 @@ fn write_matrix(
         let mut order: Vec<(u32, u32)> =
             window.iter().enumerate().flat_map(|(b, blk)| (0..blk.counts.n_rows() as u32).map(move |r| (b as u32, r))).collect();
         if let Some(seed) = opts.shuffle_seed {
-            order.shuffle(&mut rng_for(&[seed, 1, window_index]));
+            order.shuffle(&mut rng_for(&[seed, Purpose::ConvertWindow as u64, window_index]));
         }
         for &(b, r) in &order {
             let blk = &window[b as usize];

@@ -1,19 +1,27 @@
-//! Sequences and masks: a `CellBatch` of counts becomes a `MaskedBatch` of plain arrays.
+//! Sequences, views and masks: a `CellBatch` of counts becomes a `MaskedBatch` of plain arrays.
 //!
-//! Sequence per cell: `[CLS]` then genes, either the whole panel in gene order or the non-zero
-//! genes plus sampled zero genes up to `max_len` (shorter sequences on sparse data).
-//! Masking replaces `ratio` of the gene positions by `[MASK]`, `nonzero_fraction` of them
-//! drawn among non-zero genes and the rest among zero genes (the original study's "half on
-//! expressed genes"). Everything random is keyed by (seed, epoch, cell), so any batch can be
-//! rebuilt on any rank.
+//! Sequence per cell: `[CLS]` then genes. Binned tokenizers use the whole panel in gene order,
+//! or the non-zero genes plus sampled zero genes up to `max_len` (shorter sequences on sparse
+//! data). The rank-value tokenizer uses the cell's expressed genes, highest ranked first, and
+//! a position's "bin" is its rank.
+//!
+//! Each cell becomes one or two *views* (`ViewConfig`): a view may keep only a random fraction
+//! of the counts (binomial thinning, the same cell sequenced less deeply), so a contrastive
+//! objective can teach the encoder that both views are one cell whatever their depth.
+//! Masking replaces `ratio` of a view's gene positions by `[MASK]`; for binned sequences
+//! `nonzero_fraction` of them are drawn among non-zero genes and the rest among zero genes (the
+//! original study's "half on expressed genes"). Everything random is keyed by (seed, epoch,
+//! cell, view), so any batch can be rebuilt on any rank.
 
 use std::sync::Arc;
 
 use rand::seq::index::sample;
+use rand::Rng;
+use rand_distr::{Binomial, Distribution};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
-use crate::rng::rng_for;
+use crate::rng::{rng_for, Purpose};
 use crate::shard::CellBatch;
 use crate::tokenize::Tokenizer;
 
@@ -40,27 +48,103 @@ pub struct MaskConfig {
     pub seed: u64,
 }
 
-/// A batch ready for the model: row-major `[batch, seq_len]` arrays.
+/// How each training cell is perturbed into views (config section `[views]`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ViewConfig {
+    /// Views per cell: 1, or 2 for the contrastive objective.
+    pub count: usize,
+    /// Each view keeps a fraction drawn from U(thin_min, 1) of every count (binomial
+    /// thinning); 1 keeps the cell as measured.
+    pub thin_min: f64,
+    /// Score masked positions against the unperturbed cell rather than the thinned view
+    /// (scFoundation's read-depth-aware target: predict the deeper cell).
+    pub predict_full: bool,
+}
+
+impl Default for ViewConfig {
+    fn default() -> Self {
+        ViewConfig::SINGLE
+    }
+}
+
+impl ViewConfig {
+    /// One view, the cell as measured: evaluation, validation and the original recipe.
+    pub const SINGLE: ViewConfig = ViewConfig { count: 1, thin_min: 1.0, predict_full: false };
+
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=2).contains(&self.count) {
+            return Err(DataError::Config(format!("views.count = {}: must be 1 or 2", self.count)));
+        }
+        if !(self.thin_min > 0.0 && self.thin_min <= 1.0) {
+            return Err(DataError::Config(format!("views.thin_min = {}: must be in (0, 1]", self.thin_min)));
+        }
+        Ok(())
+    }
+
+    fn thins(&self) -> bool {
+        self.thin_min < 1.0
+    }
+}
+
+/// One view of every cell of a batch: row-major `[batch, seq_len]` arrays.
+#[derive(Debug, Clone, PartialEq)]
+pub struct View {
+    /// Gene token per position: a gene index, or `Tokenizer::gene_cls/gene_pad/gene_mask`.
+    pub gene_ids: Vec<i64>,
+    /// Bin token per position (with `[MASK]`, `[PAD]`, `[CLS]` ids from `Vocab`); the rank for
+    /// ranked sequences.
+    pub input_bins: Vec<i64>,
+    /// At masked positions the true bin (binned) or gene (ranked); `IGNORE` elsewhere.
+    pub targets: Vec<i64>,
+    /// True at padding positions.
+    pub padding: Vec<bool>,
+    /// log10(1 + total counts) of each cell of this view.
+    pub depth: Vec<f32>,
+}
+
+impl View {
+    fn new(b: usize, l: usize, tok: &Tokenizer) -> View {
+        View {
+            gene_ids: vec![tok.gene_pad(); b * l],
+            input_bins: vec![tok.vocab.pad(); b * l],
+            targets: vec![IGNORE; b * l],
+            padding: vec![true; b * l],
+            depth: vec![0.0; b],
+        }
+    }
+
+    /// Positions that carry a loss.
+    pub fn n_masked(&self) -> usize {
+        self.targets.iter().filter(|&&t| t != IGNORE).count()
+    }
+}
+
+/// A batch ready for the model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MaskedBatch {
     pub batch_size: usize,
     pub seq_len: usize,
-    /// Gene token per position: gene index, or `n_genes` for `[CLS]`, `n_genes + 1` for padding.
-    pub gene_ids: Vec<i64>,
-    /// Bin token per position (with `[MASK]`, `[PAD]`, `[CLS]` ids from `Vocab`).
-    pub input_bins: Vec<i64>,
-    /// True bin at masked positions, `IGNORE` elsewhere.
-    pub target_bins: Vec<i64>,
-    /// True at padding positions.
-    pub padding: Vec<bool>,
+    /// One or two views of the same cells.
+    pub views: Vec<View>,
+    /// Bins of the unperturbed cell at the first view's positions (`[CLS]` and padding ids
+    /// where it has them): the targets of the cell-bottleneck objective.
+    pub full_bins: Vec<i64>,
+    /// log10(1 + total counts) of each unperturbed cell.
+    pub depth: Vec<f32>,
     /// Store rows of the cells.
     pub cells: Vec<u32>,
 }
 
 impl MaskedBatch {
-    /// Number of positions that carry loss.
+    /// The first view (the only one outside contrastive training).
+    pub fn first(&self) -> &View {
+        &self.views[0]
+    }
+
+    /// Positions that carry loss in the first view.
     pub fn n_masked(&self) -> usize {
-        self.target_bins.iter().filter(|&&t| t != IGNORE).count()
+        self.first().n_masked()
     }
 }
 
@@ -71,10 +155,11 @@ pub struct Batcher {
     pub mode: SequenceMode,
     /// `None`: no masking (embedding extraction).
     pub mask: Option<MaskConfig>,
+    pub views: ViewConfig,
 }
 
 impl Batcher {
-    pub fn new(tokenizer: Arc<Tokenizer>, mode: SequenceMode, mask: Option<MaskConfig>) -> Result<Self> {
+    pub fn new(tokenizer: Arc<Tokenizer>, mode: SequenceMode, mask: Option<MaskConfig>, views: ViewConfig) -> Result<Self> {
         if let Some(m) = mask {
             if !(0.0..=1.0).contains(&m.ratio) || !(0.0..=1.0).contains(&m.nonzero_fraction) {
                 return Err(DataError::Config(format!("mask ratio {} and nonzero_fraction {} must be in [0, 1]", m.ratio, m.nonzero_fraction)));
@@ -85,7 +170,8 @@ impl Batcher {
                 return Err(DataError::Config("sequence max_len must be ≥ 2 ([CLS] + one gene)".into()));
             }
         }
-        Ok(Batcher { tokenizer, mode, mask })
+        views.validate()?;
+        Ok(Batcher { tokenizer, mode, mask, views })
     }
 
     fn n_genes(&self) -> usize {
@@ -94,57 +180,88 @@ impl Batcher {
 
     /// Sequence length (including `[CLS]`) every cell is padded to.
     pub fn seq_len(&self) -> usize {
-        match self.mode {
-            SequenceMode::FullPanel => self.n_genes() + 1,
-            SequenceMode::NonzeroPlusZeros { max_len } => max_len.min(self.n_genes() + 1),
-        }
+        sequence_len(self.mode, self.n_genes())
     }
 
-    /// Tokenizes and masks a batch for `epoch` (use `VALIDATION_EPOCH` for fixed masks).
+    /// Tokenizes, perturbs and masks a batch for `epoch` (use `VALIDATION_EPOCH` for fixed masks).
     pub fn build(&self, batch: &CellBatch, epoch: u64) -> MaskedBatch {
         let (b, l) = (batch.cells.len(), self.seq_len());
-        let vocab = self.tokenizer.vocab;
-        let g_cls = self.n_genes() as i64;
+        let tok = &self.tokenizer;
         let mut out = MaskedBatch {
             batch_size: b,
             seq_len: l,
-            gene_ids: vec![g_cls + 1; b * l],
-            input_bins: vec![vocab.pad(); b * l],
-            target_bins: vec![IGNORE; b * l],
-            padding: vec![true; b * l],
+            views: (0..self.views.count).map(|_| View::new(b, l, tok)).collect(),
+            full_bins: vec![tok.vocab.pad(); b * l],
+            depth: vec![0.0; b],
             cells: batch.cells.clone(),
         };
-        let mut nz_bins = Vec::new();
-        let mut genes: Vec<u32> = Vec::with_capacity(l);
-        let mut bins: Vec<i64> = Vec::with_capacity(l);
+        let mut scratch = CellScratch::new(self.n_genes());
+        let mut thinned = Vec::new();
         for (i, &cell) in batch.cells.iter().enumerate() {
             let (idx, counts) = batch.counts.row(i);
-            self.tokenizer.bin_nonzero(idx, counts, &mut nz_bins);
-            self.sequence(idx, &nz_bins, cell, epoch, &mut genes, &mut bins);
-            let row = i * l;
-            out.gene_ids[row] = g_cls;
-            out.input_bins[row] = vocab.cls();
-            out.padding[row] = false;
-            for (k, (&g, &bin)) in genes.iter().zip(&bins).enumerate() {
-                out.gene_ids[row + 1 + k] = g as i64;
-                out.input_bins[row + 1 + k] = bin;
-                out.padding[row + 1 + k] = false;
+            out.depth[i] = depth_of(counts);
+            if tok.is_ranked() {
+                for v in 0..self.views.count {
+                    let c = self.view_counts(counts, cell, epoch, v, &mut thinned);
+                    self.ranked_row(&mut out.views[v], i, idx, c, cell, epoch, v);
+                }
+                out.full_bins[i * l..(i + 1) * l].copy_from_slice(&out.views[0].input_bins[i * l..(i + 1) * l]);
+                continue;
             }
-            if let Some(m) = self.mask {
-                for p in mask_positions(&bins, m, cell, epoch) {
-                    out.target_bins[row + 1 + p] = bins[p];
-                    out.input_bins[row + 1 + p] = vocab.mask();
+            let mut nz_bins = std::mem::take(&mut scratch.nz_bins);
+            tok.bin_nonzero(idx, counts, &mut nz_bins);
+            let (genes, full) = self.sequence(idx, &nz_bins, cell, epoch, &mut scratch);
+            scratch.nz_bins = nz_bins;
+            let row = i * l;
+            out.full_bins[row] = tok.vocab.cls();
+            for (k, &bin) in full.iter().enumerate() {
+                out.full_bins[row + 1 + k] = bin;
+            }
+            for v in 0..self.views.count {
+                let c = self.view_counts(counts, cell, epoch, v, &mut thinned);
+                let bins = if std::ptr::eq(c, counts) { full.clone() } else { scratch.bins_at(tok, idx, c, &genes) };
+                let view = &mut out.views[v];
+                view.depth[i] = depth_of(c);
+                view.gene_ids[row] = tok.gene_cls();
+                view.input_bins[row] = tok.vocab.cls();
+                view.padding[row] = false;
+                for (k, (&g, &bin)) in genes.iter().zip(&bins).enumerate() {
+                    view.gene_ids[row + 1 + k] = g as i64;
+                    view.input_bins[row + 1 + k] = bin;
+                    view.padding[row + 1 + k] = false;
+                }
+                if let Some(m) = self.mask {
+                    let truth = if self.views.predict_full { &full } else { &bins };
+                    for p in mask_positions(&bins, m, cell, epoch, v) {
+                        view.targets[row + 1 + p] = truth[p];
+                        view.input_bins[row + 1 + p] = tok.vocab.mask();
+                    }
                 }
             }
         }
         out
     }
 
+    /// The counts of view `v` of a cell: thinned into `buf`, or the measured ones.
+    fn view_counts<'a>(&self, counts: &'a [f32], cell: u32, epoch: u64, v: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        if !self.views.thins() || epoch == VALIDATION_EPOCH {
+            return counts;
+        }
+        let seed = self.mask.map(|m| m.seed).unwrap_or(0);
+        let mut rng = rng_for(&[seed, Purpose::ViewThinning as u64, epoch, cell as u64, v as u64]);
+        let rate: f64 = rng.random_range(self.views.thin_min..=1.0);
+        buf.clear();
+        buf.extend(counts.iter().map(|&c| {
+            let n = c.max(0.0).round() as u64;
+            Binomial::new(n, rate).map(|d| d.sample(&mut rng) as f32).unwrap_or(c)
+        }));
+        buf
+    }
+
     /// The cell's gene positions (ascending gene order) and their bins.
-    fn sequence(&self, idx: &[u32], nz_bins: &[i64], cell: u32, epoch: u64, genes: &mut Vec<u32>, bins: &mut Vec<i64>) {
-        genes.clear();
-        bins.clear();
+    fn sequence(&self, idx: &[u32], nz_bins: &[i64], cell: u32, epoch: u64, scratch: &mut CellScratch) -> (Vec<u32>, Vec<i64>) {
         let n = self.n_genes();
+        let (mut genes, mut bins) = (Vec::new(), Vec::new());
         match self.mode {
             SequenceMode::FullPanel => {
                 genes.extend(0..n as u32);
@@ -156,7 +273,7 @@ impl Batcher {
             SequenceMode::NonzeroPlusZeros { max_len } => {
                 let want = (max_len - 1).min(n);
                 let nonzero: Vec<(u32, i64)> = idx.iter().copied().zip(nz_bins.iter().copied()).filter(|&(_, b)| b > 0).collect();
-                let mut rng = rng_for(&[self.mask.map(|m| m.seed).unwrap_or(0), 30, epoch, cell as u64]);
+                let mut rng = rng_for(&[self.mask.map(|m| m.seed).unwrap_or(0), Purpose::SequenceZeros as u64, epoch, cell as u64]);
                 let mut chosen: Vec<(u32, i64)> = if nonzero.len() > want {
                     let mut pick = sample(&mut rng, nonzero.len(), want).into_vec();
                     pick.sort_unstable();
@@ -166,11 +283,13 @@ impl Batcher {
                 };
                 let zeros_needed = want - chosen.len();
                 if zeros_needed > 0 {
-                    let mut is_nz = vec![false; n];
                     for &(g, _) in &nonzero {
-                        is_nz[g as usize] = true;
+                        scratch.mark[g as usize] = true;
                     }
-                    let zero_genes: Vec<u32> = (0..n as u32).filter(|&g| !is_nz[g as usize]).collect();
+                    let zero_genes: Vec<u32> = (0..n as u32).filter(|&g| !scratch.mark[g as usize]).collect();
+                    for &(g, _) in &nonzero {
+                        scratch.mark[g as usize] = false;
+                    }
                     let take = zeros_needed.min(zero_genes.len());
                     chosen.extend(sample(&mut rng, zero_genes.len(), take).into_iter().map(|k| (zero_genes[k], 0)));
                     chosen.sort_unstable_by_key(|&(g, _)| g);
@@ -181,20 +300,97 @@ impl Batcher {
                 }
             }
         }
+        (genes, bins)
+    }
+
+    /// Row `i` of a ranked view: `[CLS]`, then the expressed genes by descending rank score
+    /// (ties by gene index), each position's bin its rank; masked positions hide the gene.
+    #[allow(clippy::too_many_arguments)]
+    fn ranked_row(&self, view: &mut View, i: usize, idx: &[u32], counts: &[f32], cell: u32, epoch: u64, v: usize) {
+        let (l, tok) = (self.seq_len(), &self.tokenizer);
+        let mut scores = Vec::new();
+        tok.rank_scores(idx, counts, &mut scores);
+        let mut order: Vec<usize> = (0..idx.len()).filter(|&k| scores[k] > 0.0).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(idx[a].cmp(&idx[b])));
+        order.truncate(l - 1);
+        let row = i * l;
+        view.depth[i] = depth_of(counts);
+        view.gene_ids[row] = tok.gene_cls();
+        view.input_bins[row] = tok.vocab.cls();
+        view.padding[row] = false;
+        for (r, &k) in order.iter().enumerate() {
+            view.gene_ids[row + 1 + r] = idx[k] as i64;
+            view.input_bins[row + 1 + r] = (r as i64).min(tok.vocab.n_bins as i64 - 1);
+            view.padding[row + 1 + r] = false;
+        }
+        if let Some(m) = self.mask {
+            let n = order.len();
+            let n_mask = ((m.ratio * n as f64).round() as usize).min(n);
+            let mut rng = rng_for(&[m.seed, Purpose::Mask as u64, epoch, cell as u64, v as u64]);
+            for p in sample(&mut rng, n, n_mask) {
+                view.targets[row + 1 + p] = view.gene_ids[row + 1 + p];
+                view.gene_ids[row + 1 + p] = tok.gene_mask();
+            }
+        }
     }
 }
 
-/// Positions (into the gene positions, `[CLS]` excluded) to mask for one cell:
+/// Sequence length (including `[CLS]`) for `mode` over `n_genes` genes.
+pub fn sequence_len(mode: SequenceMode, n_genes: usize) -> usize {
+    match mode {
+        SequenceMode::FullPanel => n_genes + 1,
+        SequenceMode::NonzeroPlusZeros { max_len } => max_len.min(n_genes + 1),
+    }
+}
+
+/// log10(1 + total counts): the depth a cell-level objective may be told.
+fn depth_of(counts: &[f32]) -> f32 {
+    (1.0 + counts.iter().sum::<f32>()).log10()
+}
+
+/// Per-cell buffers, reused across the cells of a batch.
+struct CellScratch {
+    nz_bins: Vec<i64>,
+    /// Bin of each gene in the current view (only entries of the cell are ever non-zero).
+    dense: Vec<i64>,
+    mark: Vec<bool>,
+    view_bins: Vec<i64>,
+}
+
+impl CellScratch {
+    fn new(n_genes: usize) -> Self {
+        CellScratch { nz_bins: Vec::new(), dense: vec![0; n_genes], mark: vec![false; n_genes], view_bins: Vec::new() }
+    }
+
+    /// Bins of a view's counts at the sequence's `genes`.
+    fn bins_at(&mut self, tok: &Tokenizer, idx: &[u32], counts: &[f32], genes: &[u32]) -> Vec<i64> {
+        tok.bin_nonzero(idx, counts, &mut self.view_bins);
+        for (&g, &b) in idx.iter().zip(&self.view_bins) {
+            self.dense[g as usize] = b;
+        }
+        let out = genes.iter().map(|&g| self.dense[g as usize]).collect();
+        for &g in idx {
+            self.dense[g as usize] = 0;
+        }
+        out
+    }
+}
+
+/// Positions (into the gene positions, `[CLS]` excluded) to mask for view `view` of one cell:
 /// `nonzero_fraction` of them among expressed genes and the rest among unexpressed ones, as the
 /// original study did (so always guessing bin 0 scores `1 - nonzero_fraction`). When a cell
 /// lacks genes of one kind, the shortfall is drawn from the other.
-pub fn mask_positions(bins: &[i64], m: MaskConfig, cell: u32, epoch: u64) -> Vec<usize> {
+pub fn mask_positions(bins: &[i64], m: MaskConfig, cell: u32, epoch: u64, view: usize) -> Vec<usize> {
     let n = bins.len();
     let n_mask = ((m.ratio * n as f64).round() as usize).min(n);
     if n_mask == 0 {
         return Vec::new();
     }
-    let mut rng = rng_for(&[m.seed, 31, epoch, cell as u64]);
+    // The first view keeps the key of single-view runs, so their masks are unchanged.
+    let mut rng = match view {
+        0 => rng_for(&[m.seed, Purpose::Mask as u64, epoch, cell as u64]),
+        v => rng_for(&[m.seed, Purpose::Mask as u64, epoch, cell as u64, v as u64]),
+    };
     let (nonzero, zero): (Vec<usize>, Vec<usize>) = (0..n).partition(|&p| bins[p] > 0);
     let (n_nz, n_zero) = mask_counts(nonzero.len(), zero.len(), m);
     let mut out: Vec<usize> = sample(&mut rng, nonzero.len(), n_nz).into_iter().map(|k| nonzero[k]).collect();
@@ -224,13 +420,12 @@ mod tests {
     use crate::csr::CsrRows;
     use crate::tokenize::{Binning, Vocab};
 
+    fn tokenizer(n_genes: usize, binning: Binning, n_bins: usize) -> Arc<Tokenizer> {
+        Arc::new(Tokenizer { vocab: Vocab { n_bins }, genes: (0..n_genes).map(|g| format!("g{g}")).collect(), binning })
+    }
+
     fn batcher(n_genes: usize, mode: SequenceMode, mask: Option<MaskConfig>) -> Batcher {
-        let tok = Tokenizer {
-            vocab: Vocab { n_bins: 5 },
-            genes: (0..n_genes).map(|g| format!("g{g}")).collect(),
-            binning: Binning::CellQuantile,
-        };
-        Batcher::new(Arc::new(tok), mode, mask).unwrap()
+        Batcher::new(tokenizer(n_genes, Binning::CellQuantile, 5), mode, mask, ViewConfig::SINGLE).unwrap()
     }
 
     fn cells(dense: &[f32], n_genes: usize) -> CellBatch {
@@ -244,10 +439,12 @@ mod tests {
     fn full_panel_layout_cls_then_genes_in_order() {
         let b = batcher(4, SequenceMode::FullPanel, None).build(&cells(&[0.0, 1.0, 0.0, 3.0], 4), 0);
         assert_eq!(b.seq_len, 5);
-        assert_eq!(b.gene_ids, vec![4, 0, 1, 2, 3]);
-        assert_eq!(b.input_bins, vec![7, 0, 1, 0, 3]);
-        assert!(b.padding.iter().all(|p| !p));
+        assert_eq!(b.first().gene_ids, vec![4, 0, 1, 2, 3]);
+        assert_eq!(b.first().input_bins, vec![7, 0, 1, 0, 3]);
+        assert_eq!(b.full_bins, b.first().input_bins, "unmasked, unthinned: the view is the cell");
+        assert!(b.first().padding.iter().all(|p| !p));
         assert_eq!(b.n_masked(), 0);
+        assert!((b.depth[0] - 5f32.log10()).abs() < 1e-6);
     }
 
     #[test]
@@ -258,19 +455,20 @@ mod tests {
             *v = (g + 1) as f32;
         }
         let b = batcher(n, SequenceMode::FullPanel, Some(M)).build(&cells(&dense, n), 1);
+        let v = b.first();
         assert_eq!(b.n_masked(), 10, "round(0.25 × 40)");
-        let masked_nonzero = (1..=n).filter(|&p| b.target_bins[p] > 0).count();
+        let masked_nonzero = (1..=n).filter(|&p| v.targets[p] > 0).count();
         assert_eq!(masked_nonzero, 5, "half of the masked positions on expressed genes, half on the others");
         // A cell with only 3 expressed genes: the shortfall comes from unexpressed ones.
         let few: Vec<i64> = (0..40).map(|g| i64::from(g < 3)).collect();
-        let pos = mask_positions(&few, M, 0, 0);
+        let pos = mask_positions(&few, M, 0, 0, 0);
         assert_eq!((pos.len(), pos.iter().filter(|&&p| few[p] > 0).count()), (10, 3));
         for p in 0..=n {
-            if b.target_bins[p] != IGNORE {
-                assert_eq!(b.input_bins[p], 5, "masked input is [MASK]");
+            if v.targets[p] != IGNORE {
+                assert_eq!(v.input_bins[p], 5, "masked input is [MASK]");
             }
         }
-        assert_eq!(b.target_bins[0], IGNORE, "[CLS] is never masked");
+        assert_eq!(v.targets[0], IGNORE, "[CLS] is never masked");
     }
 
     #[test]
@@ -279,7 +477,7 @@ mod tests {
         let bt = batcher(64, SequenceMode::FullPanel, Some(M));
         let c = cells(&dense, 64);
         assert_eq!(bt.build(&c, 2), bt.build(&c, 2));
-        assert_ne!(bt.build(&c, 2).target_bins, bt.build(&c, 3).target_bins);
+        assert_ne!(bt.build(&c, 2).first().targets, bt.build(&c, 3).first().targets);
         assert_eq!(bt.build(&c, VALIDATION_EPOCH), bt.build(&c, VALIDATION_EPOCH));
     }
 
@@ -290,16 +488,69 @@ mod tests {
         dense[17] = 1.0;
         let b = batcher(20, SequenceMode::NonzeroPlusZeros { max_len: 6 }, None).build(&cells(&dense, 20), 0);
         assert_eq!(b.seq_len, 6);
-        let genes = &b.gene_ids[1..];
+        let genes = &b.first().gene_ids[1..];
         assert!(genes.contains(&3) && genes.contains(&17));
         assert!(genes.windows(2).all(|w| w[0] < w[1]), "genes ascending: {genes:?}");
-        assert_eq!(b.input_bins[1..].iter().filter(|&&x| x > 0).count(), 2);
+        assert_eq!(b.first().input_bins[1..].iter().filter(|&&x| x > 0).count(), 2);
     }
 
     #[test]
     fn nonzero_mode_subsamples_when_too_many_are_expressed() {
         let dense: Vec<f32> = (1..=30).map(|v| v as f32).collect();
         let b = batcher(30, SequenceMode::NonzeroPlusZeros { max_len: 11 }, None).build(&cells(&dense, 30), 0);
-        assert_eq!(b.input_bins[1..].iter().filter(|&&x| x > 0).count(), 10);
+        assert_eq!(b.first().input_bins[1..].iter().filter(|&&x| x > 0).count(), 10);
+    }
+
+    /// Two thinned views of one deep cell: same genes, fewer counts each, different masks;
+    /// the full cell's bins stay the bottleneck's targets.
+    #[test]
+    fn thinned_views_share_positions_and_lose_depth() {
+        let n = 50;
+        let dense: Vec<f32> = (0..n).map(|g| 20.0 + g as f32).collect();
+        let views = ViewConfig { count: 2, thin_min: 0.2, predict_full: false };
+        let bt = Batcher::new(tokenizer(n, Binning::CellQuantile, 8), SequenceMode::FullPanel, Some(M), views).unwrap();
+        let b = bt.build(&cells(&dense, n), 0);
+        let full_depth = (1.0 + dense.iter().sum::<f32>()).log10();
+        assert_eq!(b.views.len(), 2);
+        assert!((b.depth[0] - full_depth).abs() < 1e-5);
+        for v in &b.views {
+            assert_eq!(v.gene_ids, b.views[0].gene_ids, "same gene positions in both views");
+            assert!(v.depth[0] < full_depth, "thinning removes counts: {} vs {full_depth}", v.depth[0]);
+            assert_eq!(v.n_masked(), 13);
+        }
+        assert_ne!(b.views[0].targets, b.views[1].targets, "views are masked independently");
+        assert_ne!(b.views[0].depth, b.views[1].depth, "and thinned independently");
+        let unmasked_full: Vec<i64> = (1..=n).map(|p| b.full_bins[p]).collect();
+        let mut expect = Vec::new();
+        bt.tokenizer.bin_nonzero(&(0..n as u32).collect::<Vec<_>>(), &dense, &mut expect);
+        assert_eq!(unmasked_full, expect);
+        // Validation never thins: a fixed view of the cell as measured.
+        let val = bt.build(&cells(&dense, n), VALIDATION_EPOCH);
+        assert!((val.views[0].depth[0] - full_depth).abs() < 1e-5);
+        // Predicting the full cell scores masked positions against the unthinned bins.
+        let rda = Batcher::new(bt.tokenizer.clone(), SequenceMode::FullPanel, Some(M), ViewConfig { predict_full: true, ..views }).unwrap().build(&cells(&dense, n), 0);
+        for p in 1..=n {
+            if rda.views[0].targets[p] != IGNORE {
+                assert_eq!(rda.views[0].targets[p], rda.full_bins[p]);
+            }
+        }
+    }
+
+    #[test]
+    fn ranked_sequences_order_expressed_genes_by_median_normalized_value() {
+        // Gene 2 has the most counts, but gene 0's training median is tiny: it ranks first.
+        let tok = tokenizer(4, Binning::RankValue { medians: vec![1.0, 5000.0, 4000.0, 1000.0], fit_cells: 1 }, 4);
+        let bt = Batcher::new(tok.clone(), SequenceMode::FullPanel, None, ViewConfig::SINGLE).unwrap();
+        let b = bt.build(&cells(&[1.0, 0.0, 6.0, 3.0], 4), 0);
+        let v = b.first();
+        assert_eq!(v.gene_ids, vec![tok.gene_cls(), 0, 3, 2, tok.gene_pad()], "by CP10k / median: 1000, 3000, 6000/4000 → 0, 3, 2");
+        assert_eq!(&v.input_bins[..4], &[tok.vocab.cls(), 0, 1, 2], "a position's bin is its rank");
+        assert_eq!(v.padding, vec![false, false, false, false, true], "the unexpressed gene is absent, not a zero");
+        let masked = Batcher::new(tok.clone(), SequenceMode::FullPanel, Some(MaskConfig { ratio: 0.34, ..M }), ViewConfig::SINGLE).unwrap().build(&cells(&[1.0, 0.0, 6.0, 3.0], 4), 0);
+        let mv = masked.first();
+        let hidden: Vec<usize> = (0..5).filter(|&p| mv.targets[p] != IGNORE).collect();
+        assert_eq!(hidden.len(), 1);
+        assert_eq!(mv.gene_ids[hidden[0]], tok.gene_mask());
+        assert_eq!(mv.targets[hidden[0]], v.gene_ids[hidden[0]], "the target is the hidden gene");
     }
 }

@@ -4,6 +4,38 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+/// What a random stream is for: the second key of every stream, so two call sites can never
+/// draw the same numbers by accident. The values are fixed (changing one changes every run's
+/// shuffles, masks or samples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Purpose {
+    /// Conversion: the order of blocks of cells written to the store.
+    ConvertBlocks = 0,
+    /// Conversion: the order of cells within a window of blocks.
+    ConvertWindow = 1,
+    /// Training: the order of store chunks in an epoch.
+    EpochBlocks = 10,
+    /// Training: the order of cells within a window of chunks.
+    EpochWindow = 11,
+    /// The training cells a tokenizer is fitted on.
+    TokenizerSample = 20,
+    /// The zero genes that fill a `nonzero-plus-zeros` sequence.
+    SequenceZeros = 30,
+    /// Masked positions.
+    Mask = 31,
+    /// The thinning rate and draws of a view.
+    ViewThinning = 32,
+    /// Dropout of one optimizer step.
+    Dropout = 40,
+    /// The validation cells kept under `data.val_max_cells`.
+    ValidationSample = 41,
+    /// The training cells the context-free baselines are fitted on.
+    BaselineSample = 42,
+    /// The untrained model's (or a fresh model's) initial weights.
+    Init = 50,
+}
+
 /// SplitMix64 finalizer (Steele et al. 2014): a cheap, well-mixed 64-bit hash.
 pub fn mix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::csr::CsrRows;
 use crate::error::{DataError, Result};
-use crate::rng::rng_for;
+use crate::rng::{rng_for, Purpose};
 use crate::store::Store;
 
 /// This process's place in a data-parallel group; valid by construction.
@@ -143,10 +143,10 @@ impl ShardReader {
     /// Every cell of the split in this epoch's order (the same for any world or batch size).
     pub fn epoch_order(&self, epoch: u64) -> Vec<u32> {
         let mut blocks: Vec<&[u32]> = self.blocks.iter().map(|r| &self.cells[r.clone()]).collect();
-        blocks.shuffle(&mut rng_for(&[self.cfg.seed, 10, epoch]));
+        blocks.shuffle(&mut rng_for(&[self.cfg.seed, Purpose::EpochBlocks as u64, epoch]));
         let mut order: Vec<u32> = blocks.into_iter().flatten().copied().collect();
         for (w, window) in order.chunks_mut(self.window_cells()).enumerate() {
-            window.shuffle(&mut rng_for(&[self.cfg.seed, 11, epoch, w as u64]));
+            window.shuffle(&mut rng_for(&[self.cfg.seed, Purpose::EpochWindow as u64, epoch, w as u64]));
         }
         order
     }

@@ -1,4 +1,4 @@
-//! Expression → bin tokens (DESIGN §3).
+//! Expression → tokens (DESIGN §3).
 //!
 //! Each cell is normalized to 10,000 counts and log1p-transformed; zero expression is bin 0
 //! and non-zero values fall into bins `1..n_bins`. Two binnings:
@@ -6,13 +6,18 @@
 //!   values of training cells, saved with the run and reused by evaluation;
 //! - `cell-quantile` (scGPT, Cui et al. 2024): equal-frequency bins of the cell's own non-zero
 //!   values; equal values share the bin of their lowest rank, so ties are deterministic.
+//!
+//! And one ranking, `rank-value` (Geneformer, Theodoris et al. 2023): the cell's expressed genes
+//! ordered by normalized expression over each gene's median among the training cells that
+//! express it, highest first. The order carries the information (the "bin" of a position is
+//! its rank), so a cell's depth changes little but which genes make its top list.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
-use crate::rng::hash_keys;
+use crate::rng::{hash_keys, Purpose};
 use crate::store::Store;
 
 /// Counts each cell is scaled to before `log1p`.
@@ -50,6 +55,8 @@ pub enum Binning {
     /// `edges[g]` has `n_bins - 2` ascending edges, or is empty for a gene never seen non-zero.
     GeneQuantile { edges: Vec<Vec<f32>>, fit_cells: usize },
     CellQuantile,
+    /// `medians[g]`: the median CP10k value of gene g where it is expressed (0: never seen).
+    RankValue { medians: Vec<f32>, fit_cells: usize },
 }
 
 /// Turns counts into bins for a fixed gene order.
@@ -67,6 +74,7 @@ pub struct Tokenizer {
 pub enum BinningKind {
     GeneQuantile,
     CellQuantile,
+    RankValue,
 }
 
 impl Tokenizer {
@@ -79,33 +87,57 @@ impl Tokenizer {
         let binning = match kind {
             BinningKind::CellQuantile => Binning::CellQuantile,
             BinningKind::GeneQuantile => {
-                // A deterministic sample: the cells with the smallest hash of (seed, row).
-                let mut sample: Vec<u32> = train_cells.to_vec();
-                if sample.len() > max_fit_cells {
-                    sample.sort_by_key(|&c| hash_keys(&[seed, 20, c as u64]));
-                    sample.truncate(max_fit_cells);
-                }
-                sample.sort_unstable();
-                let mut values: Vec<Vec<f32>> = vec![Vec::new(); genes.len()];
-                for chunk in sample.chunks(4096) {
-                    let rows: Vec<usize> = chunk.iter().map(|&c| c as usize).collect();
-                    let block = store.read_cells(&rows)?;
-                    let mut norm = Vec::new();
-                    for i in 0..block.n_rows() {
-                        let (idx, val) = block.row(i);
-                        normalize(val, &mut norm);
-                        for (&g, &x) in idx.iter().zip(&norm) {
-                            if x > 0.0 {
-                                values[g as usize].push(x);
-                            }
-                        }
-                    }
-                }
+                let (values, fit_cells) = nonzero_values(store, train_cells, genes.len(), max_fit_cells, seed)?;
                 let edges = values.into_iter().map(|mut v| quantile_edges(&mut v, n_bins)).collect();
-                Binning::GeneQuantile { edges, fit_cells: sample.len() }
+                Binning::GeneQuantile { edges, fit_cells }
+            }
+            BinningKind::RankValue => {
+                let (values, fit_cells) = nonzero_values(store, train_cells, genes.len(), max_fit_cells, seed)?;
+                // Medians of CP10k (exp of the log1p values, minus one): the ranking divides
+                // normalized counts by them, as Geneformer does.
+                let medians = values.into_iter().map(|mut v| quantile_edges(&mut v, 3).first().map_or(0.0, |m| m.exp_m1())).collect();
+                Binning::RankValue { medians, fit_cells }
             }
         };
         Ok(Tokenizer { vocab: Vocab { n_bins }, genes, binning })
+    }
+
+    /// Gene token of the `[CLS]` position (gene tokens are gene indices, then these specials).
+    pub fn gene_cls(&self) -> i64 {
+        self.genes.len() as i64
+    }
+    /// Gene token of padding (and of genes a dataset does not measure).
+    pub fn gene_pad(&self) -> i64 {
+        self.genes.len() as i64 + 1
+    }
+    /// Gene token hiding a masked gene in ranked sequences.
+    pub fn gene_mask(&self) -> i64 {
+        self.genes.len() as i64 + 2
+    }
+    /// Size of the gene-token embedding table.
+    pub fn gene_table_size(&self) -> usize {
+        self.genes.len() + 3
+    }
+
+    /// Whether sequences are ranked expressed genes (`rank-value`) rather than binned values.
+    pub fn is_ranked(&self) -> bool {
+        matches!(self.binning, Binning::RankValue { .. })
+    }
+
+    /// Ranking scores of a cell's non-zero entries (CP10k over the gene's median; larger ranks
+    /// first), into `out`. Genes never seen expressed in training score their CP10k value.
+    pub fn rank_scores(&self, idx: &[u32], counts: &[f32], out: &mut Vec<f32>) {
+        out.clear();
+        let total: f32 = counts.iter().sum();
+        let scale = if total > 0.0 { TARGET_SUM / total } else { 0.0 };
+        let medians = match &self.binning {
+            Binning::RankValue { medians, .. } => Some(medians),
+            _ => None,
+        };
+        out.extend(idx.iter().zip(counts).map(|(&g, &c)| {
+            let m = medians.map_or(1.0, |m| m[g as usize]);
+            c * scale / if m > 0.0 { m } else { 1.0 }
+        }));
     }
 
     /// Bins of a cell's non-zero entries (`idx` genes, `counts` raw values), into `out`.
@@ -125,6 +157,8 @@ impl Tokenizer {
                     }
                 }));
             }
+            // Ranked sequences carry no bins; an expressed gene is bin 1.
+            Binning::RankValue { .. } => out.extend(counts.iter().map(|&c| i64::from(c > 0.0))),
             Binning::CellQuantile => {
                 let mut norm = Vec::with_capacity(counts.len());
                 normalize(counts, &mut norm);
@@ -173,6 +207,34 @@ impl Tokenizer {
         })?;
         serde_json::from_slice(&bytes).map_err(|e| DataError::input(path, format!("not a neurofm tokenizer: {e}")))
     }
+}
+
+/// log1p(CP10k) values of the non-zero entries of (a deterministic sample of at most
+/// `max_cells` of) `cells`, per gene; and how many cells were read.
+fn nonzero_values(store: &Store, cells: &[u32], n_genes: usize, max_cells: usize, seed: u64) -> Result<(Vec<Vec<f32>>, usize)> {
+    // A deterministic sample: the cells with the smallest hash of (seed, row).
+    let mut sample: Vec<u32> = cells.to_vec();
+    if sample.len() > max_cells {
+        sample.sort_by_key(|&c| hash_keys(&[seed, Purpose::TokenizerSample as u64, c as u64]));
+        sample.truncate(max_cells);
+    }
+    sample.sort_unstable();
+    let mut values: Vec<Vec<f32>> = vec![Vec::new(); n_genes];
+    for chunk in sample.chunks(4096) {
+        let rows: Vec<usize> = chunk.iter().map(|&c| c as usize).collect();
+        let block = store.read_cells(&rows)?;
+        let mut norm = Vec::new();
+        for i in 0..block.n_rows() {
+            let (idx, val) = block.row(i);
+            normalize(val, &mut norm);
+            for (&g, &x) in idx.iter().zip(&norm) {
+                if x > 0.0 {
+                    values[g as usize].push(x);
+                }
+            }
+        }
+    }
+    Ok((values, sample.len()))
 }
 
 /// `log1p(x / total × 10⁴)` for one cell's values (total over the stored genes).

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use dataloader::convert::ConvertOptions;
-use dataloader::mask::{batch_fn, Batcher, MaskConfig, SequenceMode, VALIDATION_EPOCH};
+use dataloader::mask::{batch_fn, Batcher, MaskConfig, SequenceMode, ViewConfig, VALIDATION_EPOCH};
 use dataloader::shard::{BatchStream, CellBatch, Rank, ReaderPosition, ShardConfig, ShardReader};
 use dataloader::split::SplitSpec;
 use dataloader::store::Store;
@@ -52,10 +52,10 @@ fn resume_from_a_saved_position_continues_the_same_sequence() {
     let cells: Vec<u32> = (0..s.n_cells() as u32).collect();
     let reader = ShardReader::new(cells, |c| c as u64 / 50, Rank::single(), ShardConfig { batch_size: 16, seed: 2, window_blocks: 3 }).unwrap();
     let tok = Arc::new(Tokenizer::fit(&s, &(0..600).collect::<Vec<u32>>(), BinningKind::GeneQuantile, 11, 10_000, 0).unwrap());
-    let batcher = Batcher::new(tok, SequenceMode::FullPanel, Some(MaskConfig { ratio: 0.15, nonzero_fraction: 0.5, seed: 5 })).unwrap();
+    let batcher = Batcher::new(tok, SequenceMode::FullPanel, Some(MaskConfig { ratio: 0.15, nonzero_fraction: 0.5, seed: 5 }), ViewConfig::SINGLE).unwrap();
     let stream = |start: ReaderPosition| -> Vec<(ReaderPosition, Vec<i64>)> {
         BatchStream::new(s.clone(), reader.plan(start.epoch), start, 2, 2, batch_fn(batcher.clone(), start.epoch))
-            .map(|r| r.map(|(p, b)| (p, b.input_bins)).unwrap())
+            .map(|r| r.map(|(p, b)| (p, b.views[0].input_bins.clone())).unwrap())
             .collect()
     };
     let full = stream(ReaderPosition { epoch: 3, batch: 0 });
@@ -73,10 +73,10 @@ fn validation_masks_are_fixed_and_training_masks_move() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
     let tok = Arc::new(Tokenizer::fit(&s, &(0..900).collect::<Vec<u32>>(), BinningKind::CellQuantile, 7, 100, 0).unwrap());
-    let b = Batcher::new(tok, SequenceMode::NonzeroPlusZeros { max_len: 40 }, Some(MaskConfig { ratio: 0.2, nonzero_fraction: 0.5, seed: 1 })).unwrap();
+    let b = Batcher::new(tok, SequenceMode::NonzeroPlusZeros { max_len: 40 }, Some(MaskConfig { ratio: 0.2, nonzero_fraction: 0.5, seed: 1 }), ViewConfig::SINGLE).unwrap();
     let cells = CellBatch { cells: vec![0, 1, 2], counts: s.read_rows(0..3).unwrap() };
     assert_eq!(b.build(&cells, VALIDATION_EPOCH), b.build(&cells, VALIDATION_EPOCH));
-    assert_ne!(b.build(&cells, 0).target_bins, b.build(&cells, 1).target_bins);
+    assert_ne!(b.build(&cells, 0).first().targets, b.build(&cells, 1).first().targets);
     assert_eq!(b.build(&cells, 0).n_masked(), 3 * 8, "round(0.2 × 39) = 8 per cell");
 }
 
@@ -134,10 +134,10 @@ fn real_whb_store_splits_by_library_and_tokenizes() {
     let split = SplitSpec { val_fraction: 0.2, seed: 42, by: Some("library_label".into()) }.apply(&s).unwrap();
     assert_eq!(split.train.len() + split.val.len(), 1152);
     let tok = Arc::new(Tokenizer::fit(&s, &split.train, BinningKind::GeneQuantile, 20, 100_000, 0).unwrap());
-    let b = Batcher::new(tok, SequenceMode::FullPanel, Some(MaskConfig { ratio: 0.15, nonzero_fraction: 0.5, seed: 42 })).unwrap();
+    let b = Batcher::new(tok, SequenceMode::FullPanel, Some(MaskConfig { ratio: 0.15, nonzero_fraction: 0.5, seed: 42 }), ViewConfig::SINGLE).unwrap();
     let cells = CellBatch { cells: split.val[..4].to_vec(), counts: s.read_cells(&split.val[..4].iter().map(|&c| c as usize).collect::<Vec<_>>()).unwrap() };
     let batch = b.build(&cells, VALIDATION_EPOCH);
     assert_eq!(batch.seq_len, 2001);
     assert_eq!(batch.n_masked(), 4 * 300, "15% of 2000 genes");
-    assert!(batch.input_bins.iter().all(|&x| (0..23).contains(&x)));
+    assert!(batch.first().input_bins.iter().all(|&x| (0..23).contains(&x)));
 }

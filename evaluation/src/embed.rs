@@ -1,19 +1,21 @@
 //! Cell embeddings from a trained run: the run's tokenizer and gene order, no masking, batched
-//! forward passes without gradients, pooled token states (bf16 matmuls on GPU).
+//! forward passes without gradients, one layer's token states pooled (bf16 matmuls on GPU);
+//! and, from the same passes, each gene's contextual state averaged per label.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use dataloader::mask::Batcher;
+use dataloader::mask::{Batcher, MaskedBatch, ViewConfig};
 use dataloader::shard::CellBatch;
 use dataloader::tokenize::Tokenizer;
-use ndarray::Array2;
+use ndarray::{Array2, Array3};
 use tch::{Device, Kind, Tensor};
+use trainer::batch::DeviceBatch;
 use trainer::checkpoint::{read_state, Checkpoints, TrainState, MODEL_FILE};
-use trainer::config::TrainConfig;
-use trainer::model::{self, Encoder, Pooling};
-use trainer::train::DeviceBatch;
+use trainer::config::{EmbeddingConfig, TrainConfig};
+use trainer::model::{self, Encoder, Tokens};
+use trainer::pooling::{pool, Pooling};
 
 use crate::dataset::{EvalData, GeneMap};
 use crate::error::{EvalError, Result};
@@ -29,6 +31,13 @@ pub struct TrainedModel {
     pub device: Device,
     encoder: Encoder,
     _vs: tch::nn::VarStore,
+}
+
+/// Which cell vector to extract: a pooling of one layer (1-based) of the encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddingChoice {
+    pub pooling: Pooling,
+    pub layer: usize,
 }
 
 impl TrainedModel {
@@ -58,17 +67,17 @@ impl TrainedModel {
         if tokenizer.genes.len() != state.vocab.n_genes || tokenizer.vocab.n_bins != state.vocab.n_bins {
             return Err(EvalError::input(&tok_path, format!("tokenizer ({} genes, {} bins) does not match checkpoint {} ({} genes, {} bins)", tokenizer.genes.len(), tokenizer.vocab.n_bins, checkpoint.display(), state.vocab.n_genes, state.vocab.n_bins)));
         }
-        let (mut vs, mut encoder) = model::build(&state.model, state.vocab, device, config.seed);
-        vs.load(checkpoint.join(MODEL_FILE)).map_err(|e| EvalError::input(&checkpoint.join(MODEL_FILE), format!("weights do not load into the model of state.json: {e}")))?;
+        let (vs, mut encoder) = model::build(&state.model, state.vocab, device, config.seed)?;
+        model::load_weights(&vs, &checkpoint.join(MODEL_FILE)).map_err(|e| EvalError::input(&checkpoint.join(MODEL_FILE), format!("weights do not load into the model of state.json: {e}")))?;
         encoder.compute = if device == Device::Cpu { Kind::Float } else { Kind::BFloat16 };
         Ok(TrainedModel { run: run.to_path_buf(), checkpoint, config, state, tokenizer: Arc::new(tokenizer), device, encoder, _vs: vs })
     }
 
     /// The same architecture, randomly initialized from `seed`: the "untrained" baseline.
-    pub fn untrained(&self, seed: u64) -> TrainedModel {
-        let (vs, mut encoder) = model::build(&self.state.model, self.state.vocab, self.device, seed);
+    pub fn untrained(&self, seed: u64) -> Result<TrainedModel> {
+        let (vs, mut encoder) = model::build(&self.state.model, self.state.vocab, self.device, seed)?;
         encoder.compute = self.encoder.compute;
-        TrainedModel {
+        Ok(TrainedModel {
             run: self.run.clone(),
             checkpoint: self.checkpoint.clone(),
             config: self.config.clone(),
@@ -77,7 +86,7 @@ impl TrainedModel {
             device: self.device,
             encoder,
             _vs: vs,
-        }
+        })
     }
 
     /// Number of model parameters.
@@ -85,44 +94,65 @@ impl TrainedModel {
         self.encoder.param_counts().0
     }
 
-    /// Width of one embedding for `pooling`.
-    pub fn embedding_dim(&self, pooling: Pooling) -> usize {
-        let d = self.state.model.d_model;
-        if pooling == Pooling::Concat { 3 * d } else { d }
+    /// The embedding `pooling`/`layer` ask for, the run's recommendation filling what is unset
+    /// (`layer` as in `EmbeddingConfig`: -1 last, -2 second-to-last, k ≥ 1 layer k).
+    pub fn choice(&self, pooling: Option<Pooling>, layer: Option<i64>) -> Result<EmbeddingChoice> {
+        let e = &self.config.embedding;
+        let layer = EmbeddingConfig::resolve_layer(layer.unwrap_or(e.layer), self.state.model.n_layers)?;
+        Ok(EmbeddingChoice { pooling: pooling.unwrap_or(e.pooling), layer })
     }
 
-    /// Embeddings of `cells` (ascending store rows), one row per cell, in `batch_size` batches.
-    pub fn embed(&self, data: &EvalData, genes: &GeneMap, cells: &[usize], pooling: Pooling, batch_size: usize) -> Result<Embedded> {
+    /// Embeddings of `cells` (ascending store rows), one row per cell, in `batch_size` batches;
+    /// with `gene_groups` (a group per cell, `n_groups` of them), also each gene's state
+    /// averaged per group.
+    pub fn embed(&self, data: &EvalData, genes: &GeneMap, cells: &[usize], choice: EmbeddingChoice, batch_size: usize, gene_groups: Option<(&[usize], usize)>) -> Result<Embedded> {
         let _guard = tch::no_grad_guard();
         // Without masking, `nonzero-plus-zeros` draws its zero genes from the cell id alone, so
         // an embedding never depends on the batch or the run.
-        let batcher = Batcher::new(self.tokenizer.clone(), self.config.sequence, None)?;
-        let dim = self.embedding_dim(pooling);
+        let batcher = Batcher::new(self.tokenizer.clone(), self.config.sequence, None, ViewConfig::SINGLE)?;
+        let d = self.state.model.d_model;
+        let dim = choice.pooling.dim(d);
         let mut out = Array2::<f32>::zeros((cells.len(), dim));
+        let mut per_gene = gene_groups.map(|(_, n)| GeneStates::new(n, self.tokenizer.genes.len(), d));
         let bar = dataloader::convert::progress_bar(true, cells.len() as u64);
         let start = Instant::now();
+        let vocab = self.state.vocab;
         for (b, chunk) in cells.chunks(batch_size.max(1)).enumerate() {
             let counts = genes.remap(&data.counts(chunk)?);
             let batch = CellBatch { cells: chunk.iter().map(|&c| c as u32).collect(), counts };
             let mut tokens = batcher.build(&batch, 0);
             pad_missing_genes(&mut tokens, genes, &self.tokenizer);
-            let dev = DeviceBatch::new(&tokens, self.device)?;
-            let states = self.encoder.forward(&dev.genes, &dev.bins, dev.padding.as_ref(), false)?;
-            let padding = match &dev.padding {
+            let dev = DeviceBatch::new(&tokens, self.device, self.tokenizer.gene_pad(), false)?;
+            let v = &dev.views[0];
+            let depth = self.state.model.depth_tokens.then_some(&v.depth);
+            let states = self.encoder.forward_layers(&Tokens { genes: &v.genes, bins: &v.bins, padding: v.padding.as_ref(), depth }, false, choice.layer)?;
+            let states = states.last().ok_or_else(|| EvalError::Internal("no layer states".into()))?;
+            let padding = match &v.padding {
                 Some(p) => p.shallow_clone(),
-                None => Tensor::f_zeros(dev.genes.size(), (Kind::Bool, self.device))?,
+                None => Tensor::f_zeros(v.genes.size(), (Kind::Bool, self.device))?,
             };
-            let pooled = self.encoder.pool(&states, &padding, pooling)?.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+            let pooled = pool(states, &v.bins, &padding, vocab.n_bins, vocab.ranked, choice.pooling)?.f_to_device(Device::Cpu)?.f_contiguous()?;
             let flat: Vec<f32> = Vec::<f32>::try_from(pooled.f_view([-1])?)?;
             let row0 = b * batch_size.max(1);
             for (i, row) in flat.chunks(dim).enumerate() {
                 out.row_mut(row0 + i).assign(&ndarray::ArrayView1::from(row));
             }
+            if let (Some(acc), Some((groups, _))) = (per_gene.as_mut(), gene_groups) {
+                acc.add(states, &tokens, &groups[row0..row0 + chunk.len()], self.tokenizer.genes.len())?;
+            }
             bar.inc(chunk.len() as u64);
         }
         bar.finish_and_clear();
         let seconds = start.elapsed().as_secs_f64();
-        Ok(Embedded { x: out, seconds })
+        Ok(Embedded { x: out, seconds, genes: per_gene.map(GeneStates::means) })
+    }
+
+    /// The static gene embedding table `[n_genes, d_model]`.
+    pub fn gene_table(&self) -> Result<Array2<f32>> {
+        let t = self.encoder.gene_table()?.f_detach()?.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let (g, d) = (t.size()[0] as usize, t.size()[1] as usize);
+        let v = Vec::<f32>::try_from(t.f_view([-1])?)?;
+        Array2::from_shape_vec((g, d), v).map_err(|e| EvalError::Internal(e.to_string()))
     }
 }
 
@@ -130,20 +160,87 @@ impl TrainedModel {
 pub struct Embedded {
     pub x: Array2<f32>,
     pub seconds: f64,
+    /// `[group, gene, d]` mean contextual state of each gene per group (NaN where a group's
+    /// cells never had the gene in their sequences), and how many cells each mean holds.
+    pub genes: Option<(Array3<f32>, Array2<u32>)>,
+}
+
+/// Running sums of gene token states per group.
+struct GeneStates {
+    sum: Array3<f64>,
+    count: Array2<u32>,
+}
+
+impl GeneStates {
+    fn new(groups: usize, genes: usize, d: usize) -> Self {
+        GeneStates { sum: Array3::zeros((groups, genes, d)), count: Array2::zeros((groups, genes)) }
+    }
+
+    fn add(&mut self, states: &Tensor, tokens: &MaskedBatch, groups: &[usize], n_genes: usize) -> Result<()> {
+        let (b, l, d) = states.size3()?;
+        let host = Vec::<f32>::try_from(states.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?.f_view([-1])?)?;
+        let v = tokens.first();
+        for i in 0..b as usize {
+            for p in 1..l as usize {
+                let g = v.gene_ids[i * l as usize + p];
+                if g < 0 || g as usize >= n_genes {
+                    continue;
+                }
+                let at = (i * l as usize + p) * d as usize;
+                let mut row = self.sum.slice_mut(ndarray::s![groups[i], g as usize, ..]);
+                for (s, &x) in row.iter_mut().zip(&host[at..at + d as usize]) {
+                    *s += x as f64;
+                }
+                self.count[[groups[i], g as usize]] += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn means(self) -> (Array3<f32>, Array2<u32>) {
+        let mut m = self.sum.mapv(|v| v as f32);
+        for ((k, g), &n) in self.count.indexed_iter() {
+            m.slice_mut(ndarray::s![k, g, ..]).mapv_inplace(|v| if n > 0 { v / n as f32 } else { f32::NAN });
+        }
+        (m, self.count)
+    }
 }
 
 /// Model genes the data lacks become padding: unknown is not the same as "not expressed".
-fn pad_missing_genes(b: &mut dataloader::mask::MaskedBatch, genes: &GeneMap, tok: &Tokenizer) {
+pub fn pad_missing_genes(b: &mut MaskedBatch, genes: &GeneMap, tok: &Tokenizer) {
     if genes.missing.is_empty() {
         return;
     }
     let n_genes = tok.genes.len() as i64;
-    for p in 0..b.gene_ids.len() {
-        let g = b.gene_ids[p];
+    let v = &mut b.views[0];
+    for p in 0..v.gene_ids.len() {
+        let g = v.gene_ids[p];
         if g < n_genes && !genes.present[g as usize] {
-            b.gene_ids[p] = n_genes + 1;
-            b.input_bins[p] = tok.vocab.pad();
-            b.padding[p] = true;
+            v.gene_ids[p] = tok.gene_pad();
+            v.input_bins[p] = tok.vocab.pad();
+            v.padding[p] = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dataloader::mask::View;
+    use dataloader::tokenize::{Binning, Vocab};
+
+    /// Genes the data does not measure become padding, never a zero bin the model would read
+    /// as "not expressed".
+    #[test]
+    fn missing_genes_are_padding_not_zeros() {
+        let tok = Tokenizer { vocab: Vocab { n_bins: 5 }, genes: vec!["a".into(), "b".into(), "c".into()], binning: Binning::CellQuantile };
+        let genes = GeneMap::new(&["a".into(), "c".into()], &tok.genes, Path::new("x.h5ad")).unwrap();
+        let view = View { gene_ids: vec![3, 0, 1, 2], input_bins: vec![7, 2, 0, 1], targets: vec![-100; 4], padding: vec![false; 4], depth: vec![1.0] };
+        let mut b = MaskedBatch { batch_size: 1, seq_len: 4, views: vec![view], full_bins: vec![7, 2, 0, 1], depth: vec![1.0], cells: vec![0] };
+        pad_missing_genes(&mut b, &genes, &tok);
+        let v = b.first();
+        assert_eq!(v.gene_ids, vec![3, 0, tok.gene_pad(), 2]);
+        assert_eq!(v.input_bins, vec![7, 2, tok.vocab.pad(), 1]);
+        assert_eq!(v.padding, vec![false, false, true, false]);
     }
 }

@@ -9,11 +9,12 @@ use linfa::traits::Transformer;
 use ndarray::{Array2, ArrayView2, Axis};
 use serde::Serialize;
 use tracing::info;
-use trainer::device::DeviceChoice;
-use trainer::model::Pooling;
+use trainer::device::{DeviceChoice, LocalRank};
+use trainer::pooling::Pooling;
 
 use crate::cluster::{louvain, silhouette};
 use crate::dataset::EvalData;
+use crate::depth::{depth_r2, DepthR2};
 use crate::embed::TrainedModel;
 use crate::error::{EvalError, Result};
 use crate::knn::Neighbours;
@@ -24,6 +25,7 @@ use crate::probe::{few_shot, knn_accuracy, logistic_probe, FewShotPoint, ProbeRe
 use crate::report::{num, Block};
 use crate::umap::{fuzzy_graph, umap, UmapConfig};
 use crate::{outputs, plots};
+use trainer::metrics::{self as run_metrics, Column};
 
 /// `neurofm-eval`'s settings.
 #[derive(Debug, Clone, clap::Args)]
@@ -52,9 +54,17 @@ pub struct EvalConfig {
     /// Drop classes with fewer cells than this (reported) instead of refusing them.
     #[arg(long, default_value_t = 0)]
     pub min_class_cells: usize,
-    /// How token states become a cell embedding.
-    #[arg(long, value_enum, default_value = "mean")]
-    pub embedding: Pooling,
+    /// How token states become a cell embedding (default: the run's `embedding.pooling`).
+    #[arg(long, value_enum)]
+    pub embedding: Option<Pooling>,
+    /// Which layer's states are pooled: -1 the last, -2 the one before (Geneformer's habit),
+    /// k ≥ 1 layer k (default: the run's `embedding.layer`).
+    #[arg(long, allow_hyphen_values = true)]
+    pub layer: Option<i64>,
+    /// Also write gene embeddings (`gene_embeddings.h5ad`): the static gene table and each
+    /// gene's contextual state averaged over the cells of each class.
+    #[arg(long)]
+    pub gene_embeddings: bool,
     /// `stratified`, or `group:COLUMN` to test on groups (e.g. libraries) the probe never saw.
     #[arg(long, default_value = "stratified")]
     pub split: SplitKind,
@@ -102,6 +112,8 @@ pub struct RepresentationScores {
     pub cluster_ari: f64,
     pub cluster_nmi: f64,
     pub silhouette: Option<f64>,
+    /// How much of the representation is sequencing depth (`depth`).
+    pub depth_r2: DepthR2,
 }
 
 /// `metrics.json`.
@@ -143,6 +155,8 @@ pub struct DataInfo {
 #[derive(Debug, Clone, Serialize)]
 pub struct EmbeddingInfo {
     pub pooling: Pooling,
+    /// 1-based layer whose states were pooled.
+    pub layer: usize,
     pub dim: usize,
     pub device: String,
     pub seconds: f64,
@@ -168,8 +182,10 @@ const SILHOUETTE_CELLS: usize = 5000;
 pub fn evaluate(cfg: &EvalConfig) -> Result<EvalMetrics> {
     let out = cfg.out.clone().unwrap_or_else(|| cfg.run.join("eval"));
     std::fs::create_dir_all(&out).map_err(|e| EvalError::io(&out, e))?;
-    let device = cfg.device.resolve(0)?;
+    let env = launcher::env::DistEnv::from_env().map_err(|e| EvalError::Usage(e.to_string()))?;
+    let device = cfg.device.resolve(LocalRank { rank: env.local_rank, world: env.local_world })?;
     let model = TrainedModel::load(&cfg.run, &cfg.checkpoint, device)?;
+    let choice = model.choice(cfg.embedding, cfg.layer)?;
     info!("model: {} (step {}) on {:?}", model.checkpoint.display(), model.state.step, device);
     let data = EvalData::open(&cfg.data, &out, cfg.allow_non_integer)?;
     let spec = if !cfg.classes.is_empty() {
@@ -195,18 +211,23 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalMetrics> {
     info!("{} cells in {} classes; {} train / {} test", labels.cells.len(), labels.n_classes(), split.train.len(), split.test.len());
 
     // Representations: the model, then the baselines on the same cells and split.
-    let trained = model.embed(&data, &genes, &labels.cells, cfg.embedding, batch_size)?;
+    let groups = cfg.gene_embeddings.then_some((labels.y.as_slice(), labels.n_classes()));
+    let trained = model.embed(&data, &genes, &labels.cells, choice, batch_size, groups)?;
     let cells_per_s = labels.cells.len() as f64 / trained.seconds.max(1e-9);
-    info!("embedded {} cells in {:.1} s ({cells_per_s:.1} cells/s)", labels.cells.len(), trained.seconds);
-    let untrained = model.untrained(cfg.seed.wrapping_add(1)).embed(&data, &genes, &labels.cells, cfg.embedding, batch_size)?;
+    info!("embedded {} cells in {:.1} s ({cells_per_s:.1} cells/s): {} pooling of layer {}", labels.cells.len(), trained.seconds, choice.pooling.name(), choice.layer);
+    if let Some((states, counts)) = &trained.genes {
+        outputs::gene_embeddings(&out.join("gene_embeddings.h5ad"), &model.tokenizer.genes, &model.gene_table()?, &labels.classes, states, counts)?;
+    }
+    let untrained = model.untrained(cfg.seed.wrapping_add(1))?.embed(&data, &genes, &labels.cells, choice, batch_size, None)?;
     let counts = data.counts(&labels.cells)?;
     let expression = log_normalized(&counts, data.genes.len());
     let pca = Pca::fit(&expression.select(Axis(0), &split.train).view(), EXPRESSION_PCS, cfg.seed);
+    let qc = qc_features(&counts);
     let mut reps: Vec<(String, Array2<f64>)> = vec![
-        (format!("neurofm ({})", pooling_name(cfg.embedding)), trained.x.mapv(f64::from)),
+        (format!("neurofm ({}, layer {})", choice.pooling.name(), choice.layer), trained.x.mapv(f64::from)),
         ("untrained model".into(), untrained.x.mapv(f64::from)),
         (format!("expression PCA({})", pca.components.ncols()), pca.transform(&expression.view())),
-        ("QC: log counts, log genes".into(), qc_features(&counts)),
+        ("QC: log counts, log genes".into(), qc.clone()),
     ];
     if cfg.expression_baseline {
         reps.push((format!("expression ({} genes)", data.genes.len()), expression));
@@ -219,8 +240,17 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalMetrics> {
     let mut roc_curves = Vec::new();
     for (i, (name, x)) in reps.iter().enumerate() {
         let started = Instant::now();
-        let (s, probe, clusters, nb) = score_representation(name, &x.view(), &labels, &split, cfg.seed)?;
-        info!("{name}: accuracy {:.3}, macro F1 {:.3}, ROC-AUC {} ({:.1} s)", s.probe.accuracy, s.probe.macro_f1, num(s.probe.roc_auc), started.elapsed().as_secs_f64());
+        let (s, probe, clusters, nb) = score_representation(name, &x.view(), &labels, &split, &qc, cfg.seed)?;
+        info!(
+            "{name}: accuracy {:.3}, balanced {:.3}, macro F1 {:.3}, ROC-AUC {}, cluster ARI {:.3}, depth R² {:.2} ({:.1} s)",
+            s.probe.accuracy,
+            s.probe.balanced_accuracy,
+            s.probe.macro_f1,
+            num(s.probe.roc_auc),
+            s.cluster_ari,
+            s.depth_r2.log_total_counts,
+            started.elapsed().as_secs_f64()
+        );
         if labels.n_classes() == 2 {
             let truth: Vec<bool> = split.test.iter().map(|&t| labels.y[t] == 1).collect();
             let score: Vec<f64> = probe.proba.column(1).to_vec();
@@ -258,7 +288,7 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalMetrics> {
             n_train: split.train.len(),
             n_test: split.test.len(),
         },
-        embedding: EmbeddingInfo { pooling: cfg.embedding, dim: trained.x.ncols(), device: format!("{device:?}"), seconds: trained.seconds, cells_per_s },
+        embedding: EmbeddingInfo { pooling: choice.pooling, layer: choice.layer, dim: trained.x.ncols(), device: format!("{device:?}"), seconds: trained.seconds, cells_per_s },
         representations: scores,
         layouts: LayoutInfo {
             cells: layout.cells.len(),
@@ -276,18 +306,9 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalMetrics> {
     Ok(metrics)
 }
 
-fn pooling_name(p: Pooling) -> &'static str {
-    match p {
-        Pooling::Mean => "mean",
-        Pooling::Cls => "cls",
-        Pooling::Max => "max",
-        Pooling::Concat => "concat",
-    }
-}
-
 /// Probe, few-shot curve, kNN accuracy, Louvain agreement and silhouette of one representation;
 /// also returns the probe (for plots), the clusters and the kNN graph (reused by UMAP).
-fn score_representation(name: &str, x: &ArrayView2<f64>, labels: &Labels, split: &Split, seed: u64) -> Result<(RepresentationScores, ProbeResult, Vec<usize>, Neighbours)> {
+fn score_representation(name: &str, x: &ArrayView2<f64>, labels: &Labels, split: &Split, qc: &Array2<f64>, seed: u64) -> Result<(RepresentationScores, ProbeResult, Vec<usize>, Neighbours)> {
     let probe = logistic_probe(x, labels, split, seed)?;
     let few = few_shot(x, labels, split, probe.c, seed)?;
     let knn_acc = knn_accuracy(x, labels, split);
@@ -307,6 +328,7 @@ fn score_representation(name: &str, x: &ArrayView2<f64>, labels: &Labels, split:
         cluster_ari: adjusted_rand_index(&labels.y, &clusters),
         cluster_nmi: normalized_mutual_info(&labels.y, &clusters),
         silhouette: silhouette(x, &labels.y, SILHOUETTE_CELLS, seed),
+        depth_r2: depth_r2(x, qc),
     };
     Ok((s, probe, clusters, nb))
 }
@@ -408,52 +430,20 @@ pub fn layout_file(cfg: &LayoutConfig) -> Result<f64> {
 }
 
 fn run_info(model: &TrainedModel) -> RunInfo {
-    let rows = read_metrics_csv(&model.run.join("metrics.csv")).unwrap_or_default();
+    let rows = run_metrics::read(&model.run.join("metrics.csv")).unwrap_or_else(|e| {
+        tracing::warn!("{e}: the report leaves out the training numbers");
+        Vec::new()
+    });
     let last_val = rows.iter().rev().find(|r| r.split == "val");
     RunInfo {
         run_dir: model.run.clone(),
         checkpoint: model.checkpoint.clone(),
         step: model.state.step,
         parameters: model.parameters(),
-        final_val_perplexity: last_val.and_then(|r| r.perplexity),
-        final_val_masked_acc: last_val.and_then(|r| r.masked_acc),
-        per_gene_baseline_perplexity: last_val.and_then(|r| r.baseline_perplexity),
+        final_val_perplexity: last_val.and_then(|r| r.get(Column::Perplexity)),
+        final_val_masked_acc: last_val.and_then(|r| r.get(Column::MaskedAcc)),
+        per_gene_baseline_perplexity: last_val.and_then(|r| r.get(Column::BaselinePerplexity)),
     }
-}
-
-/// The columns of a run's `metrics.csv` that the report plots.
-#[derive(Debug, Clone, Default)]
-struct CsvRow {
-    step: f64,
-    split: String,
-    loss: Option<f64>,
-    perplexity: Option<f64>,
-    masked_acc: Option<f64>,
-    baseline_perplexity: Option<f64>,
-}
-
-fn read_metrics_csv(path: &Path) -> Option<Vec<CsvRow>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next()?.split(',').collect();
-    let col = |name: &str| header.iter().position(|h| *h == name);
-    let (step, split, loss, ppl, acc, base) = (col("step")?, col("split")?, col("loss")?, col("perplexity")?, col("masked_acc")?, col("baseline_perplexity"));
-    Some(
-        lines
-            .map(|l| {
-                let f: Vec<&str> = l.split(',').collect();
-                let get = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
-                CsvRow {
-                    step: get(step).unwrap_or(0.0),
-                    split: f.get(split).unwrap_or(&"").to_string(),
-                    loss: get(loss),
-                    perplexity: get(ppl),
-                    masked_acc: get(acc),
-                    baseline_perplexity: base.and_then(get),
-                }
-            })
-            .collect(),
-    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -537,17 +527,29 @@ fn write_figures(out: &Path, model: &TrainedModel, labels: &Labels, split: &Spli
     outputs::write_atomic(&out.join("confusion.csv"), &outputs::csv(&head_ref, rows))?;
     figs.push(("confusion.png".into(), "Confusion matrix (rows: true class, shade: row share)".into()));
 
-    if let Some(rows) = read_metrics_csv(&model.run.join("metrics.csv")) {
-        let series = |split: &str, f: fn(&CsvRow) -> Option<f64>| -> Vec<(f64, f64)> { rows.iter().filter(|r| r.split == split).filter_map(|r| f(r).map(|v| (r.step, v))).collect() };
-        let mut ppl = vec![("validation".to_string(), series("val", |r| r.perplexity))];
-        let base = series("val", |r| r.baseline_perplexity);
+    if let Ok(rows) = run_metrics::read(&model.run.join("metrics.csv")) {
+        let series = |split: &str, c: Column| -> Vec<(f64, f64)> { rows.iter().filter(|r| r.split == split).filter_map(|r| r.get(c).map(|v| (r.step as f64, v))).collect() };
+        let mut ppl = vec![("validation".to_string(), series("val", Column::Perplexity))];
+        let base = series("val", Column::BaselinePerplexity);
         if !base.is_empty() {
             ppl.push(("per-gene bin frequencies".to_string(), base));
         }
         let panels = [
-            plots::Panel { title: "loss".into(), y_desc: "cross-entropy".into(), series: vec![("train".into(), series("train", |r| r.loss)), ("validation".into(), series("val", |r| r.loss))] },
+            plots::Panel {
+                title: "loss".into(),
+                y_desc: "cross-entropy".into(),
+                series: vec![
+                    ("train (masked)".into(), series("train", Column::MaskedLoss)),
+                    ("validation (masked)".into(), series("val", Column::Loss)),
+                    ("train (bottleneck)".into(), series("train", Column::BottleneckLoss)),
+                    ("train (contrastive)".into(), series("train", Column::ContrastiveLoss)),
+                ]
+                .into_iter()
+                .filter(|(_, s)| s.iter().any(|&(_, v)| v > 0.0))
+                .collect(),
+            },
             plots::Panel { title: "validation perplexity".into(), y_desc: "perplexity".into(), series: ppl },
-            plots::Panel { title: "masked accuracy".into(), y_desc: "accuracy".into(), series: vec![("validation".into(), series("val", |r| r.masked_acc))] },
+            plots::Panel { title: "masked accuracy".into(), y_desc: "accuracy".into(), series: vec![("validation".into(), series("val", Column::MaskedAcc))] },
         ];
         if rows.iter().any(|r| r.split == "val") {
             plots::panels(&out.join("training.png"), "Training curves", "step", &panels)?;
@@ -574,7 +576,7 @@ fn write_report(out: &Path, m: &EvalMetrics, figures: &[(String, String)]) -> Re
     b.push(Block::Heading("Data".into()));
     let classes: Vec<String> = m.data.classes.iter().zip(&m.data.class_counts).map(|(c, n)| format!("{c} ({n})")).collect();
     b.push(Block::Paragraph(format!(
-        "{}: {} cells, label column `{}`, {} classes: {}. Split {}: {} training / {} test cells. {} genes in the data; {} of the model's genes missing. Embeddings: {} pooling, {} dimensions, {:.1} cells/s on {}.",
+        "{}: {} cells, label column `{}`, {} classes: {}. Split {}: {} training / {} test cells. {} genes in the data; {} of the model's genes missing. Embeddings: {} pooling of layer {}, {} dimensions, {:.1} cells/s on {}.",
         m.data.path.display(),
         m.data.cells,
         m.data.label_col,
@@ -585,7 +587,8 @@ fn write_report(out: &Path, m: &EvalMetrics, figures: &[(String, String)]) -> Re
         m.data.n_test,
         m.data.genes_in_data,
         m.data.model_genes_missing,
-        pooling_name(m.embedding.pooling),
+        m.embedding.pooling.name(),
+        m.embedding.layer,
         m.embedding.dim,
         m.embedding.cells_per_s,
         m.embedding.device
@@ -595,8 +598,8 @@ fn write_report(out: &Path, m: &EvalMetrics, figures: &[(String, String)]) -> Re
         b.push(Block::Paragraph(format!("Classes dropped as too small: {}.", d.join(", "))));
     }
     b.push(Block::Heading("Model vs baselines".into()));
-    b.push(Block::Paragraph("Logistic regression on standardized features (C by 5-fold CV on the training cells), scored on the test cells; kNN: 15 cosine neighbours among training cells; clusters: Louvain on the 15-NN fuzzy graph of all cells, compared with the labels.".into()));
-    let head = ["representation", "dim", "accuracy", "balanced acc.", "macro F1", "F1 (class 1)", "ROC-AUC", "kNN acc.", "clusters", "ARI", "NMI", "silhouette"];
+    b.push(Block::Paragraph("Logistic regression on standardized features (C by 5-fold CV on the training cells), scored on the test cells; kNN: 15 cosine neighbours among training cells; clusters: Louvain on the 15-NN fuzzy graph of all cells, compared with the labels. Depth R²: how well a linear regression on the representation predicts each cell's log total counts and log genes detected (5-fold cross-validated); high values mean the representation encodes sequencing depth.".into()));
+    let head = ["representation", "dim", "accuracy", "balanced acc.", "macro F1", "F1 (class 1)", "ROC-AUC", "kNN acc.", "clusters", "ARI", "NMI", "silhouette", "depth R² (counts)", "depth R² (genes)"];
     let rows = m
         .representations
         .iter()
@@ -614,6 +617,8 @@ fn write_report(out: &Path, m: &EvalMetrics, figures: &[(String, String)]) -> Re
                 num(Some(r.cluster_ari)),
                 num(Some(r.cluster_nmi)),
                 num(r.silhouette),
+                num(Some(r.depth_r2.log_total_counts)),
+                num(Some(r.depth_r2.log_genes_detected)),
             ]
         })
         .collect();

@@ -9,6 +9,7 @@
 pub mod atlas;
 pub mod cluster;
 pub mod dataset;
+pub mod depth;
 pub mod embed;
 pub mod error;
 pub mod evaluate;

@@ -104,6 +104,22 @@ pub fn h5ad(path: &Path, obs: &Frame, obsm: &[(&str, &Array2<f32>)]) -> Result<(
     }
 }
 
+/// `gene_embeddings.h5ad`: one row per model gene (obs names are the genes); `obsm['static']`
+/// is the gene embedding table, `obsm['contextual_<class>']` each gene's token state averaged
+/// over the cells of that class (NaN where none had it in its sequence), with the number of
+/// cells in `obs['n_cells_<class>']`. Classes are named as given; anndata opens it as is.
+pub fn gene_embeddings(path: &Path, genes: &[String], table: &Array2<f32>, classes: &[String], states: &ndarray::Array3<f32>, counts: &Array2<u32>) -> Result<()> {
+    let mut obs = Frame { index_name: "_index".into(), index: genes.to_vec(), columns: Vec::new() };
+    let mut mats: Vec<(String, Array2<f32>)> = vec![("static".into(), table.clone())];
+    for (k, class) in classes.iter().enumerate() {
+        let key: String = class.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
+        obs.columns.push((format!("n_cells_{key}"), dataloader::frame::Column::Int(counts.row(k).iter().map(|&n| n as i64).collect())));
+        mats.push((format!("contextual_{key}"), states.index_axis(ndarray::Axis(0), k).to_owned()));
+    }
+    let refs: Vec<(&str, &Array2<f32>)> = mats.iter().map(|(k, m)| (k.as_str(), m)).collect();
+    h5ad(path, &obs, &refs)
+}
+
 fn write_h5ad(path: &Path, obs: &Frame, obsm: &[(&str, &Array2<f32>)]) -> Result<()> {
     let file = hdf5::File::create(path).map_err(h5err(path, "/"))?;
     encoding(&file, "anndata", "0.1.0", path)?;

@@ -8,16 +8,17 @@
 use std::time::Instant;
 
 use launcher::env::DistEnv;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 use trainer::comm::{connect, nccl_lib, resolve_backend, Backend};
 use trainer::ddp::{Ddp, BUCKET_BYTES};
+use trainer::device::{DeviceChoice, LocalRank};
 
 fn main() -> anyhow::Result<()> {
     let env = DistEnv::from_env()?;
-    let device = if tch::Cuda::is_available() { Device::Cuda(env.local_rank % tch::Cuda::device_count() as usize) } else { Device::Cpu };
+    let device = DeviceChoice::Auto.resolve(LocalRank { rank: env.local_rank, world: env.local_world })?;
     let backend = resolve_backend(Backend::Auto, &env, device);
     if backend == Backend::Nccl {
-        nccl_lib::ensure_loadable();
+        nccl_lib::bind_to_torch_nccl();
     }
     let comm = connect(backend, &env, device)?;
     let w = comm.world() as f64;
@@ -25,14 +26,13 @@ fn main() -> anyhow::Result<()> {
         println!("world {} over {} on {device:?}", comm.world(), comm.name());
         println!("{:>10} {:>8} {:>10} {:>10} {:>10}", "MB", "buckets", "ms", "algbw GB/s", "busbw GB/s");
     }
-    // Parameter sets shaped like the models: 1 MB … 512 MB of f32 in 4 MB tensors.
+    // Gradient buffers the size of the models': 1 MB … 512 MB of f32 (the optimizer keeps
+    // parameters and gradients flat, and DDP reduces slices of that buffer in place).
     for mb in [1usize, 4, 16, 64, 156, 512] {
-        let n_tensors = mb.div_ceil(4);
-        let per = (mb << 20) / 4 / n_tensors;
-        let params: Vec<Tensor> = (0..n_tensors).map(|_| Tensor::ones([per as i64], (Kind::Float, device)).set_requires_grad(true)).collect();
-        // One backward gives every parameter a gradient to reduce.
-        params.iter().map(|p| p.sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b).backward();
-        let mut ddp = Ddp::new(comm.as_ref(), params.iter().map(Tensor::shallow_clone).collect(), BUCKET_BYTES, device)?;
+        let n = ((mb << 20) / 4) as i64;
+        let params = Tensor::ones([n], (Kind::Float, device));
+        let grads = Tensor::ones([n], (Kind::Float, device));
+        let mut ddp = Ddp::new(comm.as_ref(), &params, &grads, BUCKET_BYTES, device)?;
         ddp.all_reduce_gradients()?; // warm-up
         let reps = if mb >= 156 { 5 } else { 20 };
         comm.barrier()?;

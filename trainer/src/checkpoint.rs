@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use dataloader::shard::ReaderPosition;
 use serde::{Deserialize, Serialize};
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::model::Vocabulary;
 
@@ -35,6 +35,24 @@ pub struct TrainState {
     pub global_batch: usize,
     /// Dropout randomness is reseeded every step from (seed, step), so the step is the RNG state.
     pub rng: String,
+}
+
+/// Refuses to resume a checkpoint whose model shape or tokenizer differs from the run's;
+/// returns the run's tokenizer (`tokenizer` is the run directory's `tokenizer.json`).
+pub fn check_resume_compatible(cfg: &TrainConfig, ckpt: &Path, state: &TrainState, tokenizer: &Path) -> Result<dataloader::tokenize::Tokenizer> {
+    if state.model != cfg.model {
+        let old = toml::to_string(&state.model).unwrap_or_default();
+        return Err(TrainError::input(ckpt, format!("was trained with a different model shape; the [model] section must be unchanged to resume. Checkpoint's:\n{old}")));
+    }
+    let sha = dataloader::convert::sha256_file(tokenizer)?;
+    if sha != state.tokenizer_sha256 {
+        return Err(TrainError::input(tokenizer, format!("is not the tokenizer checkpoint {} was trained with (sha256 differs); resume in the original run directory", ckpt.display())));
+    }
+    let t = dataloader::tokenize::Tokenizer::load(tokenizer)?;
+    if !t.is_ranked() && t.vocab.n_bins != cfg.tokenizer.n_bins {
+        return Err(TrainError::Config(format!("tokenizer.n_bins = {} but the run being resumed used {}; resume with its config", cfg.tokenizer.n_bins, t.vocab.n_bins)));
+    }
+    Ok(t)
 }
 
 /// File names inside a checkpoint directory.

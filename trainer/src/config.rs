@@ -6,11 +6,13 @@
 
 use std::path::{Path, PathBuf};
 
-use dataloader::mask::SequenceMode;
+use dataloader::mask::{SequenceMode, ViewConfig};
 use dataloader::tokenize::BinningKind;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
+use crate::objectives::ObjectivesConfig;
+use crate::pooling::Pooling;
 
 /// Everything a training run needs to know.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -22,10 +24,42 @@ pub struct TrainConfig {
     pub tokenizer: TokenizerConfig,
     pub sequence: SequenceMode,
     pub mask: MaskSection,
+    /// How each training cell is perturbed (thinning, a second view for contrastive terms).
+    pub views: ViewConfig,
+    pub objectives: ObjectivesConfig,
     pub split: SplitSection,
     pub model: ModelConfig,
+    /// Which cell vector the run recommends (evaluation and fine-tuning default to it).
+    pub embedding: EmbeddingConfig,
     pub optim: OptimConfig,
     pub train: LoopConfig,
+}
+
+/// The cell embedding a run recommends: a pooling of one layer's token states.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingConfig {
+    pub pooling: Pooling,
+    /// `-1`: the last layer (after the final norm), `-2` the one before, ...; `k ≥ 1`: layer k.
+    pub layer: i64,
+}
+
+impl Default for EmbeddingConfig {
+    fn default() -> Self {
+        EmbeddingConfig { pooling: Pooling::Mean, layer: -1 }
+    }
+}
+
+impl EmbeddingConfig {
+    /// The 1-based layer `layer` names in a model of `n_layers`, or a message naming the range.
+    pub fn resolve_layer(layer: i64, n_layers: usize) -> Result<usize> {
+        let n = n_layers as i64;
+        let k = if layer < 0 { n + 1 + layer } else { layer };
+        if layer == 0 || k < 1 || k > n {
+            return Err(TrainError::Config(format!("embedding layer {layer}: the model has {n} layers; use 1..{n}, or -1 (last) .. -{n}")));
+        }
+        Ok(k as usize)
+    }
 }
 
 /// Where cells come from and how they are read.
@@ -105,14 +139,19 @@ pub struct ModelConfig {
     pub d_ff: usize,
     /// Dropout on embeddings and residual branches.
     pub dropout: f64,
-    /// Dropout on attention probabilities. Non-zero forces the unfused attention path, which
-    /// materializes a sequence × sequence matrix per head (the original's memory problem).
+    /// Dropout on attention probabilities. On the CPU non-zero forces the unfused attention
+    /// path, which materializes a sequence × sequence matrix per head (the original's memory
+    /// problem); CUDA's fused kernels support it.
     pub attention_dropout: f64,
+    /// scFoundation's read-depth-aware input: `[CLS]` is told the log depth of the input view
+    /// and of the full cell (pair it with `views.predict_full`).
+    #[serde(default)]
+    pub depth_tokens: bool,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { d_model: 64, n_heads: 4, n_layers: 3, d_ff: 2048, dropout: 0.1, attention_dropout: 0.0 }
+        ModelConfig { d_model: 64, n_heads: 4, n_layers: 3, d_ff: 2048, dropout: 0.1, attention_dropout: 0.0, depth_tokens: false }
     }
 }
 
@@ -174,6 +213,8 @@ pub struct LoopConfig {
     pub threads: usize,
     /// Peak device rate for MFU in TFLOP/s (0: known GPU table, or measured on CPU).
     pub peak_tflops: f64,
+    /// Size of the gradient slices all-reduced at once across ranks, in MiB.
+    pub bucket_mb: f64,
 }
 
 impl Default for LoopConfig {
@@ -190,6 +231,7 @@ impl Default for LoopConfig {
             precision: Precision::Auto,
             threads: 0,
             peak_tflops: 0.0,
+            bucket_mb: 25.0,
         }
     }
 }
@@ -255,6 +297,15 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.mask.ratio) || !(0.0..=1.0).contains(&self.mask.nonzero_fraction) || self.mask.ratio == 0.0 {
             return bad("mask", "ratio must be in (0, 1] and nonzero_fraction in [0, 1]".into());
+        }
+        if !(t.bucket_mb > 0.0 && t.bucket_mb.is_finite()) {
+            return bad("train.bucket_mb", format!("{} must be > 0", t.bucket_mb));
+        }
+        self.views.validate()?;
+        let ranked = self.tokenizer.kind == BinningKind::RankValue;
+        self.objectives.validate(self.views.count, ranked)?;
+        if self.model.depth_tokens && ranked {
+            return bad("model.depth_tokens", "is for binned sequences; ranked (rank-value) sequences are depth-robust by construction".into());
         }
         if self.tokenizer.n_bins < 3 {
             return bad("tokenizer.n_bins", format!("{}: need at least 3 (zero + two expression bins)", self.tokenizer.n_bins));

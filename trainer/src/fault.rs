@@ -45,6 +45,26 @@ impl Fault {
     }
 }
 
+/// Test-only knobs that break an invariant on purpose, so a test can show that the check
+/// guarding it works: `NEUROFM_TEST_INIT=per-rank` initializes each rank's model from a
+/// different seed (the start-up broadcast must make them equal), and
+/// `NEUROFM_TEST_SKIP_BROADCAST=1` skips that broadcast (the cross-rank check before a
+/// checkpoint must then refuse to save).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TestKnobs {
+    pub init_per_rank: bool,
+    pub skip_broadcast: bool,
+}
+
+impl TestKnobs {
+    pub fn from_env() -> TestKnobs {
+        TestKnobs {
+            init_per_rank: std::env::var("NEUROFM_TEST_INIT").is_ok_and(|v| v == "per-rank"),
+            skip_broadcast: std::env::var("NEUROFM_TEST_SKIP_BROADCAST").is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

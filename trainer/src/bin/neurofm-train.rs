@@ -9,7 +9,7 @@ use launcher::env::DistEnv;
 use tracing_subscriber::fmt::writer::MakeWriterExt;
 use trainer::comm::{connect, nccl_lib, resolve_backend, Backend, Communicator};
 use trainer::config::TrainConfig;
-use trainer::device::DeviceChoice;
+use trainer::device::{describe, DeviceChoice, LocalRank};
 use trainer::run_dir::{Resume, RunDir};
 use trainer::train::{run, RunOptions};
 use trainer::TrainError;
@@ -48,6 +48,9 @@ struct Args {
     /// Transport between ranks: auto (NCCL on GPUs, MPI on CPUs), nccl, mpi, single.
     #[arg(long, value_enum, env = "NEUROFM_BACKEND", default_value = "auto")]
     backend: Backend,
+    /// Check this node (device choice, GPU, driver, NCCL, MPI) without training, then exit.
+    #[arg(long)]
+    preflight: bool,
 }
 
 fn main() -> ExitCode {
@@ -60,31 +63,57 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match train(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => exit_with(&e),
+        Err(e) => exit_with(&e, None),
     }
 }
 
-/// Reports `e` and exits at once. Skipping destructors is deliberate in a group: a failing
-/// rank must not wait in MPI_Finalize or NCCL teardown for ranks stuck in a collective; its
-/// exit is what makes mpirun, srun or neurofm-launch stop the others.
-fn exit_with(e: &TrainError) -> ! {
+/// Reports `e`, aborts the communicator and exits at once. Skipping destructors is deliberate
+/// in a group: a failing rank must not wait in MPI_Finalize, NCCL teardown or CUDA's atexit
+/// handlers while peers spin in a collective; its exit is what makes mpirun, srun or
+/// neurofm-launch stop the others, and the abort frees peers blocked on it.
+fn exit_with(e: &TrainError, comm: Option<&dyn Communicator>) -> ! {
     tracing::error!("{e}");
     eprintln!("error: {e}");
-    std::process::exit(e.exit_code())
+    if let Some(c) = comm {
+        c.abort();
+    }
+    use std::io::Write;
+    let _ = std::io::stderr().flush();
+    let _ = std::io::stdout().flush();
+    // SAFETY: `_exit` ends the process without running destructors or atexit handlers, which
+    // is the point; every log line was written and flushed above.
+    unsafe { libc::_exit(e.exit_code()) }
 }
 
 fn train(args: Args) -> Result<(), TrainError> {
     let env = DistEnv::from_env()?;
-    let device = args.device.resolve(env.local_rank)?;
+    let device = args.device.resolve(LocalRank { rank: env.local_rank, world: env.local_world })?;
     let backend = resolve_backend(args.backend, &env, device);
-    if backend == Backend::Nccl {
-        nccl_lib::ensure_loadable(); // may re-exec this process with NCCL on the library path
+    if backend == Backend::Nccl || (args.preflight && device.is_cuda()) {
+        nccl_lib::bind_to_torch_nccl(); // re-execs this process so cudarc uses libtorch's NCCL
+    }
+    if args.preflight {
+        return preflight(&env, device, backend);
     }
     let comm = connect(backend, &env, device)?;
-    // From here on a failure exits without tearing the communicator down (see `exit_with`).
+    // From here on a failure aborts the communicator and exits (see `exit_with`).
     if let Err(e) = train_in_group(&args, comm.as_ref(), device) {
-        exit_with(&e);
+        exit_with(&e, Some(comm.as_ref()));
     }
+    Ok(())
+}
+
+/// `--preflight`: what this rank would run on and whether its libraries load, for a first
+/// contact with a cluster (run it under srun to check every node).
+fn preflight(env: &DistEnv, device: tch::Device, backend: Backend) -> Result<(), TrainError> {
+    println!("rank {} of {} (local {} of {}, from {:?})", env.rank, env.world, env.local_rank, env.local_world, env.source);
+    println!("device: {device:?}: {}", describe(device));
+    println!("backend: {backend:?}");
+    match nccl_lib::load() {
+        Ok((path, version)) => println!("nccl: {version} from {path}"),
+        Err(e) => println!("nccl: not usable: {e}"),
+    }
+    println!("mpi: {}", if cfg!(feature = "mpi") { "built in" } else { "not built in (cargo feature `mpi` off)" });
     Ok(())
 }
 
@@ -115,6 +144,7 @@ fn train_in_group(args: &Args, comm: &dyn Communicator, device: tch::Device) -> 
     };
     init_logging(&run_dir.path, comm.rank(), comm.world())?;
     tracing::info!("neurofm-train {} → {}", env!("CARGO_PKG_VERSION"), run_dir.path.display());
+    tracing::info!("rank {} runs on {}", comm.rank(), describe(device));
     let opts = RunOptions { device, progress: !args.no_progress, stop_at_step: args.stop_at_step };
     let summary = run(cfg, &run_dir, &opts, comm)?;
     if let (Some(v), 0) = (summary.val, comm.rank()) {

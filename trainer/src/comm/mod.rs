@@ -1,6 +1,7 @@
 //! Collective communication between data-parallel ranks, behind one trait (DESIGN §5):
 //! NCCL for GPUs, MPI for CPU ranks (and tests), and a no-op for a single process.
 
+#[cfg(feature = "mpi")]
 mod mpi_comm;
 mod nccl;
 pub mod nccl_lib;
@@ -13,6 +14,7 @@ use tch::{Device, Tensor};
 
 use crate::error::{Result, TrainError};
 
+#[cfg(feature = "mpi")]
 pub use mpi_comm::Mpi;
 pub use nccl::Nccl;
 
@@ -28,6 +30,14 @@ pub trait Communicator {
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+    /// Returns once the collectives issued so far are complete (they may run asynchronously on
+    /// the device), or fails at the deadline instead of hanging.
+    fn wait(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Tears the group down at once after a failure, so no peer spins in a collective this
+    /// rank will never join (NCCL's `ncclCommAbort`); the process exits right after.
+    fn abort(&self) {}
 }
 
 /// The only rank: every collective is the identity.
@@ -93,14 +103,19 @@ pub fn connect(backend: Backend, env: &DistEnv, device: Device) -> Result<Box<dy
         Backend::Single | Backend::Auto => {
             return Err(TrainError::Config(format!("--backend single cannot serve {} ranks; use nccl (GPUs) or mpi (CPU)", env.world)));
         }
+        #[cfg(feature = "mpi")]
         Backend::Mpi => Box::new(Mpi::init(env)?),
+        #[cfg(not(feature = "mpi"))]
+        Backend::Mpi => {
+            return Err(TrainError::Config("this neurofm-train was built without MPI (cargo feature `mpi`); CPU ranks need it, GPU ranks use --backend nccl".into()));
+        }
         Backend::Nccl => {
             // Everyone checks in first, so a missing rank is named instead of hanging NCCL.
             let rendezvous = Rendezvous::join(env, rendezvous_timeout()?)?;
             let Device::Cuda(ordinal) = device else {
                 return Err(TrainError::Config("--backend nccl needs a GPU (this rank runs on the CPU); CPU ranks use --backend mpi, which neurofm-launch picks without GPUs".into()));
             };
-            Box::new(Nccl::connect(env, ordinal, rendezvous)?)
+            Box::new(Nccl::connect(env, ordinal, rendezvous, rendezvous_timeout()?)?)
         }
     };
     Ok(comm)
