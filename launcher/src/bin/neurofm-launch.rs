@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, ValueEnum};
-use launcher::env::RESTART_COUNT;
+use clap::Parser;
+use launcher::env::{Backend, RESTART_COUNT};
 use launcher::supervise::{run_group, ChildSpec, Outcome};
 
 /// Launch a data-parallel group: `neurofm-launch --nproc-per-node 4 -- neurofm-train --config ...`
@@ -40,14 +40,6 @@ struct Args {
     /// The command every rank runs.
     #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Backend {
-    Auto,
-    Nccl,
-    Mpi,
-    Single,
 }
 
 fn main() -> ExitCode {
@@ -110,7 +102,7 @@ fn spawn_ranks(args: &Args, nproc: usize, gpus: &[String], backend: Backend, att
                 ("LOCAL_WORLD_SIZE".into(), nproc.to_string()),
                 ("MASTER_ADDR".into(), args.master_addr.clone()),
                 ("MASTER_PORT".into(), args.master_port.to_string()),
-                ("NEUROFM_BACKEND".into(), format!("{backend:?}").to_lowercase()),
+                ("NEUROFM_BACKEND".into(), backend.to_string()),
                 (RESTART_COUNT.into(), attempt.to_string()),
             ];
             if let Some(gpu) = gpus.get(local) {
