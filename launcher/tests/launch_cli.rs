@@ -58,3 +58,16 @@ fn impossible_requests_exit_2_with_the_fix() {
     let out = launch(&["--nnodes", "2", "--node-rank", "2"], "true");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_command_that_cannot_start_is_a_runtime_failure() {
+    let out = Command::new(env!("CARGO_BIN_EXE_neurofm-launch"))
+        .args(["--nproc-per-node", "2", "--", "/nonexistent/neurofm-train", "--config", "x.toml"])
+        .env("CUDA_VISIBLE_DEVICES", "4,5")
+        .env_remove("SLURM_JOB_ID")
+        .output()
+        .expect("run neurofm-launch");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot start /nonexistent/neurofm-train (rank 0)"), "{err}");
+}
