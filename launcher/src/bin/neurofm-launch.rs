@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use launcher::env::{Backend, RESTART_COUNT};
+use launcher::store::{RendezvousToken, TOKEN_VAR};
 use launcher::supervise::{run_group, ChildSpec, Outcome};
 
 /// Launch a data-parallel group: `neurofm-launch --nproc-per-node 4 -- neurofm-train --config ...`
@@ -67,6 +68,9 @@ struct Plan {
     nproc: usize,
     gpus: Vec<String>,
     grace: Duration,
+    /// Handed to every rank through its environment; `None` when the ranks inherit the
+    /// launcher's own `NEUROFM_RENDEZVOUS_TOKEN`.
+    token: Option<RendezvousToken>,
 }
 
 impl Plan {
@@ -91,8 +95,22 @@ impl Plan {
         if backend == Backend::Mpi && args.nnodes > 1 && !in_slurm {
             bail!("multi-node CPU runs need a host list: run inside a SLURM allocation (srun), or call mpirun with a hostfile yourself");
         }
+        // Ranks on other nodes must present the same token: only the user can give it to all
+        // launchers. On one node the launcher makes one.
+        let token = if std::env::var_os(TOKEN_VAR).is_some() {
+            RendezvousToken::from_env()?;
+            None
+        } else if args.nnodes > 1 && backend == Backend::Nccl {
+            bail!(
+                "{TOKEN_VAR} is not set: with --nnodes {} every node's launcher must give its ranks the same secret token for the rendezvous; \
+                 export one value on all nodes, e.g. `export {TOKEN_VAR}=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \\n')` (the slurm/ scripts do this)",
+                args.nnodes
+            );
+        } else {
+            Some(RendezvousToken::generate()?)
+        };
         let grace = Duration::from_secs_f64(args.grace_s.max(0.0));
-        Ok(Plan { args, backend, nproc, gpus, grace })
+        Ok(Plan { args, backend, nproc, gpus, grace, token })
     }
 
     fn launch(&self) -> Result<i32> {
@@ -117,7 +135,11 @@ impl Plan {
 
     /// What every rank's environment gets besides the per-rank contract.
     fn common_env(&self, attempt: u32) -> Vec<(String, String)> {
-        vec![("NEUROFM_BACKEND".to_string(), self.backend.to_string()), (RESTART_COUNT.into(), attempt.to_string())]
+        let mut env = vec![("NEUROFM_BACKEND".to_string(), self.backend.to_string()), (RESTART_COUNT.into(), attempt.to_string())];
+        if let Some(token) = &self.token {
+            env.push((TOKEN_VAR.into(), token.as_str().into()));
+        }
+        env
     }
 
     /// One child per local rank, with the environment contract (DESIGN §5) and its own GPU.
@@ -163,7 +185,8 @@ impl Plan {
             if unsafe { libc::geteuid() } == 0 {
                 argv.push("--allow-run-as-root".into()); // containers and CI run as root
             }
-            // Forward the neurofm settings explicitly (mpirun only guarantees them on this node).
+            // Forward the neurofm settings explicitly (mpirun only guarantees them on this
+            // node), by name: their values, the token among them, stay off the command line.
             let mut names: Vec<String> = std::env::vars().map(|(k, _)| k).filter(|k| k.starts_with("NEUROFM_") || k == "RUST_LOG").collect();
             names.extend(env.iter().map(|(k, _)| k.clone()));
             names.sort();
