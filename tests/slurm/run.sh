@@ -139,11 +139,14 @@ for _ in $(seq 600); do [ -e "$run/checkpoints/last" ] && break; sleep 0.2; done
 [ -e "$run/checkpoints/last" ] || fail "the requeue job wrote no checkpoint within 120 s"
 scontrol requeue "$jobid" || fail "scontrol requeue $jobid failed"
 # SLURM holds a requeued job for about two minutes (Reason=BeginTime): once it is pending
-# again and its first run has left the node, let it start at once.
+# again and its first run has left the node, let it start early. Not within the second of the
+# requeue: slurmd refuses ("credential revoked") a launch credential no newer than the
+# revocation of the first run's, and both count in whole seconds.
 for _ in $(seq 200); do
     scontrol show job -o "$jobid" | grep -q 'JobState=PENDING' && [ "$(sinfo -h -N -o %t)" = idle ] && break
     sleep 0.1
 done
+sleep 2
 scontrol update JobId="$jobid" StartTime=now || fail "scontrol update $jobid StartTime=now failed"
 for _ in $(seq 600); do
     state=$(scontrol show job -o "$jobid" | grep -o 'JobState=[A-Z_]*' || true)
