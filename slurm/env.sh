@@ -8,7 +8,7 @@ BIN=${BIN:-$NEUROFM_HOME/target/release}        # built with `make build`
 RUNS=${RUNS:-$NEUROFM_HOME/runs}
 DEVICE=${DEVICE:-auto}       # auto | cpu | cuda
 BACKEND=${BACKEND:-auto}     # auto: nccl on GPUs, mpi on CPU nodes
-EXTRA=${EXTRA:-}             # more flags for the neurofm command, e.g. "--set train.max_steps=2000"
+EXTRA=${EXTRA:-}             # more flags for the neurofm command, e.g. "--set train.max_steps=2000" or "--stop-at-step 500"
 
 # libtorch: binaries carry an rpath to the torch they were built with; on nodes where that
 # path differs, point TORCH_LIB at another PyTorch 2.11 install's torch/lib.
@@ -26,6 +26,10 @@ export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-0}          # 1 on Ethernet-only clust
 # export NCCL_SOCKET_IFNAME=ib0                       # interface for bootstrap / TCP fallback
 # export NCCL_NET_GDR_LEVEL=PHB                       # GPUDirect RDMA distance
 export NEUROFM_RENDEZVOUS_TIMEOUT=${NEUROFM_RENDEZVOUS_TIMEOUT:-600}   # seconds ranks wait for each other
+# Rank 0's rendezvous store admits only ranks that present this job's token. Made here in the
+# batch script from /dev/urandom and exported, so srun hands the same one to every task; it is
+# never on a command line (other users can read those).
+export NEUROFM_RENDEZVOUS_TOKEN=${NEUROFM_RENDEZVOUS_TOKEN:-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}
 
 # CPU ranks talk MPI: srun starts them with PMIx. GPU ranks use NCCL and need no MPI plugin.
 if [ "$BACKEND" = mpi ] || { [ "$BACKEND" = auto ] && [ "$DEVICE" = cpu ]; }; then

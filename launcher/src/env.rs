@@ -17,6 +17,37 @@ pub enum Source {
     Single,
 }
 
+/// The transport between ranks: `--backend` of neurofm-launch and neurofm-train, and
+/// `NEUROFM_BACKEND`, which the launcher sets for its ranks. Defined once so that the two binaries
+/// agree on the names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// NCCL on a GPU, MPI on the CPU.
+    Auto,
+    Nccl,
+    Mpi,
+    /// One process, no communication.
+    Single,
+}
+
+impl Backend {
+    /// The name on the command line and in `NEUROFM_BACKEND`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Nccl => "nccl",
+            Backend::Mpi => "mpi",
+            Backend::Single => "single",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Where rank 0 serves the rendezvous store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Master {
@@ -207,6 +238,15 @@ mod tests {
         assert_eq!((e.rank, e.world, e.source, e.master.clone()), (1, 2, Source::Mpirun, None));
         assert!(e.require_master().unwrap_err().to_string().contains("MASTER_ADDR"));
         assert_eq!(env(&[]).unwrap(), DistEnv::single());
+    }
+
+    #[test]
+    fn backend_names_are_the_command_line_names() {
+        use clap::ValueEnum;
+        for b in Backend::value_variants() {
+            assert_eq!(b.to_possible_value().map(|v| v.get_name().to_string()).as_deref(), Some(b.as_str()));
+            assert_eq!(Backend::from_str(b.as_str(), false), Ok(*b));
+        }
     }
 
     #[test]

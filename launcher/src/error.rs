@@ -17,13 +17,14 @@ pub enum LaunchError {
     /// The store's peer broke the protocol or went away.
     #[error("rendezvous store at {addr}: {problem}")]
     Store { addr: String, problem: String },
-    #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    /// An OS call failed. The cause is not called `source`: anyhow would print it twice.
+    #[error("{context}: {cause}")]
+    Io { context: String, cause: std::io::Error },
 }
 
 impl LaunchError {
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        LaunchError::Io { context: context.into(), source }
+    pub fn io(context: impl Into<String>, cause: std::io::Error) -> Self {
+        LaunchError::Io { context: context.into(), cause }
     }
 }
 

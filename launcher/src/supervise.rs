@@ -1,17 +1,27 @@
 //! Runs a group of processes as one unit: output prefixed per process, signals forwarded, and
 //! when one fails the rest are stopped (SIGTERM, then SIGKILL after a grace period).
 //!
-//! Each child leads its own process group, so whatever it starts is stopped with it, and gets
-//! SIGTERM if the supervisor itself dies: no orphans either way.
+//! No process of the group outlives [`run_group`], not even as a zombie:
+//! * each child leads its own process group, so signals reach what it starts;
+//! * the supervisor is a child subreaper (`PR_SET_CHILD_SUBREAPER`): a descendant whose parent
+//!   dies is reparented to it, not to init, even one that left the process group (`setsid`,
+//!   daemons, what `mpirun` leaves behind);
+//! * it reaps every child itself (`waitpid`), and once the ranks are gone it kills and reaps
+//!   every descendant left, layer by layer, before returning;
+//! * if the supervisor itself dies, the kernel sends each child SIGTERM (`PR_SET_PDEATHSIG`).
+//!
+//! Since it reaps with `waitpid(-1)`, `run_group` owns every child of the calling process while
+//! it runs: call it from a process that starts nothing else meanwhile, such as neurofm-launch.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::unix::process::ExitStatusExt;
-use std::process::{ExitStatus, Stdio};
-use std::time::Duration;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
 
 use crate::error::{LaunchError, Result};
 
@@ -39,84 +49,153 @@ pub struct Outcome {
     pub interrupted: bool,
 }
 
-/// Runs `children` until all exit; on the first failure or signal, stops the others.
+/// Runs `children` until all exit; on the first failure or signal, stops the others. Returns
+/// once every descendant is gone (killed if need be) and reaped.
 pub fn run_group(children: Vec<ChildSpec>, grace: Duration) -> Result<Outcome> {
+    become_subreaper()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| LaunchError::io("starting the supervisor's runtime", e))?;
-    rt.block_on(supervise(children, grace))
+    let mut group = Group::default();
+    let outcome = rt.block_on(supervise(&mut group, &children, grace));
+    group.sweep();
+    group.finish_output();
+    outcome
 }
 
-async fn supervise(children: Vec<ChildSpec>, grace: Duration) -> Result<Outcome> {
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| LaunchError::io("installing the SIGINT handler", e))?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| LaunchError::io("installing the SIGTERM handler", e))?;
-    let (tx, mut exits) = mpsc::unbounded_channel::<(usize, std::io::Result<ExitStatus>)>();
-    let mut groups: Vec<i32> = Vec::new();
-    let mut pumps = Vec::new();
-    for (i, spec) in children.iter().enumerate() {
-        let mut cmd = tokio::process::Command::new(&spec.program);
+fn become_subreaper() -> Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(LaunchError::io("becoming the child subreaper of the group (prctl)", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The processes started so far: pid (= process group id) to index in the specs, and the
+/// threads copying their output (each says on `pumped` when its pipe is at its end).
+struct Group {
+    running: HashMap<i32, usize>,
+    leaders: Vec<i32>,
+    pumps: usize,
+    pumped: (mpsc::Sender<()>, mpsc::Receiver<()>),
+}
+
+impl Default for Group {
+    fn default() -> Group {
+        Group { running: HashMap::new(), leaders: Vec::new(), pumps: 0, pumped: mpsc::channel() }
+    }
+}
+
+impl Group {
+    fn spawn(&mut self, index: usize, spec: &ChildSpec) -> std::io::Result<()> {
+        let mut cmd = std::process::Command::new(&spec.program);
         cmd.args(&spec.args).envs(spec.env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM the child if
-        // the supervisor dies.
+        let supervisor = std::process::id() as i32;
+        // SAFETY: prctl and getppid are async-signal-safe, and nothing here allocates. The
+        // death signal is tied to the thread that forks, which lives until the group is gone.
         unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The supervisor died between fork and prctl: no signal will come, so stop.
+                if libc::getppid() != supervisor {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
                 Ok(())
             });
         }
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                signal_groups(&groups, libc::SIGKILL);
-                return Err(LaunchError::io(format!("cannot start {} ({})", spec.program.to_string_lossy(), spec.label), e));
-            }
-        };
-        groups.push(child.id().map(|p| p as i32).unwrap_or(0));
+        let mut child = cmd.spawn()?;
+        // Reaped by `reap`, never through `child` (dropping a std Child does not wait).
+        let pid = child.id() as i32;
+        self.running.insert(pid, index);
+        self.leaders.push(pid);
         let prefix = spec.prefix_output.then(|| format!("[{}] ", spec.label));
         if let Some(out) = child.stdout.take() {
-            pumps.push(tokio::spawn(pump(out, prefix.clone(), false)));
+            pump(out, prefix.clone(), false, self.pumped.0.clone());
+            self.pumps += 1;
         }
         if let Some(err) = child.stderr.take() {
-            pumps.push(tokio::spawn(pump(err, prefix, true)));
+            pump(err, prefix, true, self.pumped.0.clone());
+            self.pumps += 1;
         }
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            let _ = tx.send((i, status));
-        });
+        Ok(())
     }
-    drop(tx);
 
-    let mut running = vec![true; children.len()];
-    let mut outcome: Option<Outcome> = None;
-    let mut kill_at: Option<tokio::time::Instant> = None;
-    let live = |running: &[bool]| -> Vec<i32> { groups.iter().zip(running).filter(|(_, r)| **r).map(|(g, _)| *g).collect() };
-    while running.iter().any(|r| *r) {
-        tokio::select! {
-            Some((i, status)) = exits.recv() => {
-                running[i] = false;
-                let code = match status {
-                    Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
-                    Err(_) => 1,
-                };
-                if code != 0 && outcome.is_none() {
-                    eprintln!("neurofm-launch: {} exited with code {code}; stopping the others (SIGTERM, SIGKILL after {:.0} s)", children[i].label, grace.as_secs_f64());
-                    outcome = Some(Outcome { code, failed: Some(children[i].label.clone()), interrupted: false });
-                    signal_groups(&live(&running), libc::SIGTERM);
-                    kill_at = Some(tokio::time::Instant::now() + grace);
+    /// Waits for the last output lines. After the sweep every writer is dead and each pipe at
+    /// its end, unless a descendant handed its end to a process outside the group: such a pipe
+    /// is given 2 s, then left to its thread.
+    fn finish_output(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.pumps > 0 && self.pumped.1.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok() {
+            self.pumps -= 1;
+        }
+    }
+
+    fn live_groups(&self) -> Vec<i32> {
+        self.running.keys().copied().collect()
+    }
+
+    /// Kills the ranks' process groups, then every process left below the supervisor (each
+    /// kill reparents the victim's own children to it), reaping all, until it has no child.
+    fn sweep(&mut self) {
+        signal_groups(&self.leaders, libc::SIGKILL);
+        let started = Instant::now();
+        let mut warned = false;
+        loop {
+            for pid in children_of(std::process::id() as i32) {
+                // SAFETY: plain syscall. `pid` is our child and not yet reaped, so it cannot
+                // have been reused by another process.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
                 }
             }
-            _ = sigint.recv() => forward(&mut outcome, &mut kill_at, &live(&running), libc::SIGINT, grace),
-            _ = sigterm.recv() => forward(&mut outcome, &mut kill_at, &live(&running), libc::SIGTERM, grace),
+            if reap(|_, _| {}) == Reaped::NoChildLeft {
+                self.running.clear();
+                return;
+            }
+            if !warned && started.elapsed() > Duration::from_secs(10) {
+                eprintln!("neurofm-launch: still waiting for killed processes to die: pids {:?} (uninterruptible I/O?)", children_of(std::process::id() as i32));
+                warned = true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+async fn supervise(group: &mut Group, children: &[ChildSpec], grace: Duration) -> Result<Outcome> {
+    // Listening before the first spawn, so no exit goes unnoticed.
+    let mut sigchld = signal(SignalKind::child()).map_err(|e| LaunchError::io("installing the SIGCHLD handler", e))?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| LaunchError::io("installing the SIGINT handler", e))?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| LaunchError::io("installing the SIGTERM handler", e))?;
+    for (i, spec) in children.iter().enumerate() {
+        group.spawn(i, spec).map_err(|e| LaunchError::io(format!("cannot start {} ({})", spec.program.to_string_lossy(), spec.label), e))?;
+    }
+
+    let mut outcome: Option<Outcome> = None;
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    while !group.running.is_empty() {
+        tokio::select! {
+            _ = sigchld.recv() => {
+                let mut exited = Vec::new();
+                reap(|pid, code| exited.push((pid, code)));
+                for (pid, code) in exited {
+                    // Not a rank: a descendant reparented to us, now reaped.
+                    let Some(i) = group.running.remove(&pid) else { continue };
+                    if code != 0 && outcome.is_none() {
+                        eprintln!("neurofm-launch: {} exited with code {code}; stopping the others (SIGTERM, SIGKILL after {:.0} s)", children[i].label, grace.as_secs_f64());
+                        outcome = Some(Outcome { code, failed: Some(children[i].label.clone()), interrupted: false });
+                        signal_groups(&group.live_groups(), libc::SIGTERM);
+                        kill_at = Some(tokio::time::Instant::now() + grace);
+                    }
+                }
+            }
+            _ = sigint.recv() => forward(&mut outcome, &mut kill_at, &group.live_groups(), libc::SIGINT, grace),
+            _ = sigterm.recv() => forward(&mut outcome, &mut kill_at, &group.live_groups(), libc::SIGTERM, grace),
             _ = sleep_until(kill_at), if kill_at.is_some() => {
                 eprintln!("neurofm-launch: grace period over; killing the remaining processes");
-                signal_groups(&live(&running), libc::SIGKILL);
+                signal_groups(&group.live_groups(), libc::SIGKILL);
                 kill_at = None;
             }
         }
-    }
-    // Whatever the children left behind in their groups goes too.
-    signal_groups(&groups, libc::SIGKILL);
-    for p in pumps {
-        let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
     }
     Ok(outcome.unwrap_or(Outcome { code: 0, failed: None, interrupted: false }))
 }
@@ -144,30 +223,86 @@ fn signal_groups(groups: &[i32], sig: i32) {
     }
 }
 
-/// Copies a child's output line by line, with an optional prefix.
-async fn pump(from: impl AsyncRead + Unpin, prefix: Option<String>, to_stderr: bool) {
-    let mut lines = tokio::io::BufReader::new(from);
-    let mut line = Vec::new();
+#[derive(Debug, PartialEq, Eq)]
+enum Reaped {
+    /// Children remain, none of them exited yet.
+    SomeRunning,
+    NoChildLeft,
+}
+
+/// Reaps every child of this process that has exited, passing `(pid, exit code)` to `exited`
+/// (128 + signal for a killed one).
+fn reap(mut exited: impl FnMut(i32, i32)) -> Reaped {
     loop {
-        line.clear();
-        match lines.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let mut out = prefix.as_deref().unwrap_or("").as_bytes().to_vec();
-                out.extend_from_slice(&line);
-                if !out.ends_with(b"\n") {
-                    out.push(b'\n');
-                }
-                let _ = if to_stderr { tokio::io::stderr().write_all(&out).await } else { tokio::io::stdout().write_all(&out).await };
-            }
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out-pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        match pid {
+            0 => return Reaped::SomeRunning,
+            -1 if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => continue,
+            -1 => return Reaped::NoChildLeft, // ECHILD
+            pid => exited(pid, exit_code(status)),
         }
     }
+}
+
+fn exit_code(status: i32) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        1
+    }
+}
+
+/// The processes whose parent is `parent`, zombies included, from `/proc/PID/stat`.
+fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|entry| {
+        let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name, which is in parentheses and may contain anything:
+        // state, ppid, ...
+        let ppid: i32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == parent).then_some(pid)
+    })
+    .collect()
+}
+
+/// Copies a child's output line by line, with an optional prefix, on its own thread; says on
+/// `done` when the pipe is at its end.
+fn pump(from: impl Read + Send + 'static, prefix: Option<String>, to_stderr: bool, done: mpsc::Sender<()>) {
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(from);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match lines.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => {
+                    let _ = done.send(());
+                    return;
+                }
+                Ok(_) => {
+                    let mut out = prefix.as_deref().unwrap_or("").as_bytes().to_vec();
+                    out.extend_from_slice(&line);
+                    if !out.ends_with(b"\n") {
+                        out.push(b'\n');
+                    }
+                    let _ = if to_stderr { std::io::stderr().lock().write_all(&out) } else { std::io::stdout().lock().write_all(&out) };
+                }
+            }
+        }
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
+    use std::sync::Mutex;
+
+    /// `run_group` reaps every child of the process, so tests that run groups take turns.
+    static ONE_GROUP_AT_A_TIME: Mutex<()> = Mutex::new(());
 
     fn sh(label: &str, script: &str) -> ChildSpec {
         ChildSpec { label: label.into(), program: "sh".into(), args: vec!["-c".into(), script.into()], env: vec![], prefix_output: true }
@@ -182,12 +317,14 @@ mod tests {
 
     #[test]
     fn all_succeed() {
+        let _turn = ONE_GROUP_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let o = run_group(vec![sh("a", "echo hi"), sh("b", "true")], Duration::from_secs(5)).unwrap();
         assert_eq!(o, Outcome { code: 0, failed: None, interrupted: false });
     }
 
     #[test]
     fn a_failure_stops_the_rest_and_their_children() {
+        let _turn = ONE_GROUP_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let pid = dir.path().join("grandchild.pid");
         // `b` starts a grandchild that ignores nothing and would outlive a naive teardown; `c`

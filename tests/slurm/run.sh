@@ -70,9 +70,9 @@ done
 [ "${state:-}" = idle ] || fail "the node did not come up (state: ${state:-none})"
 echo "slurm: node $HOST idle"
 
-submit() {  # submit SCRIPT [sbatch options...]: waits, fails the test if the job fails
+submit() {  # submit SCRIPT [sbatch options...]: waits, fails the test if the job fails (log: $WORK/${LOG:-SCRIPT}.out)
     local script=$1; shift
-    local out="$WORK/$(basename "$script" .sbatch).out"
+    local out="$WORK/${LOG:-$(basename "$script" .sbatch)}.out"
     sbatch --wait --chdir="$ROOT" --output="$out" "$@" "$ROOT/slurm/$script" >/dev/null || fail "$script failed"
     echo "slurm: $script ok"
 }
@@ -113,6 +113,64 @@ for script in train-1node.sbatch train-multinode.sbatch; do
     grep -q "parameters identical on all 2 ranks" "$out" || fail "$script: no DDP consistency check in the log"
 done
 echo "slurm: every job produced checkpoints and events"
+
+# ---- resubmission: the default run directory has no job id, so a second job continues the first
+TWO_TASKS="--nodes=1 --ntasks-per-node=2 --gpus-per-node=2 --cpus-per-task=1 --time=10"
+run=$WORK/runs/neurofm-train-tiny-cells      # $RUNS/<job name>-<config>-<store>
+CONFIG=$WORK/tiny.toml DATA=$WORK/cells.zarr RUNS=$WORK/runs EXTRA="--stop-at-step 3" LOG=resubmit-1 \
+    submit train-1node.sbatch $TWO_TASKS
+[ -f "$run/checkpoints/step-0000003/state.json" ] || fail "the first job left no step-3 checkpoint in $run"
+[ ! -e "$run/checkpoints/step-0000006" ] || fail "the first job did not stop at step 3"
+CONFIG=$WORK/tiny.toml DATA=$WORK/cells.zarr RUNS=$WORK/runs LOG=resubmit-2 \
+    submit train-1node.sbatch $TWO_TASKS
+grep -qF "resuming from $run/checkpoints/step-0000003 at step 3" "$WORK/resubmit-2.out" \
+    || fail "the resubmitted job did not resume from the first job's step-3 checkpoint"
+[ -f "$run/checkpoints/step-0000006/model.safetensors" ] || fail "the resubmitted job did not reach step 6 in $run"
+[ "$(grep -c '^6,0,train,' "$run/metrics.csv")" = 1 ] || fail "metrics.csv of $run does not end with one step-6 row"
+echo "slurm: a resubmitted job resumed at step 3 and finished at step 6"
+
+# ---- requeue: the job runs again under the same id and continues from its newest checkpoint ----
+run=$WORK/runs-requeue/neurofm-train-tiny-cells
+jobid=$(CONFIG=$WORK/tiny.toml DATA=$WORK/cells.zarr RUNS=$WORK/runs-requeue \
+    EXTRA="--set train.max_steps=1000 --set train.checkpoint_every=50 --set train.val_every=1000 --set train.log_every=100" \
+    sbatch --parsable --requeue --open-mode=append --chdir="$ROOT" --output="$WORK/requeue.out" $TWO_TASKS \
+    "$ROOT/slurm/train-1node.sbatch") || fail "sbatch refused the requeue job"
+for _ in $(seq 600); do [ -e "$run/checkpoints/last" ] && break; sleep 0.2; done
+[ -e "$run/checkpoints/last" ] || fail "the requeue job wrote no checkpoint within 120 s"
+scontrol requeue "$jobid" || fail "scontrol requeue $jobid failed"
+# SLURM holds a requeued job for about two minutes (Reason=BeginTime): once it is pending
+# again and its first run has left the node, let it start early. Not within the second of the
+# requeue: slurmd refuses ("credential revoked") a launch credential no newer than the
+# revocation of the first run's, and both count in whole seconds.
+for _ in $(seq 200); do
+    scontrol show job -o "$jobid" | grep -q 'JobState=PENDING' && [ "$(sinfo -h -N -o %t)" = idle ] && break
+    sleep 0.1
+done
+sleep 2
+scontrol update JobId="$jobid" StartTime=now || fail "scontrol update $jobid StartTime=now failed"
+for _ in $(seq 600); do
+    state=$(scontrol show job -o "$jobid" | grep -o 'JobState=[A-Z_]*' || true)
+    [ "$state" = JobState=COMPLETED ] && break
+    case $state in *FAILED*|*CANCELLED*|*TIMEOUT*) fail "the requeued job ended in $state";; esac
+    sleep 0.5
+done
+[ "${state:-}" = JobState=COMPLETED ] || fail "the requeued job did not complete within 300 s (${state:-no state})"
+grep -q "resuming from $run/checkpoints/step-[0-9]* at step [1-9]" "$WORK/requeue.out" \
+    || fail "the requeued job did not resume from a checkpoint of its first run"
+[ -f "$run/checkpoints/step-0001000/model.safetensors" ] || fail "the requeued job did not reach step 1000"
+echo "slurm: a requeued job resumed from its checkpoint and finished"
+
+# ---- the rendezvous token: every task of the step gets the batch script's --------------------
+# NCCL ranks on CPUs stop right after the rendezvous (NCCL needs a GPU). Rank 0 only gets there
+# once every rank has joined its store, which admits only ranks presenting its token.
+out=$WORK/rendezvous.out
+if CONFIG=$WORK/tiny.toml DATA=$WORK/cells.zarr RUN_DIR=$WORK/run-nccl BACKEND=nccl \
+    sbatch --wait --chdir="$ROOT" --output="$out" $TWO_TASKS "$ROOT/slurm/train-1node.sbatch" >/dev/null; then
+    fail "an NCCL job on CPUs succeeded"
+fi
+grep -q "^0: .*--backend nccl needs a GPU" "$out" || fail "rank 0 did not get past the rendezvous (a task without the job's token?)"
+! grep -q "refused this rank's token\|NEUROFM_RENDEZVOUS_TOKEN is not set" "$out" || fail "a task was refused by the rendezvous store"
+echo "slurm: both tasks met at rank 0's store with the batch script's token"
 
 # ---- evaluate the one-node run with eval.sbatch ---------------------------------------------
 RUN_DIR=$WORK/run-train-1node DATA=$WORK/cells.zarr LABEL_COL=cell_type OUT=$WORK/eval \

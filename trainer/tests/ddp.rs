@@ -221,7 +221,7 @@ fn a_rank_that_never_arrives_is_named_within_the_deadline() {
     let start = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_neurofm-train"))
         .args(train_args(&run, &["--backend", "nccl"]))
-        .envs([("RANK", "0"), ("WORLD_SIZE", "3"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port), ("NEUROFM_RENDEZVOUS_TIMEOUT", "2")])
+        .envs([("RANK", "0"), ("WORLD_SIZE", "3"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port), ("NEUROFM_RENDEZVOUS_TIMEOUT", "2"), ("NEUROFM_RENDEZVOUS_TOKEN", "a-token-for-this-test")])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -14,6 +14,8 @@ use tch::{Device, Tensor};
 
 use crate::error::{Result, TrainError};
 
+/// `--backend`: auto picks NCCL on a GPU and MPI on the CPU (shared with neurofm-launch).
+pub use launcher::env::Backend;
 #[cfg(feature = "mpi")]
 pub use mpi_comm::Mpi;
 pub use nccl::Nccl;
@@ -62,15 +64,6 @@ impl Communicator for Single {
     fn barrier(&self) -> Result<()> {
         Ok(())
     }
-}
-
-/// `--backend`: auto picks NCCL on a GPU and MPI on the CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
-    Auto,
-    Nccl,
-    Mpi,
-    Single,
 }
 
 /// How long ranks wait for each other (`NEUROFM_RENDEZVOUS_TIMEOUT`, seconds; default 300).
