@@ -372,11 +372,17 @@ impl StoreClient {
 pub struct Rendezvous {
     pub client: StoreClient,
     pub rank: usize,
+    world: usize,
     timeout: Duration,
     _server: Option<StoreServer>,
 }
 
 impl Rendezvous {
+    /// Ranks of the group.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
     /// Joins with the job's token from `NEUROFM_RENDEZVOUS_TOKEN` (see [`Rendezvous::join_with`]);
     /// refuses to start when it is unset, since the store would then admit anyone.
     pub fn join(env: &DistEnv, timeout: Duration) -> Result<Rendezvous> {
@@ -390,18 +396,11 @@ impl Rendezvous {
     pub fn join_with(env: &DistEnv, token: &RendezvousToken, timeout: Duration) -> Result<Rendezvous> {
         let master = env.require_master()?;
         let server = if env.rank == 0 { Some(StoreServer::start(bind_addr(master), token.clone())?) } else { None };
-        let mut client = StoreClient::connect(master, token, timeout)?;
-        client.set(&format!("arrived/{}", env.rank), hostname().as_bytes())?;
-        let deadline = Instant::now() + timeout;
-        let keys: Vec<String> = (0..env.world).map(|r| format!("arrived/{r}")).collect();
-        let mut missing = Vec::new();
-        for chunk in keys.chunks(JOIN_CHUNK) {
-            if let Err(m) = client.wait(chunk, deadline.saturating_duration_since(Instant::now()))? {
-                missing.extend(m);
-            }
-        }
+        let client = StoreClient::connect(master, token, timeout)?;
+        let mut rdv = Rendezvous { client, rank: env.rank, world: env.world, timeout, _server: server };
+        let missing = rdv.meet("arrived", hostname().as_bytes(), timeout)?;
         if !missing.is_empty() {
-            let ranks: Vec<&str> = missing.iter().filter_map(|k| k.strip_prefix("arrived/")).collect();
+            let ranks: Vec<String> = missing.iter().map(usize::to_string).collect();
             return Err(LaunchError::Timeout(format!(
                 "rank(s) {} of {} did not join the rendezvous at {master} within {:.0} s (seen from rank {}); check that every rank was started and can reach {master} (NEUROFM_RENDEZVOUS_TIMEOUT sets the deadline)",
                 ranks.join(", "),
@@ -410,7 +409,24 @@ impl Rendezvous {
                 env.rank
             )));
         }
-        Ok(Rendezvous { client, rank: env.rank, timeout, _server: server })
+        Ok(rdv)
+    }
+
+    /// Checks this rank in under `name` (with `value`) and waits until `timeout` for every
+    /// other rank to do the same; returns the ranks that did not (empty: all met). Used for the
+    /// join, set-up barriers and, after a failed collective, to find the ranks that never
+    /// reached it.
+    pub fn meet(&mut self, name: &str, value: &[u8], timeout: Duration) -> Result<Vec<usize>> {
+        self.client.set(&format!("{name}/{}", self.rank), value)?;
+        let deadline = Instant::now() + timeout;
+        let keys: Vec<String> = (0..self.world).map(|r| format!("{name}/{r}")).collect();
+        let mut missing = Vec::new();
+        for chunk in keys.chunks(JOIN_CHUNK) {
+            if let Err(m) = self.client.wait(chunk, deadline.saturating_duration_since(Instant::now()))? {
+                missing.extend(m.iter().filter_map(|k| k.rsplit('/').next()?.parse::<usize>().ok()));
+            }
+        }
+        Ok(missing)
     }
 
     /// Rank `root` publishes `value` under `key`; every rank returns it.

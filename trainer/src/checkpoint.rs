@@ -178,7 +178,7 @@ mod tests {
             position: ReaderPosition { epoch: 0, batch: step as usize },
             best_val_loss: None,
             model: ModelConfig::default(),
-            vocab: Vocabulary { n_genes: 3, n_bins: 5 },
+            vocab: Vocabulary { n_genes: 3, n_bins: 5, ranked: false },
             tokenizer_sha256: "x".into(),
             world_size: 1,
             global_batch: 4,

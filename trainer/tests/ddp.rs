@@ -10,13 +10,21 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{synth_store, weights};
 
-/// Dropout off, so one rank with batch 16 and two with batch 8 compute the same steps.
+/// Dropout off, so one rank with batch 16 and two with batch 8 compute the same steps; two
+/// thinned views and the cell bottleneck (whose loss is averaged over the global number of
+/// gene positions, so it is exact across ranks; the contrastive term's negatives are per rank,
+/// so it is left out). 320 training cells in steps of 32: an epoch is 10 steps.
 const TINY: &str = r#"
 seed = 5
 [data]
 workers = 2
 [tokenizer]
 n_bins = 8
+[views]
+count = 2
+thin_min = 0.5
+[objectives]
+bottleneck = 1.0
 [model]
 d_model = 16
 n_heads = 2
@@ -30,11 +38,11 @@ warmup_steps = 2
 [train]
 batch_size = 8
 grad_accum = 2
-max_steps = 8
+max_steps = 14
 log_every = 1
 val_every = 4
 checkpoint_every = 2
-keep_last = 4
+keep_last = 8
 threads = 1
 "#;
 
@@ -144,6 +152,9 @@ fn leftovers(needle: &str) -> Vec<String> {
     found
 }
 
+/// The ranks start from different weights (only rank 0's broadcast makes them equal), reduce
+/// their gradients in several buckets, and cross an epoch boundary: still the steps of one
+/// rank with the whole batch.
 #[test]
 fn two_mpi_ranks_equal_one_rank_with_twice_the_batch() {
     if !have_mpirun() {
@@ -152,17 +163,46 @@ fn two_mpi_ranks_equal_one_rank_with_twice_the_batch() {
     let root = &fixture().root;
     let (one, two) = (root.join("one-rank"), root.join("two-ranks"));
     ok("1 rank", &single(&one, &["--set", "train.batch_size=16"]));
-    let out = launch(&["--backend", "mpi", "--nproc-per-node", "2"], &two, &[], &[]);
+    let out = launch(&["--backend", "mpi", "--nproc-per-node", "2"], &two, &["--set", "train.bucket_mb=0.02"], &[("NEUROFM_TEST_INIT", "per-rank")]);
     ok("2 ranks", &out);
     assert_same_curve(&one, &two);
     assert_same_weights(&one, &two);
     // Every checkpoint verified that both ranks hold bit-identical parameters.
     let log = std::fs::read_to_string(two.join("train.log")).unwrap();
-    assert_eq!(log.matches("parameters identical on all 2 ranks").count(), 4, "{log}");
+    assert_eq!(log.matches("parameters identical on all 2 ranks").count(), 7, "{log}");
     let t: serde_json::Value = serde_json::from_slice(&std::fs::read(two.join("throughput.json")).unwrap()).unwrap();
     assert_eq!(t["world_size"], 2);
-    assert_eq!(t["allreduce"]["bytes_per_step"], 5784 * 4, "every f32 parameter's gradient, once");
-    assert_eq!(t["allreduce"]["buckets"], 1);
+    let floats: u64 = weights(&two.join("checkpoints/last")).iter().map(|(_, w)| w.numel() as u64).sum();
+    assert_eq!(t["allreduce"]["bytes_per_step"], floats * 4, "every f32 parameter's gradient, once");
+    let buckets = t["allreduce"]["buckets"].as_u64().unwrap();
+    assert_eq!(buckets, (floats * 4).div_ceil((0.02 * (1 << 20) as f64) as u64), "slices of 0.02 MiB");
+    assert!(buckets > 1);
+}
+
+/// Without the broadcast, ranks that started apart stay apart, and the check before each
+/// checkpoint refuses to save.
+#[test]
+fn ranks_out_of_sync_refuse_to_checkpoint() {
+    if !have_mpirun() {
+        return;
+    }
+    let run = fixture().root.join("out-of-sync");
+    let out = launch(&["--backend", "mpi", "--nproc-per-node", "2", "--grace-s", "5"], &run, &[], &[("NEUROFM_TEST_INIT", "per-rank"), ("NEUROFM_TEST_SKIP_BROADCAST", "1")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("parameters differ across ranks") && err.contains("rank 0:") && err.contains("rank 1:"), "{err}");
+    assert!(!run.join("checkpoints/last").exists(), "nothing was saved");
+}
+
+/// Gradient accumulation: two micro-batches of 8 are one step of 16.
+#[test]
+fn accumulating_two_micro_batches_equals_one_twice_as_large() {
+    let root = &fixture().root;
+    let (accumulated, whole) = (root.join("accum-2x8"), root.join("accum-1x16"));
+    ok("8 × 2", &single(&accumulated, &["--set", "train.batch_size=8"]));
+    ok("16 × 1", &single(&whole, &["--set", "train.batch_size=16", "--set", "train.grad_accum=1"]));
+    assert_same_curve(&accumulated, &whole);
+    assert_same_weights(&accumulated, &whole);
 }
 
 #[test]

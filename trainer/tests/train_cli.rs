@@ -7,13 +7,20 @@ use std::sync::OnceLock;
 mod common;
 use common::{synth_store, weights};
 
-/// A tiny model that still exercises dropout, clipping, warmup and accumulation.
+/// A tiny model that still exercises dropout, clipping, warmup, accumulation, thinned views
+/// and every objective. 320 training cells in steps of 32: an epoch is 10 steps.
 const TINY: &str = r#"
 seed = 5
 [data]
 workers = 2
 [tokenizer]
 n_bins = 8
+[views]
+count = 2
+thin_min = 0.5
+[objectives]
+bottleneck = 0.5
+contrastive = 0.5
 [model]
 d_model = 16
 n_heads = 2
@@ -26,7 +33,7 @@ warmup_steps = 2
 [train]
 batch_size = 16
 grad_accum = 2
-max_steps = 8
+max_steps = 14
 log_every = 1
 val_every = 4
 keep_last = 2
@@ -91,18 +98,25 @@ fn losses(run: &Path) -> Vec<(String, String, String)> {
     }).collect()
 }
 
+/// Stopped exactly at the end of the first epoch and resumed, a run continues into the second
+/// epoch bit for bit, every objective and thinned view included.
 #[test]
 fn stopping_and_resuming_reproduces_an_uninterrupted_run() {
     let root = &fixture().root;
     let straight = root.join("straight");
     ok(&train(&straight, &[]));
+    let log = std::fs::read_to_string(straight.join("train.log")).unwrap();
+    let per_epoch: u64 = log.split(" steps per epoch").next().and_then(|h| h.rsplit(' ').next()?.parse().ok()).expect("steps per epoch in train.log");
+    assert!((4..14).contains(&per_epoch), "the run must cross an epoch boundary: {per_epoch} steps per epoch");
     let split = root.join("split");
-    ok(&train(&split, &["--stop-at-step", "4"]));
-    assert_eq!(losses(&split).len(), 5, "4 train rows and 1 validation row before stopping");
+    ok(&train(&split, &["--stop-at-step", &per_epoch.to_string()]));
+    assert_eq!(losses(&split).len() as u64, per_epoch + per_epoch / 4, "train rows and validations (every 4 steps) before stopping");
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(split.join("checkpoints/last/state.json")).unwrap()).unwrap();
+    assert_eq!((state["position"]["epoch"].as_u64(), state["position"]["batch"].as_u64()), (Some(1), Some(0)), "the epoch rolled over: {state}");
     ok(&train(&split, &["--resume", "auto"]));
 
     let (a, b) = (losses(&straight), losses(&split));
-    assert_eq!(a.len(), 10);
+    assert_eq!(a.len(), 18, "14 train rows and validations at steps 4, 8, 12, 14");
     assert_eq!(a, b, "loss curves differ");
     let (wa, wb) = (weights(&straight.join("checkpoints/last")), weights(&split.join("checkpoints/last")));
     assert_eq!(wa.len(), wb.len());
@@ -115,6 +129,12 @@ fn stopping_and_resuming_reproduces_an_uninterrupted_run() {
     let last: f64 = a.iter().rev().find(|r| r.1 == "train").unwrap().2.parse().unwrap();
     assert!(last < first, "loss did not decrease: {first} → {last}");
     // Kept: the last 2 step checkpoints and best; the resolved config says what ran.
+    let ckpts = straight.join("checkpoints");
+    let mut steps: Vec<String> = std::fs::read_dir(&ckpts).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with("step-")).collect();
+    steps.sort();
+    let best = std::fs::read_link(ckpts.join("best")).unwrap().display().to_string();
+    assert_eq!(std::fs::read_link(ckpts.join("last")).unwrap().display().to_string(), "step-0000014");
+    assert!(steps.ends_with(&["step-0000012".to_string(), "step-0000014".to_string()]) && steps.contains(&best) && steps.len() <= 3, "{steps:?}, best {best}");
     let cfg = std::fs::read_to_string(straight.join("config.toml")).unwrap();
     assert!(cfg.contains("grad_accum = 2") && cfg.contains("attention_dropout = 0.0"), "{cfg}");
     assert!(std::fs::read_to_string(straight.join("demo.tsv")).unwrap().lines().count() > 1);
@@ -217,11 +237,14 @@ fn the_model_beats_the_context_free_baseline_on_data_with_structure() {
         "--data", &data, "--set", "train.max_steps=700", "--set", "train.val_every=700", "--set", "train.grad_accum=1",
         "--set", "model.dropout=0.0", "--set", "model.d_model=64", "--set", "model.n_heads=4", "--set", "model.d_ff=128",
         "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=10",
+        // The masked-bin objective alone: this test is about its use of context.
+        "--set", "objectives.bottleneck=0", "--set", "objectives.contrastive=0", "--set", "views.count=1", "--set", "views.thin_min=1",
     ]));
-    let text = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
-    let val: Vec<f64> = text.lines().rev().find(|l| l.contains(",val,")).unwrap().split(',').filter_map(|c| c.parse().ok()).collect();
-    // step, epoch, loss, perplexity, masked_acc, baseline, global baseline, elapsed
-    let (ppl, baseline, global) = (val[3], val[5], val[6]);
+    let rows = trainer::metrics::read(&run.join("metrics.csv")).unwrap();
+    let val = rows.iter().rev().find(|r| r.split == "val").unwrap();
+    let get = |c| val.get(c).unwrap();
+    use trainer::metrics::Column;
+    let (ppl, baseline, global) = (get(Column::Perplexity), get(Column::BaselinePerplexity), get(Column::GlobalBaselinePerplexity));
     assert!(baseline < global, "per-gene table {baseline} should beat global frequencies {global}");
     assert!(ppl < 0.97 * baseline, "model perplexity {ppl} does not clearly beat the per-gene baseline {baseline}");
 }

@@ -126,15 +126,10 @@ impl Nccl {
     /// After a collective failed here: which ranks never reached collective `op`, asked through
     /// the store (every rank stuck in the same collective reports itself).
     fn absent_peers(&self, op: u64) -> String {
-        let mut rdv = self.rendezvous.borrow_mut();
-        if rdv.client.set(&format!("stuck/{op}/{}", self.rank), b"").is_err() {
-            return "rank 0 (the rendezvous store) no longer answers: it has likely died".into();
-        }
-        let keys: Vec<String> = (0..self.world).map(|r| format!("stuck/{op}/{r}")).collect();
-        match rdv.client.wait(&keys, Duration::from_secs(15)) {
-            Ok(Ok(_)) => "every rank reached it, so the network or a GPU failed (NCCL_DEBUG=INFO shows which)".into(),
-            Ok(Err(missing)) => {
-                let ranks: Vec<&str> = missing.iter().filter_map(|k| k.rsplit('/').next()).collect();
+        match self.rendezvous.borrow_mut().meet(&format!("stuck/{op}"), b"", Duration::from_secs(15)) {
+            Ok(missing) if missing.is_empty() => "every rank reached it, so the network or a GPU failed (NCCL_DEBUG=INFO shows which)".into(),
+            Ok(missing) => {
+                let ranks: Vec<String> = missing.iter().map(usize::to_string).collect();
                 format!("rank(s) {} never reached it (dead, or stuck elsewhere: see their logs)", ranks.join(", "))
             }
             Err(_) => "rank 0 (the rendezvous store) no longer answers: it has likely died".into(),
@@ -203,17 +198,13 @@ impl Communicator for Nccl {
     fn barrier(&self) -> Result<()> {
         let n = self.barriers.get();
         self.barriers.set(n + 1);
-        let mut rdv = self.rendezvous.borrow_mut();
-        rdv.client.set(&format!("barrier/{n}/{}", self.rank), b"")?;
-        let keys: Vec<String> = (0..self.world).map(|r| format!("barrier/{n}/{r}")).collect();
         let timeout = setup_timeout();
-        match rdv.client.wait(&keys, timeout)? {
-            Ok(_) => Ok(()),
-            Err(missing) => {
-                let ranks: Vec<&str> = missing.iter().filter_map(|k| k.rsplit('/').next()).collect();
-                Err(TrainError::Distributed(format!("rank(s) {} did not reach set-up barrier {n} within {:.0} s (NEUROFM_SETUP_TIMEOUT)", ranks.join(", "), timeout.as_secs_f64())))
-            }
+        let missing = self.rendezvous.borrow_mut().meet(&format!("barrier/{n}"), b"", timeout)?;
+        if missing.is_empty() {
+            return Ok(());
         }
+        let ranks: Vec<String> = missing.iter().map(usize::to_string).collect();
+        Err(TrainError::Distributed(format!("rank(s) {} did not reach set-up barrier {n} within {:.0} s (NEUROFM_SETUP_TIMEOUT)", ranks.join(", "), timeout.as_secs_f64())))
     }
     fn abort(&self) {
         if self.aborted.replace(true) {
