@@ -16,7 +16,7 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export NEUROFM_SHARED_DATA := $(SHARED_DATA)
 export NEUROFM_PYTHON := $(PY)
 
-.PHONY: setup system-packages pyenv libtorch build test test-rust test-interop test-slurm demo bench bench-train bench-comm bench-eval clean
+.PHONY: setup system-packages pyenv libtorch build test test-rust test-interop test-slurm demo bench bench-train bench-comm bench-eval gpu-bundle clean
 
 ## setup: system packages (apt), libtorch and the Python venv for interop tests, kept outside the clone
 setup: system-packages pyenv libtorch
@@ -97,6 +97,23 @@ bench-comm: build
 ## for BENCH_LAYOUT_CELLS (10,000) generated cells
 bench-eval: build
 	benches/eval_speed.sh $${BENCH_RUN:?set BENCH_RUN to a run directory trained on WHB} $${BENCH_LAYOUT_CELLS:-10000}
+
+## gpu-bundle: stripped release binaries (no MPI), the libraries they need besides libtorch,
+## and benches/gpu_check.sh in .gpu-bundle/ (git-ignored, at most 64 MiB): copy it to a machine
+## with an NVIDIA GPU and PyTorch 2.11 and run `.gpu-bundle/gpu_check.sh` (one JSON out)
+GPU_BUNDLE := .gpu-bundle
+GPU_TARGET := target/gpu-bundle
+gpu-bundle: setup
+	CARGO_TARGET_DIR=$(GPU_TARGET) cargo build --release -j$(JOBS) -p neurofm-trainer --no-default-features --bin neurofm-train --example allreduce_bench
+	CARGO_TARGET_DIR=$(GPU_TARGET) cargo build --release -j$(JOBS) -p neurofm-dataloader --bin neurofm-data
+	CARGO_TARGET_DIR=$(GPU_TARGET) cargo build --release -j$(JOBS) -p neurofm-evaluation --bin neurofm-eval
+	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)
+	cp $(GPU_TARGET)/release/neurofm-data $(GPU_TARGET)/release/neurofm-train $(GPU_TARGET)/release/neurofm-eval $(GPU_TARGET)/release/examples/allreduce_bench $(GPU_BUNDLE)/
+	strip $(GPU_BUNDLE)/neurofm-* $(GPU_BUNDLE)/allreduce_bench
+	benches/bundle_libs.sh $(GPU_BUNDLE)
+	cp benches/gpu_check.sh benches/torch_reference.py configs/single-gpu.toml $(GPU_BUNDLE)/
+	@size=$$(du -sm $(GPU_BUNDLE) | cut -f1); echo "$(GPU_BUNDLE): $$size MiB"; \
+	if [ $$size -gt 64 ]; then echo "gpu-bundle: over 64 MiB" >&2; exit 1; fi
 
 clean:
 	cargo clean

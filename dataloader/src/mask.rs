@@ -48,14 +48,27 @@ pub struct MaskConfig {
     pub seed: u64,
 }
 
+/// How a view's share of the counts is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Thinning {
+    /// Keep a fraction U(thin_min, 1) of the cell's counts: a view's depth still follows its
+    /// cell's.
+    Rate,
+    /// Thin to a depth drawn log-uniformly between thin_min × and 1 × the training cells'
+    /// median depth (shallower cells keep theirs): a view's depth says little about its cell,
+    /// so matching views cannot rely on depth.
+    Depth,
+}
+
 /// How each training cell is perturbed into views (config section `[views]`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ViewConfig {
     /// Views per cell: 1, or 2 for the contrastive objective.
     pub count: usize,
-    /// Each view keeps a fraction drawn from U(thin_min, 1) of every count (binomial
-    /// thinning); 1 keeps the cell as measured.
+    pub thinning: Thinning,
+    /// The low end of the thinning (see `Thinning`); 1 keeps the cell as measured.
     pub thin_min: f64,
     /// Score masked positions against the unperturbed cell rather than the thinned view
     /// (scFoundation's read-depth-aware target: predict the deeper cell).
@@ -70,7 +83,7 @@ impl Default for ViewConfig {
 
 impl ViewConfig {
     /// One view, the cell as measured: evaluation, validation and the original recipe.
-    pub const SINGLE: ViewConfig = ViewConfig { count: 1, thin_min: 1.0, predict_full: false };
+    pub const SINGLE: ViewConfig = ViewConfig { count: 1, thinning: Thinning::Rate, thin_min: 1.0, predict_full: false };
 
     pub fn validate(&self) -> Result<()> {
         if !(1..=2).contains(&self.count) {
@@ -156,6 +169,8 @@ pub struct Batcher {
     /// `None`: no masking (embedding extraction).
     pub mask: Option<MaskConfig>,
     pub views: ViewConfig,
+    /// The depth `Thinning::Depth` thins towards (the training cells' median total counts).
+    pub median_depth: f64,
 }
 
 impl Batcher {
@@ -171,7 +186,13 @@ impl Batcher {
             }
         }
         views.validate()?;
-        Ok(Batcher { tokenizer, mode, mask, views })
+        Ok(Batcher { tokenizer, mode, mask, views, median_depth: 0.0 })
+    }
+
+    /// Sets the depth that `Thinning::Depth` thins towards.
+    pub fn with_median_depth(mut self, depth: f64) -> Self {
+        self.median_depth = depth;
+        self
     }
 
     fn n_genes(&self) -> usize {
@@ -249,7 +270,14 @@ impl Batcher {
         }
         let seed = self.mask.map(|m| m.seed).unwrap_or(0);
         let mut rng = rng_for(&[seed, Purpose::ViewThinning as u64, epoch, cell as u64, v as u64]);
-        let rate: f64 = rng.random_range(self.views.thin_min..=1.0);
+        let rate: f64 = match self.views.thinning {
+            Thinning::Rate => rng.random_range(self.views.thin_min..=1.0),
+            Thinning::Depth => {
+                let target = self.median_depth * rng.random_range(self.views.thin_min.ln()..=0.0).exp();
+                let total: f64 = counts.iter().map(|&c| c as f64).sum();
+                if total > 0.0 { (target / total).min(1.0) } else { 1.0 }
+            }
+        };
         buf.clear();
         buf.extend(counts.iter().map(|&c| {
             let n = c.max(0.0).round() as u64;
@@ -507,7 +535,7 @@ mod tests {
     fn thinned_views_share_positions_and_lose_depth() {
         let n = 50;
         let dense: Vec<f32> = (0..n).map(|g| 20.0 + g as f32).collect();
-        let views = ViewConfig { count: 2, thin_min: 0.2, predict_full: false };
+        let views = ViewConfig { count: 2, thinning: Thinning::Rate, thin_min: 0.2, predict_full: false };
         let bt = Batcher::new(tokenizer(n, Binning::CellQuantile, 8), SequenceMode::FullPanel, Some(M), views).unwrap();
         let b = bt.build(&cells(&dense, n), 0);
         let full_depth = (1.0 + dense.iter().sum::<f32>()).log10();
@@ -533,6 +561,26 @@ mod tests {
             if rda.views[0].targets[p] != IGNORE {
                 assert_eq!(rda.views[0].targets[p], rda.full_bins[p]);
             }
+        }
+    }
+
+    /// Thinning to a depth: a deep and a deeper cell end up in the same range of depths, a cell
+    /// shallower than the range keeps its own.
+    #[test]
+    fn depth_thinning_makes_view_depth_independent_of_the_cell() {
+        let n = 20;
+        let views = ViewConfig { count: 2, thinning: Thinning::Depth, thin_min: 0.5, predict_full: false };
+        let bt = Batcher::new(tokenizer(n, Binning::CellQuantile, 8), SequenceMode::FullPanel, Some(M), views).unwrap().with_median_depth(1000.0);
+        let mut dense = vec![2500.0f32; n]; // 50,000 counts
+        dense.extend(vec![100.0f32; n]); // 2,000
+        dense.extend(vec![10.0f32; n]); // 200
+        let b = bt.build(&cells(&dense, n), 3);
+        for v in &b.views {
+            let depth = |i: usize| 10f64.powf(v.depth[i] as f64) - 1.0;
+            for i in 0..2 {
+                assert!((450.0..=1050.0).contains(&depth(i)), "cell {i} thinned into [0.5, 1] × the median: {}", depth(i));
+            }
+            assert!((depth(2) - 200.0).abs() < 1e-3, "a shallow cell keeps its depth: {}", depth(2));
         }
     }
 

@@ -178,8 +178,20 @@ const EXPRESSION_PCS: usize = 50;
 /// Cells the silhouette is computed on (a seeded sample above).
 const SILHOUETTE_CELLS: usize = 5000;
 
-/// Runs the whole evaluation and returns what `metrics.json` holds.
+/// Runs the whole evaluation and returns what `metrics.json` holds. Running out of GPU memory
+/// anywhere ends in the advice to embed smaller batches.
 pub fn evaluate(cfg: &EvalConfig) -> Result<EvalMetrics> {
+    evaluate_all(cfg).map_err(|e| {
+        let text = e.to_string();
+        if matches!(e, EvalError::Torch(_) | EvalError::Train(trainer::TrainError::Torch(_))) && trainer::device::is_oom(&text) {
+            let now = cfg.batch_size.unwrap_or(64);
+            return EvalError::Usage(format!("out of GPU memory embedding {now} cells at once: try --batch-size {} ({})", (now / 2).max(1), text.lines().next().unwrap_or("")));
+        }
+        e
+    })
+}
+
+fn evaluate_all(cfg: &EvalConfig) -> Result<EvalMetrics> {
     let out = cfg.out.clone().unwrap_or_else(|| cfg.run.join("eval"));
     std::fs::create_dir_all(&out).map_err(|e| EvalError::io(&out, e))?;
     let env = launcher::env::DistEnv::from_env().map_err(|e| EvalError::Usage(e.to_string()))?;

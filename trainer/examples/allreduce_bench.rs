@@ -16,14 +16,17 @@ use trainer::device::{DeviceChoice, LocalRank};
 fn main() -> anyhow::Result<()> {
     let env = DistEnv::from_env()?;
     let device = DeviceChoice::Auto.resolve(LocalRank { rank: env.local_rank, world: env.local_world })?;
-    let backend = resolve_backend(Backend::Auto, &env, device);
+    // NEUROFM_BACKEND=nccl forces NCCL even for one rank (the GPU check times its set-up).
+    let requested = std::env::var("NEUROFM_BACKEND").ok().and_then(|v| <Backend as clap::ValueEnum>::from_str(&v, true).ok()).unwrap_or(Backend::Auto);
+    let backend = if requested == Backend::Nccl { Backend::Nccl } else { resolve_backend(requested, &env, device) };
+    let init = Instant::now();
     if backend == Backend::Nccl {
         nccl_lib::bind_to_torch_nccl();
     }
     let comm = connect(backend, &env, device)?;
     let w = comm.world() as f64;
     if comm.rank() == 0 {
-        println!("world {} over {} on {device:?}", comm.world(), comm.name());
+        println!("world {} over {} on {device:?}; communicator ready in {:.2} s", comm.world(), comm.name(), init.elapsed().as_secs_f64());
         println!("{:>10} {:>8} {:>10} {:>10} {:>10}", "MB", "buckets", "ms", "algbw GB/s", "busbw GB/s");
     }
     // Gradient buffers the size of the models': 1 MB … 512 MB of f32 (the optimizer keeps

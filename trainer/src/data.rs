@@ -58,7 +58,8 @@ impl RunData {
         let shard = ShardConfig { batch_size: cfg.train.batch_size, seed: cfg.seed, window_blocks: 4 };
         let reader = ShardReader::new(split.train.clone(), |c| store.chunk_of(c), rank, shard)?;
         let mask = MaskConfig { ratio: cfg.mask.ratio, nonzero_fraction: cfg.mask.nonzero_fraction, seed: cfg.seed };
-        let batcher = Batcher::new(tokenizer.clone(), cfg.sequence, Some(mask), cfg.views)?;
+        let median_depth = median_total(&store, &split.train)?;
+        let batcher = Batcher::new(tokenizer.clone(), cfg.sequence, Some(mask), cfg.views)?.with_median_depth(median_depth);
         let val_batcher = Batcher::new(tokenizer.clone(), cfg.sequence, Some(mask), ViewConfig::SINGLE)?;
         Ok(RunData {
             store,
@@ -101,6 +102,18 @@ impl RunData {
     pub fn unmasked(&self) -> Result<Batcher> {
         Ok(Batcher::new(self.tokenizer.clone(), self.batcher.mode, None, ViewConfig::SINGLE)?)
     }
+}
+
+/// The median total counts of `cells` (from the store's statistics, no matrix read).
+fn median_total(store: &Store, cells: &[u32]) -> Result<f64> {
+    let totals: Vec<f64> = store.read_vec("uns/neurofm/cell_total")?;
+    let mut t: Vec<f64> = cells.iter().map(|&c| totals[c as usize]).collect();
+    if t.is_empty() {
+        return Ok(0.0);
+    }
+    let mid = t.len() / 2;
+    t.select_nth_unstable_by(mid, f64::total_cmp);
+    Ok(t[mid])
 }
 
 /// At most `max` cells, ascending: those with the smallest hash of (seed, purpose, cell).

@@ -332,6 +332,23 @@ fn measure_cpu_matmul(kind: Kind) -> Result<f64> {
     Ok(2.0 * (n * n * n) as f64 / best)
 }
 
+/// The attention kernel libtorch's dispatcher picks for unmasked self-attention of `heads`
+/// heads of width `head_dim` over `seq` tokens in `kind` on `device` (flash needs no mask and
+/// a supported dtype and width; an unexpected `math` is a large slowdown worth knowing).
+pub fn attention_backend(device: Device, kind: Kind, seq: i64, heads: i64, head_dim: i64) -> Result<&'static str> {
+    let q = Tensor::f_zeros([1, heads, seq, head_dim], (kind, device))?;
+    let choice = Tensor::f_internal_fused_sdp_choice(&q, &q, &q, None::<Tensor>, 0.0, false, None, false)?;
+    // PyTorch's `sdp::SDPBackend` numbering.
+    Ok(match choice {
+        0 => "math (unfused)",
+        1 => "flash",
+        2 => "memory-efficient",
+        3 => "cuDNN",
+        4 => "overrideable",
+        _ => "none",
+    })
+}
+
 /// Whether a libtorch error text is the GPU running out of memory: the caching allocator's
 /// message, the CUDA runtime's, or cuBLAS failing to allocate its workspace or handle (how an
 /// exhausted GPU usually shows at the first matmul).
@@ -450,6 +467,12 @@ mod tests {
         let mig = gpu_peak("NVIDIA H100 80GB HBM3", Some(16), Kind::BFloat16);
         assert!((mig.flops / 1e12 - 989.0 * 16.0 / 132.0).abs() < 1e-6 && mig.source.contains("MIG"), "{mig:?}");
         assert_eq!(peak_flops(Device::Cpu, Kind::Float, 12.5), Peak { flops: 12.5e12, kind: PeakKind::Configured, source: "configured (train.peak_tflops)".into() });
+    }
+
+    #[test]
+    fn the_cpu_attention_kernel_is_named() {
+        let b = attention_backend(Device::Cpu, Kind::Float, 64, 2, 16).unwrap();
+        assert!(["flash", "math (unfused)"].contains(&b), "{b}");
     }
 
     #[test]

@@ -406,6 +406,11 @@ impl<'c> Session<'c> {
         );
         let mut log = RunLog::open(lead, &run.path, resumed.as_ref().map(|(_, s)| s.step))?;
         log.text("config", state.step, &format!("```toml\n{}\n```", cfg.to_toml()?))?;
+        let head_dim = (cfg.model.d_model / cfg.model.n_heads) as i64;
+        match crate::device::attention_backend(device, trainer.model.compute, data.seq_len() as i64, cfg.model.n_heads as i64, head_dim) {
+            Ok(kernel) => info!("attention kernel for unpadded batches: {kernel}"),
+            Err(e) => info!("attention kernel: cannot tell ({e})"),
+        }
         let peak = peak_flops(device, trainer.model.compute, cfg.train.peak_tflops);
         info!("MFU against {:.1} TFLOP/s ({})", peak.flops / 1e12, peak.source);
         let baseline = context_free_baselines(&cfg, &data, rank, &mut ddp)?;
@@ -459,7 +464,11 @@ impl<'c> Session<'c> {
             Some(p) => format!("The last good checkpoint is {}", p.display()),
             None => "No checkpoint was written yet".into(),
         };
-        let outcome = self.trainer.train_step(&uploaded, counts, &mut self.ddp, last_good)?;
+        let step = self.trainer.step + 1;
+        let outcome = self.trainer.train_step(&uploaded, counts, &mut self.ddp, last_good).map_err(|e| match e {
+            TrainError::Distributed(msg) => TrainError::Distributed(format!("step {step}: {msg}")),
+            other => other,
+        })?;
         let total = compute_start.elapsed().as_secs_f64();
         let comm = self.ddp.take_cost().seconds;
         (stats.compute, stats.comm, stats.optimizer) = ((total - comm - outcome.optimizer_s).max(0.0), comm, outcome.optimizer_s);

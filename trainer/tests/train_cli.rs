@@ -248,3 +248,30 @@ fn the_model_beats_the_context_free_baseline_on_data_with_structure() {
     assert!(baseline < global, "per-gene table {baseline} should beat global frequencies {global}");
     assert!(ppl < 0.97 * baseline, "model perplexity {ppl} does not clearly beat the per-gene baseline {baseline}");
 }
+
+/// cudarc looks for `libnccl.so`, which the torch wheel does not ship, and would take any
+/// system one first: neurofm-train binds it to the NCCL libtorch mapped, even with a decoy
+/// `libnccl.so` (another copy of the library) first on the library path.
+#[test]
+fn nccl_is_the_one_libtorch_loaded() {
+    let preflight = |extra_path: Option<&Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_neurofm-train"));
+        cmd.args(["--preflight", "--device", "cpu"]).env_remove("NEUROFM_NCCL_REEXEC");
+        if let Some(dir) = extra_path {
+            cmd.env("LD_LIBRARY_PATH", dir);
+        }
+        let out = cmd.output().expect("run neurofm-train --preflight");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("nccl:")).unwrap_or_default().to_string()
+    };
+    let line = preflight(None);
+    let Some(wheel) = line.split(" from ").nth(1).map(str::to_string) else {
+        assert!(std::env::var_os("CI").is_none(), "CI has the torch wheel's NCCL: {line}");
+        return;
+    };
+    assert!(line.starts_with("nccl: 2.") && wheel.ends_with("nvidia/nccl/lib/libnccl.so.2"), "{line}");
+    let decoy = fixture().root.join("decoy-nccl");
+    std::fs::create_dir_all(&decoy).unwrap();
+    std::fs::copy(&wheel, decoy.join("libnccl.so")).unwrap();
+    assert_eq!(preflight(Some(&decoy)), line, "the decoy on LD_LIBRARY_PATH must not be loaded");
+}

@@ -89,7 +89,7 @@ fn train(args: Args) -> Result<(), TrainError> {
     let env = DistEnv::from_env()?;
     let device = args.device.resolve(LocalRank { rank: env.local_rank, world: env.local_world })?;
     let backend = resolve_backend(args.backend, &env, device);
-    if backend == Backend::Nccl || (args.preflight && device.is_cuda()) {
+    if backend == Backend::Nccl || args.preflight {
         nccl_lib::bind_to_torch_nccl(); // re-execs this process so cudarc uses libtorch's NCCL
     }
     if args.preflight {
@@ -109,6 +109,11 @@ fn preflight(env: &DistEnv, device: tch::Device, backend: Backend) -> Result<(),
     println!("rank {} of {} (local {} of {}, from {:?})", env.rank, env.world, env.local_rank, env.local_world, env.source);
     println!("device: {device:?}: {}", describe(device));
     println!("backend: {backend:?}");
+    let kind = if device.is_cuda() { tch::Kind::BFloat16 } else { tch::Kind::Float };
+    match trainer::device::attention_backend(device, kind, 2048, 8, 64) {
+        Ok(b) => println!("attention: {b} (8 heads of 64 over 2048 tokens, {kind:?})"),
+        Err(e) => println!("attention: cannot tell ({e})"),
+    }
     match nccl_lib::load() {
         Ok((path, version)) => println!("nccl: {version} from {path}"),
         Err(e) => println!("nccl: not usable: {e}"),
