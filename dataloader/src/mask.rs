@@ -73,6 +73,9 @@ pub struct ViewConfig {
     /// Score masked positions against the unperturbed cell rather than the thinned view
     /// (scFoundation's read-depth-aware target: predict the deeper cell).
     pub predict_full: bool,
+    /// Thin only the second view: the first stays the cell as measured (masked only), the
+    /// distribution validation and embeddings see.
+    pub keep_first: bool,
 }
 
 impl Default for ViewConfig {
@@ -83,7 +86,7 @@ impl Default for ViewConfig {
 
 impl ViewConfig {
     /// One view, the cell as measured: evaluation, validation and the original recipe.
-    pub const SINGLE: ViewConfig = ViewConfig { count: 1, thinning: Thinning::Rate, thin_min: 1.0, predict_full: false };
+    pub const SINGLE: ViewConfig = ViewConfig { count: 1, thinning: Thinning::Rate, thin_min: 1.0, predict_full: false, keep_first: false };
 
     pub fn validate(&self) -> Result<()> {
         if !(1..=2).contains(&self.count) {
@@ -265,7 +268,7 @@ impl Batcher {
 
     /// The counts of view `v` of a cell: thinned into `buf`, or the measured ones.
     fn view_counts<'a>(&self, counts: &'a [f32], cell: u32, epoch: u64, v: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
-        if !self.views.thins() || epoch == VALIDATION_EPOCH {
+        if !self.views.thins() || epoch == VALIDATION_EPOCH || (v == 0 && self.views.keep_first) {
             return counts;
         }
         let seed = self.mask.map(|m| m.seed).unwrap_or(0);
@@ -535,7 +538,7 @@ mod tests {
     fn thinned_views_share_positions_and_lose_depth() {
         let n = 50;
         let dense: Vec<f32> = (0..n).map(|g| 20.0 + g as f32).collect();
-        let views = ViewConfig { count: 2, thinning: Thinning::Rate, thin_min: 0.2, predict_full: false };
+        let views = ViewConfig { count: 2, thinning: Thinning::Rate, thin_min: 0.2, predict_full: false, keep_first: false };
         let bt = Batcher::new(tokenizer(n, Binning::CellQuantile, 8), SequenceMode::FullPanel, Some(M), views).unwrap();
         let b = bt.build(&cells(&dense, n), 0);
         let full_depth = (1.0 + dense.iter().sum::<f32>()).log10();
@@ -562,6 +565,9 @@ mod tests {
                 assert_eq!(rda.views[0].targets[p], rda.full_bins[p]);
             }
         }
+        // Keeping the first view: it is the cell as measured, the second is thinned.
+        let kept = Batcher::new(bt.tokenizer.clone(), SequenceMode::FullPanel, Some(M), ViewConfig { keep_first: true, ..views }).unwrap().build(&cells(&dense, n), 0);
+        assert!((kept.views[0].depth[0] - full_depth).abs() < 1e-5 && kept.views[1].depth[0] < full_depth);
     }
 
     /// Thinning to a depth: a deep and a deeper cell end up in the same range of depths, a cell
@@ -569,7 +575,7 @@ mod tests {
     #[test]
     fn depth_thinning_makes_view_depth_independent_of_the_cell() {
         let n = 20;
-        let views = ViewConfig { count: 2, thinning: Thinning::Depth, thin_min: 0.5, predict_full: false };
+        let views = ViewConfig { count: 2, thinning: Thinning::Depth, thin_min: 0.5, predict_full: false, keep_first: false };
         let bt = Batcher::new(tokenizer(n, Binning::CellQuantile, 8), SequenceMode::FullPanel, Some(M), views).unwrap().with_median_depth(1000.0);
         let mut dense = vec![2500.0f32; n]; // 50,000 counts
         dense.extend(vec![100.0f32; n]); // 2,000

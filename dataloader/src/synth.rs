@@ -78,6 +78,10 @@ pub struct SynthOptions {
     /// Mean counts per cell (library size).
     #[arg(long, default_value_t = 4000.0)]
     pub depth: f64,
+    /// The last N of the --genes are never detected (as in a whole-transcriptome file); the
+    /// others are exactly those of a file made with --genes minus N.
+    #[arg(long, default_value_t = 0)]
+    pub undetected_genes: usize,
     #[arg(long, value_enum, default_value = "csr")]
     pub layout: SynthLayout,
     #[arg(long, value_enum, default_value = "x")]
@@ -92,6 +96,11 @@ pub struct SynthOptions {
 }
 
 impl SynthOptions {
+    /// Genes that can have counts (the rest are never detected).
+    fn detected_genes(&self) -> usize {
+        self.genes.saturating_sub(self.undetected_genes)
+    }
+
     /// Defaults with the given output, cells, genes, types and seed (for tests and demos).
     pub fn new(output: PathBuf, cells: usize, genes: usize, types: usize, seed: u64) -> Self {
         SynthOptions {
@@ -103,6 +112,7 @@ impl SynthOptions {
             seed,
             marker_fold: 6.0,
             depth: 4000.0,
+            undetected_genes: 0,
             layout: SynthLayout::Csr,
             counts_in: SynthLocation::X,
             dtype: SynthDtype::F32,
@@ -132,12 +142,13 @@ impl Model {
     fn new(o: &SynthOptions) -> Self {
         let mut rng = rng_for(&[o.seed, 1]);
         let ln = LogNormal::new(0.0, 1.2).unwrap_or_else(|_| unreachable!("constant parameters"));
-        let raw: Vec<f64> = (0..o.genes).map(|_| ln.sample(&mut rng)).collect();
+        let genes = o.detected_genes();
+        let raw: Vec<f64> = (0..genes).map(|_| ln.sample(&mut rng)).collect();
         let sum: f64 = raw.iter().sum();
         let base = raw.iter().map(|m| m / sum).collect();
         let batch = LogNormal::new(0.0, 0.25).unwrap_or_else(|_| unreachable!("constant parameters"));
-        let library_effect = (0..o.libraries.max(1)).map(|_| (0..o.genes).map(|_| batch.sample(&mut rng)).collect()).collect();
-        Model { base, library_effect, markers_per_type: (o.genes / (4 * o.types.max(1))).max(1) }
+        let library_effect = (0..o.libraries.max(1)).map(|_| (0..genes).map(|_| batch.sample(&mut rng)).collect()).collect();
+        Model { base, library_effect, markers_per_type: (genes / (4 * o.types.max(1))).max(1) }
     }
 
     /// Cell `i`'s type (cells sorted by type) and library.
@@ -154,7 +165,7 @@ impl Model {
         let marker = t * self.markers_per_type..(t + 1) * self.markers_per_type;
         let mut idx = Vec::new();
         let mut val = Vec::new();
-        for g in 0..o.genes {
+        for g in 0..o.detected_genes() {
             let fold = if marker.contains(&g) { o.marker_fold } else { 1.0 };
             let mu = size * self.base[g] * fold * self.library_effect[lib][g];
             let lambda = Gamma::new(r, mu / r).map(|d| d.sample(&mut rng)).unwrap_or(0.0);
@@ -179,6 +190,9 @@ impl Model {
 
 /// Writes the synthetic file described by `o`.
 pub fn write(o: &SynthOptions) -> Result<SynthSummary> {
+    if o.undetected_genes >= o.genes {
+        return Err(DataError::Config(format!("synth --undetected-genes {} must be fewer than --genes {}", o.undetected_genes, o.genes)));
+    }
     if o.cells == 0 || o.genes == 0 || o.types == 0 {
         return Err(DataError::Config("synth needs --cells, --genes and --types ≥ 1".into()));
     }

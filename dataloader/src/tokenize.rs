@@ -93,9 +93,15 @@ impl Tokenizer {
             }
             BinningKind::RankValue => {
                 let (values, fit_cells) = nonzero_values(store, train_cells, genes.len(), max_fit_cells, seed)?;
-                // Medians of CP10k (exp of the log1p values, minus one): the ranking divides
-                // normalized counts by them, as Geneformer does.
-                let medians = values.into_iter().map(|mut v| quantile_edges(&mut v, 3).first().map_or(0.0, |m| m.exp_m1())).collect();
+                // Medians of CP10k (NumPy's interpolation): the ranking divides normalized
+                // counts by them, as Geneformer does.
+                let medians = values
+                    .into_iter()
+                    .map(|v| {
+                        let mut cp10k: Vec<f32> = v.iter().map(|x| x.exp_m1()).collect();
+                        quantile_edges(&mut cp10k, 3).first().copied().unwrap_or(0.0)
+                    })
+                    .collect();
                 Binning::RankValue { medians, fit_cells }
             }
         };

@@ -108,6 +108,31 @@ fn gene_quantile_edges_come_from_training_cells_only() {
     assert!(tok.check_genes(&s.var_names().unwrap()[1..], &s.path).is_err());
 }
 
+/// Rank-value medians are each gene's median CP10k among the training cells that express it.
+#[test]
+fn rank_value_medians_come_from_expressing_training_cells() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let train: Vec<u32> = (0..301).collect();
+    let tok = Tokenizer::fit(&s, &train, BinningKind::RankValue, 40, 100_000, 0).unwrap();
+    let dataloader::tokenize::Binning::RankValue { medians, fit_cells } = &tok.binning else { panic!("rank-value") };
+    assert_eq!(*fit_cells, 301);
+    let counts = s.read_rows(0..301).unwrap();
+    for gene in [0u32, 7, 30] {
+        let mut v: Vec<f64> = (0..counts.n_rows())
+            .filter_map(|i| {
+                let (idx, val) = counts.row(i);
+                let total: f64 = val.iter().map(|&x| x as f64).sum();
+                idx.iter().position(|&g| g == gene).map(|k| val[k] as f64 / total * 1e4)
+            })
+            .collect();
+        v.sort_by(f64::total_cmp);
+        let median = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
+        assert!((medians[gene as usize] as f64 - median).abs() < 1e-3 * median, "gene {gene}: {} vs {median}", medians[gene as usize]);
+    }
+    assert!(tok.is_ranked());
+}
+
 #[test]
 fn group_split_keeps_every_library_on_one_side() {
     let dir = tempfile::tempdir().unwrap();

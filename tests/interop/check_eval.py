@@ -76,6 +76,30 @@ def check_clustering(out, m):
     close(r["silhouette"], skm.silhouette_score(emb, cells["label"]), "silhouette", tol=1e-6)
 
 
+@check("depth R² of every representation equals scikit-learn's cross-validated ridge")
+def check_depth(out, m, store):
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import PredefinedSplit, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    cells = np.genfromtxt(os.path.join(out, "cells.tsv"), delimiter="\t", names=True, dtype=None, encoding="utf-8")
+    x = ad.read_zarr(store).X
+    totals = np.asarray(x.sum(axis=1)).ravel()[cells["store_row"]]
+    target = np.log1p(totals)
+    emb = np.load(os.path.join(out, "embeddings.npy")).astype(np.float64)
+    n = len(target)
+    folds = PredefinedSplit(np.arange(n) % 5)
+    # neurofm: ridge with a penalty of 1e-3 per training cell on standardized features.
+    pred = np.zeros(n)
+    for train, test in folds.split():
+        model = make_pipeline(StandardScaler(), Ridge(alpha=1e-3 * len(train)))
+        pred[test] = model.fit(emb[train], target[train]).predict(emb[test])
+    close(m["representations"][0]["depth_r2"]["log_total_counts"], skm.r2_score(target, pred), "depth R² (log total counts)", tol=1e-4)
+    qc = next(r for r in m["representations"] if r["name"].startswith("QC"))
+    if qc["depth_r2"]["log_total_counts"] < 0.99:
+        raise AssertionError(f"the QC features hold log total counts, R² must be ~1: {qc['depth_r2']}")
+
+
 @check("PCA of the embeddings equals NumPy's SVD up to sign")
 def check_pca(out, m):
     a = ad.read_h5ad(os.path.join(out, "embeddings.h5ad"))
@@ -195,6 +219,7 @@ def main():
         m = json.load(open(os.path.join(out, "metrics.json")))
         check_metrics(out, m)
         check_clustering(out, m)
+        check_depth(out, m, store)
         check_pca(out, m)
         check_h5ad(out, m, "subtype")
         check_pngs(out)

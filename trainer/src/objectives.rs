@@ -193,9 +193,8 @@ impl BottleneckHead {
         if let Some(u) = &self.depth {
             h = h.f_add(&depth.f_unsqueeze(1)?.f_mul(u)?)?;
         }
-        // Genes' own embeddings (special tokens map to rows the targets ignore).
-        let genes = v.genes.f_clamp_max(enc.vocab.n_genes as i64 + 2)?;
-        let q = self.query.forward(&Tensor::f_embedding(&enc.gene_emb, &genes, -1, false, false)?, c)?; // [b, l, d]
+        // Genes' own embeddings (special tokens' rows give queries the targets ignore).
+        let q = self.query.forward(&Tensor::f_embedding(&enc.gene_emb, v.genes, -1, false, false)?, c)?; // [b, l, d]
         let keys = self.keys.forward(&h, c)?.f_view([b, n_bins, d])?; // [b, k, d]
         let logits = q.f_bmm(&keys.f_transpose(1, 2)?)?.f_to_kind(Kind::Float)?; // [b, l, k]
         // Targets: bins at gene positions; [CLS] and padding carry special ids ≥ n_bins.
@@ -238,8 +237,8 @@ mod tests {
         assert!(same < other, "matched views cost less: {same} vs {other}");
     }
 
-    /// The bottleneck's loss falls only through `[CLS]`: with `[CLS]` fixed to zero it cannot
-    /// depend on the cell, so two cells with different profiles cannot both be fitted.
+    /// The bottleneck scores the bins of gene positions only (not `[CLS]`, not padding), about
+    /// ln(bins) each at initialization, and its loss divides by the step's gene positions.
     #[test]
     fn bottleneck_predicts_bins_from_cls_and_ignores_special_positions() {
         let cfg = ModelConfig { d_model: 8, n_heads: 2, n_layers: 1, d_ff: 16, dropout: 0.0, attention_dropout: 0.0, depth_tokens: false };

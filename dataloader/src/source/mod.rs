@@ -277,6 +277,13 @@ fn matrix_group(format: Format, loc: &CountsLocation) -> String {
     }
 }
 
+/// The obs dataframe of an `.h5ad` (anndata's or one neurofm wrote), whatever matrices it
+/// holds: outputs such as `embeddings.h5ad` carry embeddings in `obsm` and no `X`.
+pub fn read_h5ad_obs(path: &Path) -> Result<Frame> {
+    let file = hdf5::File::open(path).map_err(h5::h5err(path, "/"))?;
+    anndata::read_frame(&file, path, "obs")
+}
+
 /// Splits sorted row numbers into maximal runs of consecutive rows, so a sparse selection is
 /// read with as few range reads as possible.
 pub fn contiguous_runs(rows: &[usize]) -> Vec<Range<usize>> {
