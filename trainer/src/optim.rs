@@ -241,8 +241,8 @@ mod tests {
         let cfg = OptimConfig { lr: 0.1, weight_decay: 0.5, ..OptimConfig::default() };
         let run = |lr: f64, scaled: bool| -> (f64, f64) {
             let vs = VarStore::new(Device::Cpu);
-            let w = vs.root().var("layers.0.w", &[2, 1], Init::Const(1.0));
-            let h = vs.root().var("head.w", &[2, 1], Init::Const(1.0));
+            let w = (vs.root() / "layers" / "0").var("w", &[2, 1], Init::Const(1.0));
+            let h = (vs.root() / "head").var("w", &[2, 1], Init::Const(1.0));
             let mut opt = AdamW::new(&vs, &cfg).unwrap();
             if scaled {
                 opt.set_lr_scale(|name| if name.starts_with("layers.") { 0.5 } else { 1.0 }).unwrap();
