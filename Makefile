@@ -60,6 +60,7 @@ test-rust:
 test-interop:
 	$(PY) tests/interop/check_stores.py --bin target/debug/neurofm-data --data "$(SHARED_DATA)"
 	$(PY) tests/interop/check_eval.py --bin-dir target/debug --data "$(SHARED_DATA)"
+	$(PY) tests/interop/check_finetune.py --bin-dir target/debug
 
 # Starting slurmctld/slurmd needs root; elsewhere (a workstation) this test is skipped unless CI is set.
 test-slurm:

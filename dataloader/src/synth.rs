@@ -5,6 +5,10 @@
 //! library sizes and per-library gene effects. Cells come sorted by type, as atlases often are,
 //! so a converter that does not shuffle leaves type-pure shards. Each cell's counts depend
 //! only on (seed, cell), so every storage variant of the same options holds identical counts.
+//! With `--conditions N`, each cell also belongs to one of N conditions (obs `condition`), and
+//! each condition multiplies every gene's mean by its own log-normal effect: a shift between
+//! conditions (say, two labs or two treatments) that a classifier trained on one condition
+//! must carry over to the other.
 
 use std::path::PathBuf;
 
@@ -82,6 +86,13 @@ pub struct SynthOptions {
     /// others are exactly those of a file made with --genes minus N.
     #[arg(long, default_value_t = 0)]
     pub undetected_genes: usize,
+    /// Conditions with their own gene effects (obs `condition`: cond_0, cond_1, ...); 0: none,
+    /// and then the output is what it was before the option existed.
+    #[arg(long, default_value_t = 0)]
+    pub conditions: usize,
+    /// Standard deviation of the log of each condition's per-gene effect.
+    #[arg(long, default_value_t = 0.5)]
+    pub condition_shift: f64,
     #[arg(long, value_enum, default_value = "csr")]
     pub layout: SynthLayout,
     #[arg(long, value_enum, default_value = "x")]
@@ -113,6 +124,8 @@ impl SynthOptions {
             marker_fold: 6.0,
             depth: 4000.0,
             undetected_genes: 0,
+            conditions: 0,
+            condition_shift: 0.5,
             layout: SynthLayout::Csr,
             counts_in: SynthLocation::X,
             dtype: SynthDtype::F32,
@@ -135,6 +148,8 @@ pub struct SynthSummary {
 struct Model {
     base: Vec<f64>,
     library_effect: Vec<Vec<f64>>,
+    /// Per condition, a factor on every gene's mean (empty without conditions).
+    condition_effect: Vec<Vec<f64>>,
     markers_per_type: usize,
 }
 
@@ -148,7 +163,16 @@ impl Model {
         let base = raw.iter().map(|m| m / sum).collect();
         let batch = LogNormal::new(0.0, 0.25).unwrap_or_else(|_| unreachable!("constant parameters"));
         let library_effect = (0..o.libraries.max(1)).map(|_| (0..genes).map(|_| batch.sample(&mut rng)).collect()).collect();
-        Model { base, library_effect, markers_per_type: (genes / (4 * o.types.max(1))).max(1) }
+        // A stream of its own, so the other parameters do not move when conditions are added.
+        let mut rng = rng_for(&[o.seed, 3]);
+        let shift = LogNormal::new(0.0, o.condition_shift.max(0.0)).unwrap_or_else(|_| unreachable!("a finite, non-negative sigma"));
+        let condition_effect = (0..o.conditions).map(|_| (0..genes).map(|_| shift.sample(&mut rng)).collect()).collect();
+        Model { base, library_effect, condition_effect, markers_per_type: (genes / (4 * o.types.max(1))).max(1) }
+    }
+
+    /// Cell `i`'s condition, independent of its type and library.
+    fn condition(&self, o: &SynthOptions, i: usize) -> Option<usize> {
+        (o.conditions > 0).then(|| (crate::rng::hash_keys(&[o.seed, 4, i as u64]) % o.conditions as u64) as usize)
     }
 
     /// Cell `i`'s type (cells sorted by type) and library.
@@ -159,6 +183,7 @@ impl Model {
     /// Counts of cell `i`, sparse and sorted by gene.
     fn cell(&self, o: &SynthOptions, i: usize) -> (Vec<u32>, Vec<f32>) {
         let (t, lib) = self.labels(o, i);
+        let condition = self.condition(o, i).map(|c| &self.condition_effect[c]);
         let mut rng = rng_for(&[o.seed, 2, i as u64]);
         let size = o.depth * LogNormal::new(0.0, 0.5).map(|d| d.sample(&mut rng)).unwrap_or(1.0);
         let r = 2.0;
@@ -167,7 +192,10 @@ impl Model {
         let mut val = Vec::new();
         for g in 0..o.detected_genes() {
             let fold = if marker.contains(&g) { o.marker_fold } else { 1.0 };
-            let mu = size * self.base[g] * fold * self.library_effect[lib][g];
+            let mut mu = size * self.base[g] * fold * self.library_effect[lib][g];
+            if let Some(effect) = condition {
+                mu *= effect[g];
+            }
             let lambda = Gamma::new(r, mu / r).map(|d| d.sample(&mut rng)).unwrap_or(0.0);
             let x = if lambda > 0.0 { Poisson::new(lambda).map(|d| d.sample(&mut rng)).unwrap_or(0.0) } else { 0.0 };
             if x > 0.0 {
@@ -195,6 +223,9 @@ pub fn write(o: &SynthOptions) -> Result<SynthSummary> {
     }
     if o.cells == 0 || o.genes == 0 || o.types == 0 {
         return Err(DataError::Config("synth needs --cells, --genes and --types ≥ 1".into()));
+    }
+    if !(o.condition_shift >= 0.0 && o.condition_shift.is_finite()) {
+        return Err(DataError::Config(format!("--condition-shift {}: must be a finite number ≥ 0", o.condition_shift)));
     }
     if o.output.exists() && !o.force {
         return Err(DataError::OutputExists { path: o.output.clone() });
@@ -230,6 +261,7 @@ fn write_contents(file: &hdf5::File, o: &SynthOptions, path: &std::path::Path) -
     let model = Model::new(o);
     let types: Vec<String> = (0..o.cells).map(|i| format!("type_{}", model.labels(o, i).0)).collect();
     let libs: Vec<String> = (0..o.cells).map(|i| format!("lib_{}", model.labels(o, i).1)).collect();
+    let conditions: Option<Vec<String>> = (o.conditions > 0).then(|| (0..o.cells).map(|i| format!("cond_{}", model.condition(o, i).unwrap_or(0))).collect());
     let cell_names: Vec<String> = (0..o.cells).map(|i| format!("cell_{i}")).collect();
     let gene_names: Vec<String> = (0..o.genes).map(|g| format!("gene_{g}")).collect();
 
@@ -248,6 +280,9 @@ fn write_contents(file: &hdf5::File, o: &SynthOptions, path: &std::path::Path) -
         strings(&ca, "CellID", &cell_names, path)?;
         strings(&ca, "cell_type", &types, path)?;
         strings(&ca, "library", &libs, path)?;
+        if let Some(c) = &conditions {
+            strings(&ca, "condition", c, path)?;
+        }
         let ra = file.create_group("row_attrs").map_err(err("row_attrs"))?;
         strings(&ra, "Gene", &gene_names, path)?;
         for g in ["layers", "row_graphs", "col_graphs"] {
@@ -312,7 +347,9 @@ fn write_contents(file: &hdf5::File, o: &SynthOptions, path: &std::path::Path) -
         float_opts.dtype = SynthDtype::F32;
         write_csr_block(file, "X", &logx, &float_opts, path)?;
     }
-    frame(file, "obs", &categorical_frame(&cell_names, vec![("cell_type", types), ("library", libs)]), path)?;
+    let mut obs = vec![("cell_type", types), ("library", libs)];
+    obs.extend(conditions.map(|c| ("condition", c)));
+    frame(file, "obs", &categorical_frame(&cell_names, obs), path)?;
     let symbols: Vec<String> = (0..o.genes).map(|g| format!("G{g}")).collect();
     frame(file, "var", &categorical_frame(&gene_names, vec![("gene_symbol", symbols)]), path)?;
     Ok(SynthSummary { n_cells: o.cells, n_genes: o.genes, n_types: o.types, nnz })
@@ -434,4 +471,51 @@ fn write_csc(parent: &Group, name: &str, m: &CsrRows, o: &SynthOptions, path: &s
         t.push_row(&i, &v);
     }
     write_compressed(parent, name, "csc_matrix", &t, o, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without `--conditions` the model is what it was; a zero shift changes no count (only
+    /// the labels are added); a real shift moves each gene's mean by its condition's effect.
+    #[test]
+    fn conditions_shift_gene_means_and_change_nothing_when_off() {
+        let off = SynthOptions::new("unused.h5ad".into(), 400, 40, 2, 3);
+        let zero = SynthOptions { conditions: 2, condition_shift: 0.0, ..off.clone() };
+        let (m_off, m_zero) = (Model::new(&off), Model::new(&zero));
+        assert!(m_off.condition(&off, 0).is_none() && m_off.condition_effect.is_empty());
+        assert_eq!((&m_off.base, &m_off.library_effect), (&m_zero.base, &m_zero.library_effect), "the other parameters do not move");
+        for i in 0..off.cells {
+            assert_eq!(m_off.cell(&off, i), m_zero.cell(&zero, i), "cell {i}");
+        }
+        let on = SynthOptions { conditions: 2, condition_shift: 1.0, ..off.clone() };
+        let m = Model::new(&on);
+        let cond: Vec<usize> = (0..on.cells).map(|i| m.condition(&on, i).unwrap()).collect();
+        let n1 = cond.iter().filter(|&&c| c == 1).count();
+        assert!((120..280).contains(&n1), "conditions are drawn evenly: {n1} of 400");
+        // Per gene, log(mean in condition 1 / mean in condition 0) follows log(effect1 / effect0).
+        let mut sums = vec![[0f64; 2]; on.genes];
+        for (i, &c) in cond.iter().enumerate() {
+            let (idx, val) = m.cell(&on, i);
+            for (&g, &v) in idx.iter().zip(&val) {
+                sums[g as usize][c] += v as f64;
+            }
+        }
+        let n = [(on.cells - n1) as f64, n1 as f64];
+        let (observed, planted): (Vec<f64>, Vec<f64>) = (0..on.genes)
+            .filter(|&g| sums[g][0] > 0.0 && sums[g][1] > 0.0)
+            .map(|g| (((sums[g][1] / n[1]) / (sums[g][0] / n[0])).ln(), (m.condition_effect[1][g] / m.condition_effect[0][g]).ln()))
+            .unzip();
+        let corr = correlation(&observed, &planted);
+        assert!(corr > 0.8, "observed shifts follow the planted ones: r = {corr}");
+    }
+
+    fn correlation(a: &[f64], b: &[f64]) -> f64 {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let (ma, mb) = (mean(a), mean(b));
+        let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+        let var = |v: &[f64], m: f64| v.iter().map(|x| (x - m).powi(2)).sum::<f64>();
+        cov / (var(a, ma) * var(b, mb)).sqrt()
+    }
 }

@@ -320,8 +320,9 @@ impl TrainConfig {
 }
 
 /// Sets `a.b.c = value` in `table`; the value is read as TOML (`3`, `1e-4`, `true`, `"x"`)
-/// and as a plain string when it is not valid TOML (`--set data.store=/path`).
-fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+/// and as a plain string when it is not valid TOML (`--set data.store=/path`). Public so that
+/// other configs (fine-tuning's) take `--set` overrides with the same rules.
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     let (key, raw) = assignment
         .split_once('=')
         .ok_or_else(|| TrainError::Config(format!("--set {assignment}: expected key=value, e.g. --set optim.lr=1e-4")))?;

@@ -32,11 +32,15 @@ pub enum Column {
     MaskedLoss,
     BottleneckLoss,
     ContrastiveLoss,
+    /// Classification scores of fine-tuning's validation (`val/macro_f1`, ...).
+    Accuracy,
+    BalancedAccuracy,
+    MacroF1,
 }
 
 impl Column {
     /// Every column in file order (new columns go last, so positional readers keep working).
-    pub const ALL: [Column; 16] = [
+    pub const ALL: [Column; 19] = [
         Column::Loss,
         Column::Perplexity,
         Column::MaskedAcc,
@@ -53,6 +57,9 @@ impl Column {
         Column::MaskedLoss,
         Column::BottleneckLoss,
         Column::ContrastiveLoss,
+        Column::Accuracy,
+        Column::BalancedAccuracy,
+        Column::MacroF1,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +80,9 @@ impl Column {
             Column::MaskedLoss => "masked_loss",
             Column::BottleneckLoss => "bottleneck_loss",
             Column::ContrastiveLoss => "contrastive_loss",
+            Column::Accuracy => "accuracy",
+            Column::BalancedAccuracy => "balanced_accuracy",
+            Column::MacroF1 => "macro_f1",
         }
     }
 

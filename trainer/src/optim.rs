@@ -25,6 +25,8 @@ pub struct AdamW {
     v: Tensor,
     /// Elements of `flat` that decay (a prefix).
     n_decay: i64,
+    /// Per-element learning-rate multipliers (fine-tuning's layer-wise decay); `None`: 1.
+    lr_scale: Option<Tensor>,
     /// Optimizer steps taken (bias correction uses it).
     pub step: u64,
 }
@@ -71,7 +73,25 @@ impl AdamW {
             Ok(())
         })?;
         let (m, v) = (flat.f_zeros_like()?, flat.f_zeros_like()?);
-        Ok(AdamW { cfg: cfg.clone(), params, flat, grads, m, v, n_decay, step: 0 })
+        Ok(AdamW { cfg: cfg.clone(), params, flat, grads, m, v, n_decay, lr_scale: None, step: 0 })
+    }
+
+    /// Multiplies each parameter's learning rate, and with it its weight decay (decoupled decay
+    /// is `lr × weight_decay`), by `scale(name)`: layer-wise learning-rate decay when
+    /// fine-tuning (Clark et al. 2020, ELECTRA, appendix; Bao et al. 2022, BEiT §2.5). Scales
+    /// must be positive and finite; a parameter that should not move is left out of the
+    /// optimizer instead (`requires_grad = false` before `AdamW::new`).
+    pub fn set_lr_scale(&mut self, scale: impl Fn(&str) -> f64) -> Result<()> {
+        let s = self.flat.f_ones_like()?;
+        for p in &self.params {
+            let k = scale(&p.name);
+            if !(k > 0.0 && k.is_finite()) {
+                return Err(TrainError::Config(format!("learning-rate scale {k} for `{}` must be a positive number", p.name)));
+            }
+            let _ = s.f_narrow(0, p.offset, p.value.numel() as i64)?.f_fill_(k)?;
+        }
+        self.lr_scale = Some(s);
+        Ok(())
     }
 
     /// The flat parameter buffer (broadcast and sync checks read it).
@@ -116,11 +136,18 @@ impl AdamW {
             let _ = self.m.f_lerp_(g, 1.0 - c.beta1)?;
             let _ = self.v.f_mul_scalar_(c.beta2)?.f_addcmul_(g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
             if c.weight_decay > 0.0 && self.n_decay > 0 {
-                let _ = self.flat.f_narrow(0, 0, self.n_decay)?.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
+                let mut decaying = self.flat.f_narrow(0, 0, self.n_decay)?;
+                let _ = match &self.lr_scale {
+                    None => decaying.f_mul_scalar_(1.0 - lr * c.weight_decay)?,
+                    Some(s) => decaying.f_mul_(&s.f_narrow(0, 0, self.n_decay)?.f_mul_scalar(-lr * c.weight_decay)?.f_add_scalar(1.0)?)?,
+                };
             }
             // p -= lr / bc1 · m / (sqrt(v / bc2) + eps), with the factor folded into the divisor.
             let mut denom = self.v.f_div_scalar(bc2)?.f_sqrt()?.f_add_scalar(c.eps)?;
             let _ = denom.f_mul_scalar_(-bc1 / lr)?;
+            if let Some(s) = &self.lr_scale {
+                let _ = denom.f_div_(s)?;
+            }
             let _ = self.flat.f_addcdiv_(&self.m, &denom)?;
             Ok(())
         })
@@ -205,6 +232,35 @@ mod tests {
         let got = w.double_value(&[0, 0]);
         assert!((got - x).abs() < 1e-6, "{got} vs {x}");
         assert!((b.double_value(&[0]) - y).abs() < 1e-6, "biases do not decay: {} vs {y}", b.double_value(&[0]));
+    }
+
+    /// A parameter whose learning rate is scaled by ½ takes exactly the steps of a run at half
+    /// the rate (weight decay included); the others are untouched.
+    #[test]
+    fn lr_scale_is_a_per_parameter_learning_rate() {
+        let cfg = OptimConfig { lr: 0.1, weight_decay: 0.5, ..OptimConfig::default() };
+        let run = |lr: f64, scaled: bool| -> (f64, f64) {
+            let vs = VarStore::new(Device::Cpu);
+            let w = (vs.root() / "layers" / "0").var("w", &[2, 1], Init::Const(1.0));
+            let h = (vs.root() / "head").var("w", &[2, 1], Init::Const(1.0));
+            let mut opt = AdamW::new(&vs, &cfg).unwrap();
+            if scaled {
+                opt.set_lr_scale(|name| if name.starts_with("layers.") { 0.5 } else { 1.0 }).unwrap();
+            }
+            for grad in [2.0, -1.0, 0.5] {
+                opt.zero_grad().unwrap();
+                ((w.sum(Kind::Float) + h.sum(Kind::Float)) * grad).backward();
+                opt.apply(lr).unwrap();
+            }
+            (w.double_value(&[0, 0]), h.double_value(&[0, 0]))
+        };
+        let (full, half, scaled) = (run(0.1, false), run(0.05, false), run(0.1, true));
+        assert!((scaled.0 - half.0).abs() < 1e-7, "scaled layer {} vs half-rate run {}", scaled.0, half.0);
+        assert!((scaled.1 - full.1).abs() < 1e-7, "the unscaled parameter moves as before: {} vs {}", scaled.1, full.1);
+        assert!((full.0 - half.0).abs() > 1e-3, "the scale matters");
+        let vs = VarStore::new(Device::Cpu);
+        let _w = vs.root().var("w", &[1], Init::Const(1.0));
+        assert!(AdamW::new(&vs, &cfg).unwrap().set_lr_scale(|_| 0.0).is_err());
     }
 
     /// The point of the flat buffers: backward writes into them, so a step never gathers.

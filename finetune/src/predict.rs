@@ -1,0 +1,137 @@
+//! Batched prediction without gradients, and the scores of predictions against labels
+//! (evaluation's scikit-learn-exact definitions, plus per-class precision, recall and F1).
+
+use dataloader::shard::ReaderPosition;
+use evaluation::metrics::Confusion;
+use evaluation::probe::Scores;
+use ndarray::Array2;
+use serde::Serialize;
+use tch::{Device, Kind};
+use trainer::batch::DeviceBatch;
+
+use crate::classifier::Classifier;
+use crate::error::{FinetuneError, Result};
+use crate::task::LabelledBatch;
+
+/// What a model says about some cells, in the order they were read.
+pub struct Predictions {
+    /// Store rows.
+    pub rows: Vec<u32>,
+    /// The labelled class of each cell (`usize::MAX` where unlabelled).
+    pub truth: Vec<usize>,
+    /// Most probable class.
+    pub pred: Vec<usize>,
+    /// `cells × classes` softmax probabilities.
+    pub proba: Array2<f64>,
+    /// `cells × dim` cell embeddings (the head's input), when asked for.
+    pub embedding: Option<Array2<f32>>,
+}
+
+/// The softmax probabilities and embeddings of one uploaded batch, on the host.
+pub fn forward_host(model: &Classifier, b: &DeviceBatch) -> Result<(Vec<f32>, Vec<f32>)> {
+    let _guard = tch::no_grad_guard();
+    let out = model.forward(&b.views[0], false)?;
+    let proba = out.logits.f_softmax(-1, Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+    let emb = out.embedding.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+    Ok((Vec::<f32>::try_from(proba.f_view([-1])?)?, Vec::<f32>::try_from(emb.f_view([-1])?)?))
+}
+
+/// Runs `model` over every batch of `stream`.
+pub fn predict(
+    model: &Classifier,
+    stream: impl Iterator<Item = dataloader::Result<(ReaderPosition, LabelledBatch)>>,
+    device: Device,
+    gene_pad: i64,
+    keep_embedding: bool,
+) -> Result<Predictions> {
+    let k = model.n_classes;
+    let dim = model.arch.embedding_dim();
+    let (mut rows, mut truth, mut proba, mut emb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for item in stream {
+        let (_, b) = item?;
+        let dev = DeviceBatch::new(&b.tokens, device, gene_pad, false)?;
+        let (p, e) = forward_host(model, &dev)?;
+        rows.extend_from_slice(&b.tokens.cells);
+        truth.extend(b.y.iter().map(|&y| usize::try_from(y).unwrap_or(usize::MAX)));
+        proba.extend(p.iter().map(|&x| x as f64));
+        if keep_embedding {
+            emb.extend_from_slice(&e);
+        }
+    }
+    let n = rows.len();
+    let proba = Array2::from_shape_vec((n, k), proba).map_err(|e| FinetuneError::Internal(e.to_string()))?;
+    let pred = proba.rows().into_iter().map(|r| argmax(r.iter().copied())).collect();
+    let embedding = if keep_embedding { Some(Array2::from_shape_vec((n, dim), emb).map_err(|e| FinetuneError::Internal(e.to_string()))?) } else { None };
+    Ok(Predictions { rows, truth, pred, proba, embedding })
+}
+
+/// Index of the largest value; ties go to the lower index (as NumPy's argmax).
+pub fn argmax(v: impl Iterator<Item = f64>) -> usize {
+    let mut best = (0, f64::NEG_INFINITY);
+    for (i, x) in v.enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0
+}
+
+/// One class's scores against the rest.
+#[derive(Debug, Clone, Serialize)]
+pub struct PerClass {
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    /// Test cells of the class.
+    pub support: u64,
+}
+
+/// Everything a classifier scored on the test cells.
+#[derive(Debug, Clone)]
+pub struct ClassScores {
+    pub scores: Scores,
+    pub confusion: Confusion,
+    pub per_class: Vec<PerClass>,
+}
+
+impl ClassScores {
+    /// Scores of `pred` (probabilities `proba`) against `truth`, over `k` classes.
+    pub fn of(truth: &[usize], pred: &[usize], proba: &Array2<f64>, k: usize) -> ClassScores {
+        let (scores, confusion) = Scores::of(truth, pred, proba, k);
+        let rows = confusion.rows();
+        let per_class = (0..k)
+            .map(|c| {
+                let tp = rows[c][c] as f64;
+                let support: u64 = rows[c].iter().sum();
+                let predicted: u64 = rows.iter().map(|r| r[c]).sum();
+                let ratio = |den: u64| if den == 0 { 0.0 } else { tp / den as f64 };
+                PerClass { precision: ratio(predicted), recall: ratio(support), f1: confusion.f1(c), support }
+            })
+            .collect();
+        ClassScores { scores, confusion, per_class }
+    }
+}
+
+/// Scores of labelled predictions.
+pub fn class_scores(p: &Predictions, k: usize) -> ClassScores {
+    ClassScores::of(&p.truth, &p.pred, &p.proba, k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_class_scores_follow_the_confusion_matrix() {
+        // sklearn: precision_recall_fscore_support([0,1,2,0,1,2], [0,2,1,0,0,1]) gives
+        // precision (0.667, 0, 0), recall (1, 0, 0), f1 (0.8, 0, 0), support (2, 2, 2).
+        let (t, p) = ([0, 1, 2, 0, 1, 2], [0, 2, 1, 0, 0, 1]);
+        let proba = Array2::from_shape_fn((6, 3), |(i, c)| if p[i] == c { 1.0 } else { 0.0 });
+        let s = ClassScores::of(&t, &p, &proba, 3);
+        assert!((s.per_class[0].precision - 2.0 / 3.0).abs() < 1e-12 && s.per_class[0].recall == 1.0);
+        assert!((s.per_class[0].f1 - 0.8).abs() < 1e-12);
+        assert_eq!(s.per_class.iter().map(|c| c.support).collect::<Vec<_>>(), vec![2, 2, 2]);
+        assert_eq!((s.per_class[1].f1, s.per_class[2].precision), (0.0, 0.0));
+        assert_eq!(argmax([0.2, 0.5, 0.5].into_iter()), 1, "ties go to the lower index");
+    }
+}
