@@ -284,19 +284,7 @@ impl FinetuneConfig {
         if !(self.encoder.layer_decay > 0.0 && self.encoder.layer_decay <= 1.0) {
             return bad("encoder.layer_decay", format!("{} must be in (0, 1]; 1 is no decay", self.encoder.layer_decay));
         }
-        let o = &self.optim;
-        if !(o.lr > 0.0 && o.lr.is_finite()) {
-            return bad("optim.lr", format!("{} must be a positive number", o.lr));
-        }
-        if o.weight_decay < 0.0 || o.clip_norm < 0.0 || o.eps <= 0.0 {
-            return bad("optim", "weight_decay and clip_norm must be ≥ 0 and eps > 0".into());
-        }
-        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
-            return bad("optim.beta1/beta2", "must be in [0, 1)".into());
-        }
-        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
-            return bad("optim.min_lr_ratio", format!("{} must be in [0, 1]", o.min_lr_ratio));
-        }
+        self.optim.validate()?;
         let l = &self.train;
         if l.batch_size == 0 || l.grad_accum == 0 {
             return bad("train.batch_size / train.grad_accum", "must be ≥ 1".into());

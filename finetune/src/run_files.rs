@@ -64,6 +64,12 @@ pub struct FinetuneState {
     /// Training of this run is over (its last step, or stopped early).
     pub done: bool,
     pub stopped_early: bool,
+    /// sha256 of the pretrained weights the encoder started from (empty when from scratch),
+    /// and the settings that change what training does to them: a resume must keep both.
+    #[serde(default)]
+    pub pretrained_sha256: String,
+    #[serde(default)]
+    pub recipe: String,
 }
 
 /// A fine-tune run opened for prediction.

@@ -72,6 +72,27 @@ impl Plan {
         Ok(Plan { cfg, pretrained, arch, task, encoder_config })
     }
 
+    /// Refuses a batch size or accumulation too large for the training cells of `world` ranks,
+    /// before the run directory is created.
+    pub fn check_batches(&self, world: usize) -> Result<()> {
+        let reader = self.task.reader(Rank::new(0, world)?, self.cfg.train.batch_size, self.cfg.seed)?;
+        self.steps_per_epoch(&reader).map(|_| ())
+    }
+
+    /// Optimizer steps per epoch of `reader` (one rank's shard of the training cells).
+    fn steps_per_epoch(&self, reader: &ShardReader) -> Result<u64> {
+        let t = &self.cfg.train;
+        match (reader.batches_per_epoch() / t.grad_accum) as u64 {
+            0 => Err(FinetuneError::Usage(format!(
+                "train.grad_accum = {} exceeds the {} batches per epoch of {} training cells; lower train.grad_accum or train.batch_size",
+                t.grad_accum,
+                reader.batches_per_epoch(),
+                self.task.fit.len()
+            ))),
+            n => Ok(n),
+        }
+    }
+
     /// The classes file of this plan.
     pub fn classes_file(&self) -> ClassesFile {
         let t = &self.task;
@@ -205,6 +226,10 @@ fn train_phase(plan: &Plan, dir: &RunDir, phase: Phase, opts: &RunOptions, comm:
             s.checkpoint(is_best)?;
         }
         if s.extra.done {
+            if window.steps > 0 {
+                // Stopped early between log steps: the last window still gets its row.
+                s.log.row(&train_row(&window, accuracy, step, epoch, started.elapsed().as_secs_f64()))?;
+            }
             break;
         }
         if stop_here {
@@ -302,8 +327,19 @@ impl<'a> Session<'a> {
             None => None,
         };
         let tokenizer_src = plan.pretrained.run.join(run_files::TOKENIZER);
+        let pretrained_sha256 = match phase {
+            Phase::Finetune => dataloader::convert::sha256_file(&plan.pretrained.checkpoint.join(MODEL_FILE))?,
+            Phase::FromScratch => String::new(),
+        };
+        let recipe = format!("encoder.freeze = {}, encoder.layer_decay = {}, loss.balance = {:?}", cfg.encoder.freeze, cfg.encoder.layer_decay, cfg.loss.balance);
         if let Some((ckpt, state, extra)) = &resumed {
             check_resume(plan, ckpt, state, extra, &dir.path, &tokenizer_src)?;
+            if extra.pretrained_sha256 != pretrained_sha256 {
+                return Err(FinetuneError::input(ckpt, format!("started from other pretrained weights than {}; resume with the same --pretrained run and task.checkpoint", plan.pretrained.checkpoint.display())));
+            }
+            if extra.recipe != recipe {
+                return Err(FinetuneError::input(ckpt, format!("was trained with {}, not {recipe}; resume with the same settings", extra.recipe)));
+            }
         }
         if lead {
             write_run_files(plan, &dir.path, &tokenizer_src, resumed.is_none())?;
@@ -344,6 +380,8 @@ impl<'a> Session<'a> {
             stale_validations: 0,
             done: false,
             stopped_early: false,
+            pretrained_sha256,
+            recipe,
         };
         if let Some((ckpt, saved, saved_extra)) = &resumed {
             load_weights(&model.vs, &ckpt.join(MODEL_FILE))?;
@@ -361,15 +399,7 @@ impl<'a> Session<'a> {
             ddp.broadcast_parameters()?;
         }
         let reader = plan.task.reader(rank, cfg.train.batch_size, cfg.seed)?;
-        let per_epoch = (reader.batches_per_epoch() / cfg.train.grad_accum) as u64;
-        if per_epoch == 0 {
-            return Err(FinetuneError::Usage(format!(
-                "train.grad_accum = {} exceeds the {} batches per epoch of {} training cells; lower train.grad_accum or train.batch_size",
-                cfg.train.grad_accum,
-                reader.batches_per_epoch(),
-                plan.task.fit.len()
-            )));
-        }
+        let per_epoch = plan.steps_per_epoch(&reader)?;
         let total_steps = if cfg.train.max_steps > 0 { cfg.train.max_steps } else { cfg.train.epochs * per_epoch };
         let batcher = Batcher::new(plan.pretrained.tokenizer.clone(), plan.arch.sequence, None, ViewConfig::SINGLE)?;
         let weights = plan.task.class_weights(cfg.loss.balance);

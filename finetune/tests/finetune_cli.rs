@@ -223,6 +223,13 @@ fn a_resumed_fine_tune_continues_exactly() {
         assert!(ta.equal(tb), "{na} differs after resume");
     }
     assert_eq!(json(&straight.join("metrics.json"))["model"]["macro_f1"], json(&split.join("metrics.json"))["model"]["macro_f1"]);
+    // Resuming with another recipe is refused, not mixed into the run.
+    let mut other: Vec<&str> = quick.to_vec();
+    other.extend(["--resume", "auto", "--set", "encoder.layer_decay=0.5"]);
+    let out = finetune(&split, &other);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("encoder.layer_decay = 0.8") && err.contains("resume with the same settings"), "{err}");
 }
 
 /// With a frozen encoder only the head moves: every encoder tensor of the fine-tune equals the
@@ -396,7 +403,9 @@ fn two_mpi_ranks_equal_one_rank_at_the_global_batch() {
         assert_eq!((x.0, &x.1), (y.0, &y.1));
         assert!((x.2 - y.2).abs() < 1e-5, "step {} {}: loss {} vs {}", x.0, x.1, x.2, y.2);
     }
-    for ((na, ta), (nb, tb)) in weights(&one.join("checkpoints/last")).iter().zip(&weights(&two.join("checkpoints/last"))) {
+    let (wa, wb) = (weights(&one.join("checkpoints/last")), weights(&two.join("checkpoints/last")));
+    assert_eq!(wa.len(), wb.len());
+    for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {
         assert_eq!(na, nb);
         let diff = (ta - tb).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "{na} differs by {diff}");
@@ -425,6 +434,7 @@ fn bad_input_is_refused_before_anything_is_written() {
     refused("small-class", &[], &["--test-frac", "0.99"], "--min-class-cells");
     refused("not-a-store", &[("--data", s(&f.h5ad))], &[], "neurofm-data convert");
     refused("not-a-run", &[("--pretrained", s(&f.root))], &[], "--pretrained takes a run directory");
+    refused("accumulation", &[], &["--set", "train.grad_accum=1000"], "lower train.grad_accum or train.batch_size");
 
     // A pretrained run whose tokenizer is not its checkpoint's.
     let other_tok = f.root.join("other-tokenizer");

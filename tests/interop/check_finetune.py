@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import tomllib
 import warnings
 
 import anndata as ad
@@ -111,7 +112,7 @@ def check_baselines(run_dir, m, h5ad_path):
     forest = RandomForestClassifier(n_estimators=200, random_state=0, n_jobs=-1).fit(x[train], y[train])
     sk_rf = skm.f1_score(y[test], forest.predict(x[test]), average="macro")
     ours_rf = m["baselines"]["random_forest"]["macro_f1"]
-    if ours_rf < sk_rf - BASELINE_MARGIN:
+    if abs(ours_rf - sk_rf) > BASELINE_MARGIN:
         raise AssertionError(f"random forest macro F1: ours {ours_rf:.3f} vs scikit-learn {sk_rf:.3f}")
     scaler = StandardScaler().fit(x[train])
     c = m["baselines"]["logistic_expression"]["detail"]["c"]
@@ -121,6 +122,12 @@ def check_baselines(run_dir, m, h5ad_path):
     if abs(ours_lr - sk_lr) > BASELINE_MARGIN:
         raise AssertionError(f"logistic regression (C = {c}) macro F1: ours {ours_lr:.3f} vs scikit-learn {sk_lr:.3f}")
     print(f"      random forest {ours_rf:.3f} (scikit-learn {sk_rf:.3f}), logistic {ours_lr:.3f} (scikit-learn {sk_lr:.3f})")
+
+
+def d_model(run_dir):
+    """Width of the fine-tuned encoder (the cell embedding of a `cls` or `mean` pooling)."""
+    with open(os.path.join(run_dir, "config.toml"), "rb") as f:
+        return tomllib.load(f)["model"]["d_model"]
 
 
 @check("the events hold finetune/* and val/* scalars TensorBoard can read")
@@ -145,7 +152,7 @@ def check_annotation(run_dir, m, h5ad_path, out):
     assert classes == m["task"]["classes"], (classes, m["task"]["classes"])
     p = a.obsm["neurofm_probabilities"]
     assert p.shape == (a.n_obs, len(classes)) and np.allclose(p.sum(axis=1), 1.0, atol=1e-4)
-    assert a.obsm["X_neurofm"].shape[0] == a.n_obs
+    assert a.obsm["X_neurofm"].shape[1] == d_model(run_dir), a.obsm["X_neurofm"].shape
     assert str(a.obs["neurofm_label"].dtype) == "category"
     conf = a.obs["neurofm_confidence"].values
     assert np.allclose(conf, p.max(axis=1), atol=1e-6), "confidence is the top probability"

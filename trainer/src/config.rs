@@ -172,6 +172,34 @@ pub struct OptimConfig {
     pub clip_norm: f64,
 }
 
+impl OptimConfig {
+    /// Refuses values AdamW cannot use (NaN included), naming the key; fine-tuning's config
+    /// holds the same struct and calls this too.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: String| Err(TrainError::Config(format!("optim.{key}: {why}")));
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("lr", format!("{} must be a positive number", self.lr));
+        }
+        for (key, v) in [("weight_decay", self.weight_decay), ("clip_norm", self.clip_norm)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return bad(key, format!("{v} must be a number ≥ 0"));
+            }
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return bad("eps", format!("{} must be a number > 0", self.eps));
+        }
+        for (key, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(key, format!("{v} must be in [0, 1)"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad("min_lr_ratio", format!("{} must be in [0, 1]", self.min_lr_ratio));
+        }
+        Ok(())
+    }
+}
+
 impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig { lr: 5e-4, weight_decay: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, warmup_steps: 0, min_lr_ratio: 0.1, clip_norm: 1.0 }
@@ -269,19 +297,7 @@ impl TrainConfig {
                 return bad(key, format!("{p} must be in [0, 1)"));
             }
         }
-        let o = &self.optim;
-        if !(o.lr > 0.0 && o.lr.is_finite()) {
-            return bad("optim.lr", format!("{} must be a positive number", o.lr));
-        }
-        if o.weight_decay < 0.0 || o.clip_norm < 0.0 || o.eps <= 0.0 {
-            return bad("optim", "weight_decay and clip_norm must be ≥ 0 and eps > 0".into());
-        }
-        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
-            return bad("optim.beta1/beta2", "must be in [0, 1)".into());
-        }
-        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
-            return bad("optim.min_lr_ratio", format!("{} must be in [0, 1]", o.min_lr_ratio));
-        }
+        self.optim.validate()?;
         let t = &self.train;
         if t.batch_size == 0 || t.grad_accum == 0 {
             return bad("train.batch_size / train.grad_accum", "must be ≥ 1".into());

@@ -287,8 +287,8 @@ fn rank_value_training_predicts_hidden_genes_from_context() {
     ok(&train(&run, &[
         "--data", &data, "--set", "tokenizer.kind=\"rank-value\"", "--set", "sequence.mode=\"nonzero-plus-zeros\"", "--set", "sequence.max_len=33",
         "--set", "objectives.bottleneck=0", "--set", "objectives.contrastive=0", "--set", "views.count=1", "--set", "views.thin_min=1",
-        "--set", "train.max_steps=400", "--set", "train.val_every=400", "--set", "train.grad_accum=1", "--set", "model.dropout=0.0",
-        "--set", "model.d_model=32", "--set", "optim.lr=2e-3",
+        "--set", "train.max_steps=2000", "--set", "train.val_every=2000", "--set", "train.log_every=500", "--set", "train.grad_accum=1",
+        "--set", "model.dropout=0.0", "--set", "model.d_model=64", "--set", "model.n_heads=4", "--set", "model.d_ff=128", "--set", "optim.lr=1e-3",
     ]));
     let rows = trainer::metrics::read(&run.join("metrics.csv")).unwrap();
     let val = rows.iter().rev().find(|r| r.split == "val").unwrap();

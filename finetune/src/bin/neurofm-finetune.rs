@@ -177,6 +177,7 @@ fn in_group(args: &Args, comm: &dyn Communicator, device: tch::Device) -> Result
     let cfg = FinetuneConfig::load(base.as_deref(), &overrides(args))?;
     // Every input is checked before the run directory is created or touched.
     let plan = Plan::new(cfg)?;
+    plan.check_batches(comm.world())?;
     let force = args.force && !restarted;
     let run_dir = if comm.rank() == 0 {
         let dir = RunDir::prepare(&run_path, &resume, force);

@@ -19,8 +19,8 @@ use trainer::TrainError;
 #[command(version)]
 struct Args {
     /// TOML config (configs/debug-cpu.toml, configs/seed-hello.toml, ...).
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "preflight")]
+    config: Option<PathBuf>,
     /// Zarr store from `neurofm-data convert` (overrides data.store).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -127,8 +127,9 @@ fn train_in_group(args: &Args, comm: &dyn Communicator, device: tch::Device) -> 
     if let Some(data) = &args.data {
         overrides.push(format!("data.store={}", toml_string(&data.to_string_lossy())));
     }
-    let cfg = TrainConfig::load(&args.config, &overrides)?;
-    let stem = args.config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    let config = args.config.as_deref().ok_or_else(|| TrainError::Config("--config FILE is required (configs/ has presets)".into()))?;
+    let cfg = TrainConfig::load(config, &overrides)?;
+    let stem = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
     let run_path = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(stem));
     // A group restarted by neurofm-launch --max-restarts continues from its newest checkpoint.
     let restarted = launcher::env::is_restart();
