@@ -27,6 +27,9 @@ pub struct AdamW {
     n_decay: i64,
     /// Per-element learning-rate multipliers (fine-tuning's layer-wise decay); `None`: 1.
     lr_scale: Option<Tensor>,
+    /// Scratch of the buffers' size: every step's intermediate is computed in place here, so a
+    /// step allocates nothing (on the CPU a fresh multi-MB temporary costs page faults).
+    scratch: Tensor,
     /// Optimizer steps taken (bias correction uses it).
     pub step: u64,
 }
@@ -72,8 +75,8 @@ impl AdamW {
             }
             Ok(())
         })?;
-        let (m, v) = (flat.f_zeros_like()?, flat.f_zeros_like()?);
-        Ok(AdamW { cfg: cfg.clone(), params, flat, grads, m, v, n_decay, lr_scale: None, step: 0 })
+        let (m, v, scratch) = (flat.f_zeros_like()?, flat.f_zeros_like()?, flat.f_zeros_like()?);
+        Ok(AdamW { cfg: cfg.clone(), params, flat, grads, m, v, n_decay, lr_scale: None, scratch, step: 0 })
     }
 
     /// Multiplies each parameter's learning rate, and with it its weight decay (decoupled decay
@@ -132,23 +135,30 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         tch::no_grad(|| -> Result<()> {
-            let g = &self.grads;
+            let (g, scratch) = (&self.grads, &mut self.scratch);
             let _ = self.m.f_lerp_(g, 1.0 - c.beta1)?;
-            let _ = self.v.f_mul_scalar_(c.beta2)?.f_addcmul_(g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
+            scratch.f_copy_(g)?;
+            let _ = scratch.f_mul_scalar_(1.0 - c.beta2)?;
+            let _ = self.v.f_mul_scalar_(c.beta2)?.f_addcmul_(g, scratch)?;
             if c.weight_decay > 0.0 && self.n_decay > 0 {
                 let mut decaying = self.flat.f_narrow(0, 0, self.n_decay)?;
                 let _ = match &self.lr_scale {
                     None => decaying.f_mul_scalar_(1.0 - lr * c.weight_decay)?,
-                    Some(s) => decaying.f_mul_(&s.f_narrow(0, 0, self.n_decay)?.f_mul_scalar(-lr * c.weight_decay)?.f_add_scalar(1.0)?)?,
+                    Some(s) => {
+                        let mut factor = scratch.f_narrow(0, 0, self.n_decay)?;
+                        factor.f_copy_(&s.f_narrow(0, 0, self.n_decay)?)?;
+                        let _ = factor.f_mul_scalar_(-lr * c.weight_decay)?.f_add_scalar_(1.0)?;
+                        decaying.f_mul_(&factor)?
+                    }
                 };
             }
             // p -= lr / bc1 · m / (sqrt(v / bc2) + eps), with the factor folded into the divisor.
-            let mut denom = self.v.f_div_scalar(bc2)?.f_sqrt()?.f_add_scalar(c.eps)?;
-            let _ = denom.f_mul_scalar_(-bc1 / lr)?;
+            scratch.f_copy_(&self.v)?;
+            let _ = scratch.f_div_scalar_(bc2)?.f_sqrt_()?.f_add_scalar_(c.eps)?.f_mul_scalar_(-bc1 / lr)?;
             if let Some(s) = &self.lr_scale {
-                let _ = denom.f_div_(s)?;
+                let _ = scratch.f_div_(s)?;
             }
-            let _ = self.flat.f_addcdiv_(&self.m, &denom)?;
+            let _ = self.flat.f_addcdiv_(&self.m, scratch)?;
             Ok(())
         })
     }
