@@ -4,8 +4,8 @@
 # 8 minutes on one H100/H200, and writes one JSON ($OUT/gpu_check.json, OUT defaults to
 # ./gpu-check-out):
 #   preflight  device choice, GPU, driver, NCCL version and path, SDPA kernel
-#   train      single-gpu.toml shapes (d 512, 12 layers, 2001 binned tokens: the PyTorch reference's
-#              model, bf16) for 50 steps on
+#   train      single-gpu.toml shapes (d 512, 12 layers, 2001 binned tokens, masked bins only: the
+#              PyTorch reference's model, bf16) for 50 steps on
 #              generated cells: loss must fall; cells/s, MFU and the step split
 #   torch      the same model in PyTorch eager (bf16 autocast) on the same GPU: cells/s ratio
 #   nccl       NCCL communicator init and all-reduce at world size 1
@@ -48,7 +48,8 @@ run convert "$here/neurofm-data" convert -q "$work/cells.h5ad" "$work/cells.zarr
 run train "$here/neurofm-train" --config "$here/single-gpu.toml" --data "$work/cells.zarr" --run-dir "$work/run" --device cuda --no-progress \
   --set train.max_steps=50 --set train.log_every=5 --set train.val_every=50 --set train.checkpoint_every=50 \
   --set optim.warmup_steps=10 --set data.val_max_cells=1024 --set sequence.mode='"full-panel"' \
-  --set tokenizer.kind='"gene-quantile"' --set tokenizer.n_bins=51
+  --set tokenizer.kind='"gene-quantile"' --set tokenizer.n_bins=51 --set views.count=1 --set views.thin_min=1 \
+  --set objectives.contrastive=0
 run torch python3 "$here/torch_reference.py" --d-model 512 --layers 12 --heads 8 --d-ff 2048 --seq 2001 --batch 32 --genes 2000 --bins 51 --steps 20
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port NEUROFM_BACKEND=nccl \

@@ -18,8 +18,10 @@ bin=${BIN:-target/release}
 dir=${RECIPES_DIR:-runs/recipes}/$name
 tsv=${RECIPES_TSV:-benches/recipes.tsv}
 mkdir -p "$dir"
+# A frozen copy: editing CONFIG while a queue of recipes runs must not change later rows.
+cp "$config" "$dir/base.toml"
 start=$(date +%s.%N)
-"$bin/neurofm-train" --config "$config" --data "$store" --run-dir "$dir/run" --force --no-progress "${train_args[@]}" > "$dir/train.out" 2>&1 \
+"$bin/neurofm-train" --config "$dir/base.toml" --data "$store" --run-dir "$dir/run" --force --no-progress "${train_args[@]}" > "$dir/train.out" 2>&1 \
   || { tail -20 "$dir/train.out"; exit 1; }
 train_s=$(python3 -c "import time; print(f'{time.time() - $start:.0f}')")
 "$bin/neurofm-eval" --run "$dir/run" --data "$store" --label-col "$label" --out "$dir/eval" "${eval_args[@]}" > "$dir/eval.out" 2>&1 \
