@@ -388,7 +388,7 @@ impl<'c> Session<'c> {
         );
         let o = &cfg.objectives;
         info!(
-            "objectives: masked {} , bottleneck {}{}, contrastive {} (τ {}); views {} (thinning to ≥ {})",
+            "objectives: masked {}, bottleneck {}{}, contrastive {} (τ {}); views {} (thinning to ≥ {})",
             o.masked,
             o.bottleneck,
             if o.bottleneck_depth { " (told the depth)" } else { "" },
