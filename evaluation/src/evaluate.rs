@@ -217,9 +217,7 @@ fn evaluate_all(cfg: &EvalConfig) -> Result<EvalMetrics> {
     }
     let split = Split::new(&labels, &cfg.split, cfg.test_frac, &data.obs, cfg.seed, &data.path)?;
     let genes = data.gene_map(&model.tokenizer.genes)?;
-    // On CPU, small batches keep activations in cache: WHB with seed-hello's model embeds at
-    // 11.6 cells/s with 8 cells per pass and 8.7 with 64 (2 cores, release).
-    let batch_size = cfg.batch_size.unwrap_or(if device == tch::Device::Cpu { 8 } else { 64 });
+    let batch_size = cfg.batch_size.unwrap_or_else(|| crate::embed::default_batch_size(device));
     info!("{} cells in {} classes; {} train / {} test", labels.cells.len(), labels.n_classes(), split.train.len(), split.test.len());
 
     // Representations: the model, then the baselines on the same cells and split.

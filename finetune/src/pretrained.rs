@@ -92,10 +92,7 @@ impl Architecture {
 
     /// Matmul kind: fp32 on the CPU unless bf16 is asked for, bf16 on GPUs unless fp32 is.
     pub fn compute(&self, device: Device) -> Kind {
-        match (self.precision, device) {
-            (Precision::Fp32, _) | (Precision::Auto, Device::Cpu) => Kind::Float,
-            (Precision::Bf16 | Precision::Auto, _) => Kind::BFloat16,
-        }
+        self.precision.compute_kind(device)
     }
 
     /// Width of the cell embedding (the head's input).

@@ -25,7 +25,7 @@ use trainer::config::{EmbeddingConfig, TrainConfig};
 use trainer::ddp::Ddp;
 use trainer::device::{classify_oom, describe, peak_flops, Peak};
 use trainer::fault::TestKnobs;
-use trainer::logging::{progress_bar, RunLog, StepStats, Window};
+use trainer::logging::{info_above, progress_bar, RunLog, StepStats, Window};
 use trainer::metrics::{Column, Row};
 use trainer::model::load_weights;
 use trainer::optim::{learning_rate, AdamW};
@@ -597,10 +597,7 @@ impl<'a> Session<'a> {
             v.macro_f1,
             if is_best { " (best so far)" } else { "" }
         );
-        match &self.bar {
-            Some(bar) => bar.suspend(|| info!("{msg}")),
-            None => info!("{msg}"),
-        }
+        info_above(self.bar.as_ref(), &msg);
         Ok(is_best)
     }
 
@@ -637,12 +634,10 @@ impl<'a> Session<'a> {
     }
 }
 
-/// Cells per forward pass when predicting: the setting, else 8 on CPU (activations stay in
-/// cache; see `neurofm-eval`) and 64 on GPU.
+/// Cells per forward pass when predicting: the setting, else `neurofm-eval`'s default.
 pub fn predict_batch_size(setting: usize, device: Device) -> usize {
     match setting {
-        0 if device == Device::Cpu => 8,
-        0 => 64,
+        0 => evaluation::embed::default_batch_size(device),
         n => n,
     }
 }

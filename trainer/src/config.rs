@@ -217,6 +217,17 @@ pub enum Precision {
     Fp32,
 }
 
+impl Precision {
+    /// Matmul kind on `device`: fp32 on the CPU unless bf16 is asked for, bf16 on GPUs unless
+    /// fp32 is.
+    pub fn compute_kind(self, device: tch::Device) -> tch::Kind {
+        match (self, device) {
+            (Precision::Fp32, _) | (Precision::Auto, tch::Device::Cpu) => tch::Kind::Float,
+            (Precision::Bf16 | Precision::Auto, _) => tch::Kind::BFloat16,
+        }
+    }
+}
+
 /// The training loop: batches, length, logging and checkpoints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

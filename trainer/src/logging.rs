@@ -58,6 +58,14 @@ pub fn progress_bar(enabled: bool, total: u64, at: u64) -> Option<indicatif::Pro
     Some(bar)
 }
 
+/// Logs `msg` at info level above the progress bar, if one is drawn (so the bar is not torn).
+pub fn info_above(bar: Option<&indicatif::ProgressBar>, msg: &str) {
+    match bar {
+        Some(bar) => bar.suspend(|| tracing::info!("{msg}")),
+        None => tracing::info!("{msg}"),
+    }
+}
+
 /// Timings, sizes and losses of one optimizer step (cells, tokens and FLOPs of the group).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepStats {

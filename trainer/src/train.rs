@@ -24,13 +24,13 @@ use crate::baseline::{BaselineScore, BinFrequencies};
 use crate::batch::DeviceBatch;
 use crate::checkpoint::{check_resume_compatible, read_state, Checkpoints, TrainState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::comm::Communicator;
-use crate::config::{Precision, TrainConfig};
+use crate::config::TrainConfig;
 use crate::data::{sample_cells, RunData};
 use crate::ddp::Ddp;
 use crate::device::{classify_oom, describe, peak_flops, Peak};
 use crate::error::{Result, TrainError};
 use crate::fault::{Fault, TestKnobs};
-use crate::logging::{progress_bar, RunLog, StepStats, Window};
+use crate::logging::{info_above, progress_bar, RunLog, StepStats, Window};
 use crate::metrics::{Column, Row};
 use crate::model::{self, Encoder, Tokens, Vocabulary};
 use crate::objectives::{Heads, TermCounts, TermSums, ViewStates};
@@ -96,10 +96,7 @@ impl Trainer {
     pub fn new(cfg: &TrainConfig, tokenizer: &Tokenizer, device: Device, total_steps: u64, rank: usize, init_seed: u64) -> Result<Trainer> {
         let vocab = Vocabulary { n_genes: tokenizer.genes.len(), n_bins: tokenizer.vocab.n_bins, ranked: tokenizer.is_ranked() };
         let (vs, mut model) = model::build(&cfg.model, vocab, device, init_seed)?;
-        model.compute = match (cfg.train.precision, device) {
-            (Precision::Fp32, _) | (Precision::Auto, Device::Cpu) => Kind::Float,
-            (Precision::Bf16 | Precision::Auto, _) => Kind::BFloat16,
-        };
+        model.compute = cfg.train.precision.compute_kind(device);
         let heads = Heads::new(&(vs.root() / "objectives"), &cfg.objectives, cfg.model.d_model, vocab.n_bins)?;
         let opt = AdamW::new(&vs, &cfg.optim)?;
         Ok(Trainer { cfg: cfg.clone(), device, vs, model, heads, opt, step: 0, total_steps, rank, gene_pad: tokenizer.gene_pad() })
@@ -511,10 +508,7 @@ impl<'c> Session<'c> {
             v.masked_acc,
             bottleneck_loss.map(|b| format!(", bottleneck {b:.4}")).unwrap_or_default()
         );
-        match &self.bar {
-            Some(bar) => bar.suspend(|| info!("{msg}")),
-            None => info!("{msg}"),
-        }
+        info_above(self.bar.as_ref(), &msg);
         *last = Some(v);
         Ok(is_best)
     }
