@@ -4,13 +4,16 @@
 //! Without STORE it synthesizes a 2000-gene store (60k cells) in a temp directory, with the
 //! matrix codec from `NEUROFM_BENCH_CODEC` (zstd, blosc-lz4 (default), blosc-zstd).
 //! Run with `RAYON_NUM_THREADS=1` for honest per-core numbers (zarrs decodes on rayon).
+//! First it prints what each rank of 1 … 64 would decode per epoch under each read plan
+//! (`NEUROFM_BENCH_PLANS_ONLY=1` stops there).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use dataloader::convert::{convert, ConvertOptions};
+use dataloader::corpus::Corpus;
 use dataloader::mask::{batch_fn, Batcher, MaskConfig, SequenceMode, ViewConfig};
-use dataloader::shard::{BatchFn, BatchStream, CellBatch, Rank, ReaderPosition, ShardConfig, ShardReader};
+use dataloader::shard::{BatchFn, BatchStream, CellBatch, Rank, ReadPlan, ReaderPosition, ShardConfig, ShardReader};
 use dataloader::store::write::MatrixCodec;
 use dataloader::store::Store;
 use dataloader::synth::{self, SynthOptions};
@@ -43,13 +46,34 @@ fn main() -> anyhow::Result<()> {
         store.n_genes(),
         store.nnz() as f64 / store.n_cells() as f64
     );
-    let reader = ShardReader::new(cells.clone(), |c| store.chunk_of(c), Rank::single(), ShardConfig { batch_size: 64, seed: 0, window_blocks: 4 })?;
-    let tok = Arc::new(Tokenizer::fit(&store, &cells, BinningKind::GeneQuantile, 51, 20_000, 0)?);
+    let corpus = Arc::new(Corpus::single(&path)?);
+    let shard = |plan: ReadPlan| ShardConfig { batch_size: 64, seed: 0, window_blocks: 2, plan };
+    let reader = ShardReader::new(cells.clone(), |c| corpus.block_of(c), Rank::single(), shard(ReadPlan::Local))?;
+    let tok = Arc::new(Tokenizer::fit(&corpus, &cells, BinningKind::GeneQuantile, 51, 20_000, 0)?);
+    // What each rank of a W-rank group would decode in one epoch, from the plans alone.
+    println!("read plans (one epoch, batch 64 per rank): world, plan, cells decoded per rank / cells it trains on, share of the store a rank decodes");
+    for world in [1usize, 2, 8, 64] {
+        for plan in [ReadPlan::Local, ReadPlan::Global] {
+            let (mut worst, mut share) = (0f64, 0f64);
+            for r in [0, world / 2, world - 1] {
+                let Ok(rd) = ShardReader::new(cells.clone(), |c| corpus.block_of(c), Rank::new(r, world)?, shard(plan)) else { continue };
+                let reads = rd.plan(1).reads();
+                let wanted: usize = reads.iter().map(Vec::len).sum();
+                let decoded: u64 = reads.iter().map(|cells| corpus.read_cost(cells)).sum();
+                worst = worst.max(decoded as f64 / wanted.max(1) as f64);
+                share = share.max(decoded as f64 / store.n_cells() as f64);
+            }
+            println!("  world {world:>3} {plan:?}: read_amplification {worst:.3}, decoded share per rank {share:.4} (ideal {:.4})", 1.0 / world as f64);
+        }
+    }
+    if std::env::var_os("NEUROFM_BENCH_PLANS_ONLY").is_some() {
+        return Ok(());
+    }
     let mask = Some(MaskConfig { ratio: 0.15, nonzero_fraction: 0.5, seed: 0 });
     let run = |name: &str, workers: usize, f: BatchFn<usize>| -> anyhow::Result<()> {
         let t = Instant::now();
         let mut n = 0usize;
-        for item in BatchStream::new(store.clone(), reader.plan(1), ReaderPosition { epoch: 1, batch: 0 }, workers, 4, f) {
+        for item in BatchStream::new(corpus.clone(), reader.plan(1), ReaderPosition { epoch: 1, batch: 0 }, workers, 4, f) {
             n += item?.1;
         }
         let secs = t.elapsed().as_secs_f64();

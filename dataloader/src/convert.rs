@@ -14,6 +14,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::csr::CsrRows;
+use crate::frame::{Column, Frame};
 use crate::error::{DataError, Result};
 use crate::rng::{rng_for, Purpose};
 use crate::select::{self, GeneScan, GeneSelection, KeepFilter};
@@ -64,6 +65,12 @@ pub struct ConvertOptions {
     /// entries, so the order depends only on the counts, not on how the source stores them.
     pub block_cells: usize,
     pub window_blocks: usize,
+    /// Stored values per decoded chunk of the matrix (a power of two ≥ 1024): smaller chunks
+    /// make sampled reads cheaper, larger ones compress better.
+    pub chunk_entries: u64,
+    /// A `var` column whose values become the store's gene names (made unique the AnnData
+    /// way; the former names are kept in the column `original_var_names`).
+    pub var_names: Option<String>,
     pub progress: bool,
 }
 
@@ -81,6 +88,8 @@ impl Default for ConvertOptions {
             matrix_codec: MatrixCodec::BloscLz4,
             block_cells: 1024,
             window_blocks: 4,
+            chunk_entries: crate::store::write::INNER_CHUNK,
+            var_names: None,
             progress: false,
         }
     }
@@ -116,6 +125,9 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let started = Instant::now();
     if output.exists() && !opts.force {
         return Err(DataError::OutputExists { path: output.to_path_buf() });
+    }
+    if opts.chunk_entries < 1024 || !opts.chunk_entries.is_power_of_two() {
+        return Err(DataError::Config(format!("--chunk-entries {}: use a power of two ≥ 1024 (default {})", opts.chunk_entries, crate::store::write::INNER_CHUNK)));
     }
     let src = SourceFile::open(input)?;
     let (loc, info) = resolve_counts(&src, opts)?;
@@ -166,7 +178,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         blocks.shuffle(&mut rng_for(&[seed, Purpose::ConvertBlocks as u64]));
     }
 
-    let writer = StoreWriter::create(&tmp, opts.zstd_level, opts.matrix_codec)?;
+    let writer = StoreWriter::create(&tmp, opts.zstd_level, opts.matrix_codec)?.with_chunk_entries(opts.chunk_entries);
     let ctx = WriteContext { path: input, loc: loc.clone(), obs_names: &obs.index, allow_non_integer: opts.allow_non_integer };
     let all_genes = kept_genes.len() == info.n_genes;
     let bar = progress_bar(opts.progress, rows.len() as u64);
@@ -202,6 +214,9 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let mut obs_out = obs.take(&written.source_rows);
     let renamed_cells = obs_out.make_index_unique();
     let mut var_out = var.take(&kept_genes);
+    if let Some(col) = &opts.var_names {
+        rename_genes(&mut var_out, col, input)?;
+    }
     let renamed_genes = var_out.make_index_unique();
     writer.frame("obs", &obs_out)?;
     writer.frame("var", &var_out)?;
@@ -244,6 +259,20 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         input_bytes: std::fs::metadata(input).map(|m| m.len()).unwrap_or(0),
         output_bytes: dir_size(output),
     })
+}
+
+/// Makes `var[col]` the gene names (`--var-names`), keeping the former ones as a column; a
+/// cell of `col` that is empty keeps its former name.
+fn rename_genes(var: &mut Frame, col: &str, input: &Path) -> Result<()> {
+    let column = var.column(col).ok_or_else(|| {
+        DataError::field(input, format!("var/{col}"), format!("no such column for --var-names; var has: {}", var.column_names().join(", ")))
+    })?;
+    let names: Vec<String> = (0..var.len()).map(|i| column.text(i)).collect();
+    let former = std::mem::take(&mut var.index);
+    var.index = names.into_iter().zip(&former).map(|(n, f)| if n.is_empty() || n == "nan" { f.clone() } else { n }).collect();
+    var.columns.retain(|(name, _)| name != "original_var_names");
+    var.columns.push(("original_var_names".into(), Column::Strings(former)));
+    Ok(())
 }
 
 /// Picks the count matrix, checking a sample for integer values.

@@ -7,9 +7,11 @@
 #![allow(clippy::single_range_in_vec_init)]
 
 pub mod convert;
+pub mod corpus;
 pub mod csr;
 pub mod error;
 pub mod frame;
+pub mod genes;
 pub mod h5write;
 pub mod inspect;
 pub mod mask;

@@ -20,6 +20,7 @@ use rand::Rng;
 use rand_distr::{Binomial, Distribution};
 use serde::{Deserialize, Serialize};
 
+use crate::corpus::Panels;
 use crate::error::{DataError, Result};
 use crate::rng::{rng_for, Purpose};
 use crate::shard::CellBatch;
@@ -174,6 +175,9 @@ pub struct Batcher {
     pub views: ViewConfig,
     /// The depth `Thinning::Depth` thins towards (the training cells' median total counts).
     pub median_depth: f64,
+    /// Which vocabulary genes each cell's dataset measures: the others are left out of its
+    /// sequence, never filled in as zeros.
+    pub panels: Arc<Panels>,
 }
 
 impl Batcher {
@@ -189,7 +193,13 @@ impl Batcher {
             }
         }
         views.validate()?;
-        Ok(Batcher { tokenizer, mode, mask, views, median_depth: 0.0 })
+        Ok(Batcher { tokenizer, mode, mask, views, median_depth: 0.0, panels: Arc::new(Panels::default()) })
+    }
+
+    /// Sets which genes each cell's dataset measures (default: every vocabulary gene).
+    pub fn with_panels(mut self, panels: Arc<Panels>) -> Self {
+        self.panels = panels;
+        self
     }
 
     /// Sets the depth that `Thinning::Depth` thins towards.
@@ -292,13 +302,20 @@ impl Batcher {
     /// The cell's gene positions (ascending gene order) and their bins.
     fn sequence(&self, idx: &[u32], nz_bins: &[i64], cell: u32, epoch: u64, scratch: &mut CellScratch) -> (Vec<u32>, Vec<i64>) {
         let n = self.n_genes();
+        let measured = self.panels.measured(cell);
+        let is_measured = |g: u32| measured.is_none_or(|m| m[g as usize]);
         let (mut genes, mut bins) = (Vec::new(), Vec::new());
         match self.mode {
             SequenceMode::FullPanel => {
-                genes.extend(0..n as u32);
-                bins.resize(n, 0);
                 for (&g, &b) in idx.iter().zip(nz_bins) {
-                    bins[g as usize] = b;
+                    scratch.dense[g as usize] = b;
+                }
+                for g in (0..n as u32).filter(|&g| is_measured(g)) {
+                    genes.push(g);
+                    bins.push(scratch.dense[g as usize]);
+                }
+                for &g in idx {
+                    scratch.dense[g as usize] = 0;
                 }
             }
             SequenceMode::NonzeroPlusZeros { max_len } => {
@@ -317,7 +334,7 @@ impl Batcher {
                     for &(g, _) in &nonzero {
                         scratch.mark[g as usize] = true;
                     }
-                    let zero_genes: Vec<u32> = (0..n as u32).filter(|&g| !scratch.mark[g as usize]).collect();
+                    let zero_genes: Vec<u32> = (0..n as u32).filter(|&g| !scratch.mark[g as usize] && is_measured(g)).collect();
                     for &(g, _) in &nonzero {
                         scratch.mark[g as usize] = false;
                     }

@@ -18,6 +18,8 @@ pub enum Purpose {
     EpochBlocks = 10,
     /// Training: the order of cells within a window of chunks.
     EpochWindow = 11,
+    /// Training: which blocks of a store with a fractional weight an epoch takes.
+    EpochWeights = 12,
     /// The training cells a tokenizer is fitted on.
     TokenizerSample = 20,
     /// The zero genes that fill a `nonzero-plus-zeros` sequence.

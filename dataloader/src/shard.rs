@@ -1,17 +1,23 @@
 //! Per-rank shards of a split, reshuffled every epoch, streamed by background workers.
 //!
-//! Epoch plan (same on every rank, from (seed, epoch) alone):
-//! 1. the split's cells are grouped into blocks by a key, normally the store chunk holding
-//!    them (`Store::chunk_of`), so reading a block decodes its chunk once; blocks are permuted;
-//! 2. cells are shuffled within windows of `window_blocks` blocks: this is the epoch's cell
-//!    order, independent of batch size and world size;
-//! 3. the order is cut into global batches of `world × batch_size` cells (the remainder is
-//!    dropped) and rank r takes the r-th slice of each. So every rank runs the same number of
-//!    steps, no rank waits on a collective another skipped, and W ranks with batch B see
-//!    exactly the batches of one rank with batch W·B.
+//! Epoch plan (from (seed, epoch, world size) alone, the same on every rank):
+//! 1. the split's cells are grouped into blocks by a key, normally the stretch of store
+//!    chunks holding them (`Corpus::block_of`), so reading a block decodes its chunks once;
+//!    a weighted store contributes `weight ×` its cells (whole blocks in a per-epoch order,
+//!    the last one cut), so every epoch has the same length; blocks are permuted;
+//! 2. `ReadPlan::Local` (default): the order is cut into windows of `world × window_blocks`
+//!    blocks, rank r takes the r-th contiguous share of each window (whole batches; the
+//!    remainder, under one batch per rank, is dropped) and shuffles it. So each
+//!    rank decodes about 1/world of the chunks and every rank runs the same number of steps.
+//!    `ReadPlan::Global`: windows of `window_blocks` blocks are shuffled, cut into global
+//!    batches of `world × batch_size` cells and rank r takes the r-th slice of each: W ranks
+//!    with batch B see exactly the batches of one rank with batch W·B, at the price of every
+//!    rank decoding every chunk.
 //!
-//! A position (epoch, batch) is all that is needed to resume exactly; `ReaderPosition::rescale`
-//! carries it over to another world or batch size.
+//! A position (epoch, batch) is all that is needed to resume exactly with the same world size.
+//! `ReaderPosition::rescale` carries it to another world or batch size: under `Global` the
+//! order is unchanged; under `Local` the rest of that epoch follows the new world's order (so
+//! a few cells of it may be seen twice or not at all), and later epochs are exact again.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -20,6 +26,7 @@ use std::thread::JoinHandle;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
+use crate::corpus::Corpus;
 use crate::csr::CsrRows;
 use crate::error::{DataError, Result};
 use crate::rng::{rng_for, Purpose};
@@ -63,6 +70,19 @@ pub struct ShardConfig {
     /// Blocks whose cells are shuffled together within a rank.
     #[serde(default = "default_window_blocks")]
     pub window_blocks: usize,
+    #[serde(default)]
+    pub plan: ReadPlan,
+}
+
+/// How the epoch order is shared among ranks (`data.read_plan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadPlan {
+    /// Each rank reads its own blocks: reads ∝ 1/world; order depends on the world size.
+    #[default]
+    Local,
+    /// Every rank reads every block and keeps its slice: order independent of the world size.
+    Global,
 }
 
 fn default_window_blocks() -> usize {
@@ -100,67 +120,175 @@ pub struct EpochPlan {
     pub batches_per_window: usize,
 }
 
+impl EpochPlan {
+    /// The cells each read of a `BatchStream` over this plan asks for (sorted), in order:
+    /// what a read plan costs can be computed from these without reading.
+    pub fn reads(&self) -> Vec<Vec<u32>> {
+        self.batches
+            .chunks(self.batches_per_window.max(1))
+            .map(|w| {
+                let mut rows: Vec<u32> = w.iter().flatten().copied().collect();
+                rows.sort_unstable();
+                rows
+            })
+            .collect()
+    }
+}
+
 /// The training shard of one rank.
 pub struct ShardReader {
     cells: Vec<u32>,
-    /// `blocks[i]` is a range of `cells`.
-    blocks: Vec<std::ops::Range<usize>>,
+    /// `blocks[i]` is a range of `cells`, and the weight group it belongs to.
+    blocks: Vec<(std::ops::Range<usize>, u64)>,
+    /// Sampling weight of each group (absent: 1).
+    weights: std::collections::BTreeMap<u64, f64>,
     rank: Rank,
     cfg: ShardConfig,
 }
 
 impl ShardReader {
-    /// Blocks are runs of consecutive `cells` with the same `block_key` (e.g. `Store::chunk_of`).
+    /// Blocks are runs of consecutive `cells` with the same `block_key` (e.g. `Corpus::block_of`).
     /// Refuses splits too small to give every rank one full batch.
     pub fn new(cells: Vec<u32>, block_key: impl Fn(u32) -> u64, rank: Rank, cfg: ShardConfig) -> Result<Self> {
         if cfg.batch_size == 0 || cfg.window_blocks == 0 {
             return Err(DataError::Config("batch_size and window_blocks must be ≥ 1".into()));
         }
-        let need = cfg.batch_size * rank.world();
-        if cells.len() < need {
+        let mut blocks: Vec<(std::ops::Range<usize>, u64)> = Vec::new();
+        let mut last_key = None;
+        for (i, &c) in cells.iter().enumerate() {
+            let key = block_key(c);
+            match blocks.last_mut() {
+                Some(b) if last_key == Some(key) => b.0.end = i + 1,
+                _ => blocks.push((i..i + 1, 0)),
+            }
+            last_key = Some(key);
+        }
+        let reader = ShardReader { cells, blocks, weights: Default::default(), rank, cfg };
+        reader.check_size()?;
+        Ok(reader)
+    }
+
+    /// Weights blocks by group: `group_of(c)` names the group of cell c's block (its store) and
+    /// `weight_of(group)` its sampling weight.
+    pub fn weighted(mut self, group_of: impl Fn(u32) -> u64, weight_of: impl Fn(u64) -> f64) -> Result<Self> {
+        for (range, group) in &mut self.blocks {
+            *group = group_of(self.cells[range.start]);
+            self.weights.entry(*group).or_insert_with(|| weight_of(*group));
+        }
+        self.check_size()?;
+        Ok(self)
+    }
+
+    fn check_size(&self) -> Result<()> {
+        let need = self.cfg.batch_size * self.rank.world();
+        if self.batches_per_epoch() == 0 {
             return Err(DataError::Config(format!(
-                "the training split has {} cells, fewer than world size {} × batch size {} = {need}; lower the batch size",
-                cells.len(),
-                rank.world(),
-                cfg.batch_size
+                "the training split gives {} cells per epoch, too few for world size {} × batch size {} = {need}; lower the batch size",
+                self.epoch_len(),
+                self.rank.world(),
+                self.cfg.batch_size
             )));
         }
-        let mut blocks: Vec<std::ops::Range<usize>> = Vec::new();
-        for (i, &c) in cells.iter().enumerate() {
-            match blocks.last_mut() {
-                Some(b) if block_key(cells[b.start]) == block_key(c) => b.end = i + 1,
-                _ => blocks.push(i..i + 1),
+        Ok(())
+    }
+
+    /// Cells each epoch draws: every group's cells times its weight (rounded down).
+    fn epoch_len(&self) -> usize {
+        let mut per_group: std::collections::BTreeMap<u64, usize> = Default::default();
+        for (r, g) in &self.blocks {
+            *per_group.entry(*g).or_default() += r.len();
+        }
+        per_group.iter().map(|(g, &n)| (self.weight(*g) * n as f64).floor() as usize).sum()
+    }
+
+    fn weight(&self, group: u64) -> f64 {
+        self.weights.get(&group).copied().unwrap_or(1.0)
+    }
+
+    /// Batches each rank runs per epoch (identical on all ranks and every epoch).
+    pub fn batches_per_epoch(&self) -> usize {
+        let (len, w, b) = (self.epoch_len(), self.rank.world(), self.cfg.batch_size);
+        match self.cfg.plan {
+            ReadPlan::Global => len / w / b,
+            ReadPlan::Local => {
+                // Each rank's share of a window is whole batches, so reads follow windows.
+                let window = self.window_cells() * w;
+                len / window * (window / w / b) + len % window / w / b
             }
         }
-        Ok(ShardReader { cells, blocks, rank, cfg })
     }
 
-    /// Batches each rank runs per epoch (identical on all ranks).
-    pub fn batches_per_epoch(&self) -> usize {
-        self.cells.len() / self.rank.world() / self.cfg.batch_size
+    /// The epoch's blocks (weighted, permuted), as slices of `cells`.
+    fn epoch_blocks(&self, epoch: u64) -> Vec<&[u32]> {
+        let seed = self.cfg.seed;
+        let mut picked: Vec<&[u32]> = Vec::new();
+        let groups: std::collections::BTreeSet<u64> = self.blocks.iter().map(|b| b.1).collect();
+        for g in groups {
+            let mine: Vec<&[u32]> = self.blocks.iter().filter(|b| b.1 == g).map(|b| &self.cells[b.0.clone()]).collect();
+            let n: usize = mine.iter().map(|b| b.len()).sum();
+            let w = self.weight(g);
+            for _ in 0..w.floor() as usize {
+                picked.extend(mine.iter().copied());
+            }
+            // The fraction: whole blocks in this epoch's order, the last cut, to the exact count.
+            let mut need = ((w * n as f64).floor() as usize).saturating_sub(w.floor() as usize * n);
+            if need > 0 {
+                let mut order = mine.clone();
+                order.shuffle(&mut rng_for(&[seed, Purpose::EpochWeights as u64, epoch, g]));
+                for b in order {
+                    let take = b.len().min(need);
+                    picked.push(&b[..take]);
+                    need -= take;
+                    if need == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        picked.shuffle(&mut rng_for(&[seed, Purpose::EpochBlocks as u64, epoch]));
+        picked
     }
 
-    /// Every cell of the split in this epoch's order (the same for any world or batch size).
+    /// Every cell of the epoch in the order `ReadPlan::Global` serves it (the same for any
+    /// world or batch size).
     pub fn epoch_order(&self, epoch: u64) -> Vec<u32> {
-        let mut blocks: Vec<&[u32]> = self.blocks.iter().map(|r| &self.cells[r.clone()]).collect();
-        blocks.shuffle(&mut rng_for(&[self.cfg.seed, Purpose::EpochBlocks as u64, epoch]));
-        let mut order: Vec<u32> = blocks.into_iter().flatten().copied().collect();
+        let mut order: Vec<u32> = self.epoch_blocks(epoch).into_iter().flatten().copied().collect();
         for (w, window) in order.chunks_mut(self.window_cells()).enumerate() {
             window.shuffle(&mut rng_for(&[self.cfg.seed, Purpose::EpochWindow as u64, epoch, w as u64]));
         }
         order
     }
 
-    /// This rank's batches for `epoch`: its slice of each global batch.
+    /// This rank's batches for `epoch`.
     pub fn plan(&self, epoch: u64) -> EpochPlan {
-        let b = self.cfg.batch_size;
-        let global = b * self.rank.world();
-        let order = self.epoch_order(epoch);
-        let batches = order.chunks_exact(global).map(|g| g[self.rank.rank() * b..][..b].to_vec()).collect();
-        // Read about one shuffle window per group of batches: its chunks are decoded once.
-        EpochPlan { batches, batches_per_window: (self.window_cells() / global).max(1) }
+        let (b, world, rank) = (self.cfg.batch_size, self.rank.world(), self.rank.rank());
+        let per = self.batches_per_epoch();
+        let (batches, batches_per_window): (Vec<Vec<u32>>, usize) = match self.cfg.plan {
+            ReadPlan::Global => {
+                let global = b * world;
+                let order = self.epoch_order(epoch);
+                let batches = order.chunks_exact(global).map(|g| g[rank * b..][..b].to_vec()).collect();
+                // Read about one shuffle window per group of batches: its chunks are decoded once.
+                (batches, (self.window_cells() / global).max(1))
+            }
+            ReadPlan::Local => {
+                let order: Vec<u32> = self.epoch_blocks(epoch).into_iter().flatten().copied().collect();
+                let window = self.window_cells() * world;
+                let mut mine: Vec<u32> = Vec::with_capacity(order.len() / world + 1);
+                for (w, cells) in order.chunks(window).enumerate() {
+                    let share = cells.len() / world / b * b;
+                    let mut piece = cells[rank * share..(rank + 1) * share].to_vec();
+                    piece.shuffle(&mut rng_for(&[self.cfg.seed, Purpose::EpochWindow as u64, epoch, w as u64, rank as u64]));
+                    mine.extend(piece);
+                }
+                (mine.chunks_exact(b).map(<[u32]>::to_vec).collect(), (window / world / b).max(1))
+            }
+        };
+        debug_assert_eq!(batches.len(), per);
+        EpochPlan { batches, batches_per_window }
     }
 
+    /// Cells of `window_blocks` mean blocks: what one rank shuffles together.
     fn window_cells(&self) -> usize {
         let mean_block = self.cells.len().div_ceil(self.blocks.len().max(1));
         (mean_block * self.cfg.window_blocks).max(1)
@@ -174,6 +302,42 @@ pub fn eval_plan(cells: &[u32], rank: Rank, batch_size: usize) -> EpochPlan {
     let mine = cells.chunks(per.max(1)).nth(rank.rank()).unwrap_or(&[]);
     let batches: Vec<Vec<u32>> = mine.chunks(batch_size.max(1)).map(<[u32]>::to_vec).collect();
     EpochPlan { batches, batches_per_window: (4096 / batch_size.max(1)).max(1) }
+}
+
+/// Where batches read cells from: a store (rows) or a corpus (corpus ids, vocabulary genes).
+pub trait CellSource: Send + Sync {
+    /// Counts of `cells` (ascending), and the cells in the chunks decoded to read them.
+    fn read_sorted(&self, cells: &[u32]) -> Result<(CsrRows, u64)>;
+}
+
+impl CellSource for Store {
+    fn read_sorted(&self, cells: &[u32]) -> Result<(CsrRows, u64)> {
+        let rows: Vec<usize> = cells.iter().map(|&c| c as usize).collect();
+        self.read_cells_costed(&rows)
+    }
+}
+
+impl CellSource for Corpus {
+    fn read_sorted(&self, cells: &[u32]) -> Result<(CsrRows, u64)> {
+        self.read_cells_costed(cells)
+    }
+}
+
+/// What a stream's reads cost: `read_amplification` = decoded / wanted.
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    /// Cells in the chunks decoded.
+    pub decoded: std::sync::atomic::AtomicU64,
+    /// Cells the reads were for.
+    pub wanted: std::sync::atomic::AtomicU64,
+}
+
+impl ReadStats {
+    /// Decoded over wanted cells (0 before any read).
+    pub fn amplification(&self) -> f64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.decoded.load(Relaxed) as f64 / self.wanted.load(Relaxed).max(1) as f64
+    }
 }
 
 /// A transform applied to each batch inside the worker threads (tokenize, mask, ...).
@@ -191,7 +355,12 @@ pub struct BatchStream<T> {
 
 impl<T: Send + 'static> BatchStream<T> {
     /// Streams `plan` starting at batch `start.batch` (earlier batches are skipped unread).
-    pub fn new(store: Arc<Store>, plan: EpochPlan, start: ReaderPosition, workers: usize, depth: usize, f: BatchFn<T>) -> Self {
+    pub fn new(store: Arc<dyn CellSource>, plan: EpochPlan, start: ReaderPosition, workers: usize, depth: usize, f: BatchFn<T>) -> Self {
+        Self::counted(store, plan, start, workers, depth, f, Arc::default())
+    }
+
+    /// `new`, adding what the reads cost to `stats`.
+    pub fn counted(store: Arc<dyn CellSource>, plan: EpochPlan, start: ReaderPosition, workers: usize, depth: usize, f: BatchFn<T>, stats: Arc<ReadStats>) -> Self {
         let workers = workers.max(1);
         let per = plan.batches_per_window.max(1);
         let mut windows: Vec<Vec<Vec<u32>>> = Vec::new();
@@ -212,14 +381,17 @@ impl<T: Send + 'static> BatchStream<T> {
         let mut handles = Vec::new();
         for work in assigned {
             let (tx, rx) = sync_channel(depth.max(1));
-            let (store, f) = (store.clone(), f.clone());
+            let (store, f, stats) = (store.clone(), f.clone(), stats.clone());
             handles.push(std::thread::spawn(move || {
                 for window in work {
                     let mut rows: Vec<u32> = window.iter().flatten().copied().collect();
                     rows.sort_unstable();
-                    let wanted: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
-                    let block = match store.read_cells(&wanted) {
-                        Ok(b) => b,
+                    let block = match store.read_sorted(&rows) {
+                        Ok((b, decoded)) => {
+                            stats.decoded.fetch_add(decoded, std::sync::atomic::Ordering::Relaxed);
+                            stats.wanted.fetch_add(rows.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                            b
+                        }
                         Err(e) => {
                             let _ = tx.send(Err(e));
                             return;
@@ -285,7 +457,7 @@ mod tests {
     }
 
     fn cfg(batch: usize) -> ShardConfig {
-        ShardConfig { batch_size: batch, seed: 7, window_blocks: 3 }
+        ShardConfig { batch_size: batch, seed: 7, window_blocks: 3, plan: ReadPlan::Global }
     }
 
     #[test]
@@ -338,6 +510,57 @@ mod tests {
         let p = ReaderPosition { epoch: 3, batch: 10 };
         assert_eq!(p.rescale(12, 24), ReaderPosition { epoch: 3, batch: 5 });
         assert_eq!(p.rescale(12, 5), ReaderPosition { epoch: 3, batch: 24 });
+    }
+
+    fn local(batch: usize) -> ShardConfig {
+        ShardConfig { plan: ReadPlan::Local, ..cfg(batch) }
+    }
+
+    #[test]
+    fn local_plans_are_disjoint_equal_and_read_their_own_blocks() {
+        let cells: Vec<u32> = (0..2000).collect();
+        for world in [1, 2, 4] {
+            let readers: Vec<ShardReader> = (0..world).map(|r| ShardReader::new(cells.clone(), by10, Rank::new(r, world).unwrap(), local(8)).unwrap()).collect();
+            let plans: Vec<EpochPlan> = readers.iter().map(|r| r.plan(5)).collect();
+            let n = readers[0].batches_per_epoch();
+            let mut seen = HashSet::new();
+            let mut blocks_read = 0;
+            for p in &plans {
+                assert_eq!(p.batches.len(), n, "world {world}: every rank runs the same number of steps");
+                let mine: HashSet<u64> = p.batches.iter().flatten().map(|&c| by10(c)).collect();
+                blocks_read += mine.len();
+                for c in p.batches.iter().flatten() {
+                    assert!(seen.insert(*c), "cell {c} twice");
+                }
+            }
+            // 200 blocks in all: each rank reads its own ~1/world of them (shares split at most
+            // one block per window between two ranks).
+            let windows = 2000usize.div_ceil(30 * world);
+            assert!(blocks_read <= 200 + windows * world, "world {world}: {blocks_read} block reads");
+            assert!(seen.len() >= 2000 - windows * world * 8, "world {world}: only {} cells", seen.len());
+            assert_eq!(readers[0].plan(5), plans[0], "deterministic for (seed, world)");
+            assert_ne!(readers[0].plan(6), plans[0], "reshuffled per epoch");
+        }
+    }
+
+    #[test]
+    fn weights_scale_each_store_exactly_and_vary_the_cells_between_epochs() {
+        // Cells 0..500 are store 0 (weight 0.5), 500..800 store 1 (weight 2).
+        let cells: Vec<u32> = (0..800).collect();
+        let group = |c: u32| u64::from(c >= 500);
+        let r = ShardReader::new(cells, by10, Rank::single(), local(10)).unwrap().weighted(group, |g| if g == 0 { 0.5 } else { 2.0 }).unwrap();
+        assert_eq!(r.epoch_len(), 250 + 600);
+        let count = |epoch: u64| {
+            let all: Vec<u32> = r.epoch_blocks(epoch).into_iter().flatten().copied().collect();
+            let from0: HashSet<u32> = all.iter().copied().filter(|&c| c < 500).collect();
+            (all.iter().filter(|&&c| c < 500).count(), all.iter().filter(|&&c| c >= 500).count(), from0)
+        };
+        let (a0, a1, first) = count(1);
+        let (b0, b1, second) = count(2);
+        assert_eq!((a0, a1, b0, b1), (250, 600, 250, 600));
+        assert_eq!(first.len(), 250, "a weight below 1 takes distinct cells");
+        assert_ne!(first, second, "a different half each epoch");
+        assert!(r.plan(1).batches.len() == r.batches_per_epoch());
     }
 
     #[test]

@@ -17,8 +17,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
-use crate::rng::{hash_keys, Purpose};
-use crate::store::Store;
+use crate::rng::Purpose;
+use crate::corpus::{sample_blocks, Corpus};
 
 /// Counts each cell is scaled to before `log1p`.
 pub const TARGET_SUM: f32 = 1e4;
@@ -78,21 +78,23 @@ pub enum BinningKind {
 }
 
 impl Tokenizer {
-    /// Builds a tokenizer; `gene-quantile` is fitted on (at most `max_fit_cells` of) `train_cells`.
-    pub fn fit(store: &Store, train_cells: &[u32], kind: BinningKind, n_bins: usize, max_fit_cells: usize, seed: u64) -> Result<Self> {
+    /// Builds a tokenizer over the corpus vocabulary; `gene-quantile` edges and `rank-value`
+    /// medians are fitted per gene on (a whole-chunk sample of at most `max_fit_cells` of)
+    /// `train_cells`, over the cells whose store measures the gene.
+    pub fn fit(corpus: &Corpus, train_cells: &[u32], kind: BinningKind, n_bins: usize, max_fit_cells: usize, seed: u64) -> Result<Self> {
         if n_bins < 3 {
             return Err(DataError::Config(format!("tokenizer.n_bins = {n_bins}: need at least 3 (zero + two expression bins)")));
         }
-        let genes = store.var_names()?;
+        let genes = corpus.vocabulary.clone();
         let binning = match kind {
             BinningKind::CellQuantile => Binning::CellQuantile,
             BinningKind::GeneQuantile => {
-                let (values, fit_cells) = nonzero_values(store, train_cells, genes.len(), max_fit_cells, seed)?;
+                let (values, fit_cells) = nonzero_values(corpus, train_cells, genes.len(), max_fit_cells, seed)?;
                 let edges = values.into_iter().map(|mut v| quantile_edges(&mut v, n_bins)).collect();
                 Binning::GeneQuantile { edges, fit_cells }
             }
             BinningKind::RankValue => {
-                let (values, fit_cells) = nonzero_values(store, train_cells, genes.len(), max_fit_cells, seed)?;
+                let (values, fit_cells) = nonzero_values(corpus, train_cells, genes.len(), max_fit_cells, seed)?;
                 // Medians of CP10k (NumPy's interpolation): the ranking divides normalized
                 // counts by them, as Geneformer does.
                 let medians = values
@@ -183,23 +185,6 @@ impl Tokenizer {
         }
     }
 
-    /// Refuses a store whose genes differ from the tokenizer's (order included).
-    pub fn check_genes(&self, store_genes: &[String], store: &Path) -> Result<()> {
-        if store_genes == self.genes.as_slice() {
-            return Ok(());
-        }
-        let first_diff = self.genes.iter().zip(store_genes).position(|(a, b)| a != b);
-        Err(DataError::input(
-            store,
-            format!(
-                "gene panel differs from the tokenizer's ({} vs {} genes{}); convert the data with the run's gene list (--genes list:FILE)",
-                store_genes.len(),
-                self.genes.len(),
-                first_diff.map(|i| format!(", first difference at position {i}: `{}` vs `{}`", store_genes[i], self.genes[i])).unwrap_or_default()
-            ),
-        ))
-    }
-
     /// Writes the tokenizer as JSON atomically (temp file, then rename).
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_vec(self).map_err(|e| DataError::Internal(e.to_string()))?;
@@ -215,20 +200,13 @@ impl Tokenizer {
     }
 }
 
-/// log1p(CP10k) values of the non-zero entries of (a deterministic sample of at most
-/// `max_cells` of) `cells`, per gene; and how many cells were read.
-fn nonzero_values(store: &Store, cells: &[u32], n_genes: usize, max_cells: usize, seed: u64) -> Result<(Vec<Vec<f32>>, usize)> {
-    // A deterministic sample: the cells with the smallest hash of (seed, row).
-    let mut sample: Vec<u32> = cells.to_vec();
-    if sample.len() > max_cells {
-        sample.sort_by_key(|&c| hash_keys(&[seed, Purpose::TokenizerSample as u64, c as u64]));
-        sample.truncate(max_cells);
-    }
-    sample.sort_unstable();
+/// log1p(CP10k) values of the non-zero entries of (a deterministic whole-chunk sample of at
+/// most `max_cells` of) `cells`, per gene; and how many cells were read.
+fn nonzero_values(corpus: &Corpus, cells: &[u32], n_genes: usize, max_cells: usize, seed: u64) -> Result<(Vec<Vec<f32>>, usize)> {
+    let sample = sample_blocks(cells, max_cells, |c| corpus.block_of(c), seed, Purpose::TokenizerSample);
     let mut values: Vec<Vec<f32>> = vec![Vec::new(); n_genes];
     for chunk in sample.chunks(4096) {
-        let rows: Vec<usize> = chunk.iter().map(|&c| c as usize).collect();
-        let block = store.read_cells(&rows)?;
+        let block = corpus.read_cells(chunk)?;
         let mut norm = Vec::new();
         for i in 0..block.n_rows() {
             let (idx, val) = block.row(i);

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use dataloader::corpus::Panels;
 use dataloader::mask::{Batcher, MaskedBatch, ViewConfig};
 use dataloader::shard::CellBatch;
 use dataloader::tokenize::Tokenizer;
@@ -120,7 +121,8 @@ impl TrainedModel {
         let _guard = tch::no_grad_guard();
         // Without masking, `nonzero-plus-zeros` draws its zero genes from the cell id alone, so
         // an embedding never depends on the batch or the run.
-        let batcher = Batcher::new(self.tokenizer.clone(), self.config.sequence, None, ViewConfig::SINGLE)?;
+        // Genes the data lacks are left out of its sequences: unknown is not "not expressed".
+        let batcher = Batcher::new(self.tokenizer.clone(), self.config.sequence, None, ViewConfig::SINGLE)?.with_panels(Arc::new(Panels::one(genes.present.clone())));
         let d = self.state.model.d_model;
         let dim = choice.pooling.dim(d);
         let mut out = Array2::<f32>::zeros((cells.len(), dim));
@@ -131,8 +133,7 @@ impl TrainedModel {
         for (b, chunk) in cells.chunks(batch_size.max(1)).enumerate() {
             let counts = genes.remap(&data.counts(chunk)?);
             let batch = CellBatch { cells: chunk.iter().map(|&c| c as u32).collect(), counts };
-            let mut tokens = batcher.build(&batch, 0);
-            pad_missing_genes(&mut tokens, genes, &self.tokenizer);
+            let tokens = batcher.build(&batch, 0);
             let dev = DeviceBatch::new(&tokens, self.device, self.tokenizer.gene_pad(), false)?;
             let v = &dev.views[0];
             let depth = self.state.model.depth_tokens.then_some(&v.depth);
@@ -214,44 +215,5 @@ impl GeneStates {
             m.slice_mut(ndarray::s![k, g, ..]).mapv_inplace(|v| if n > 0 { v / n as f32 } else { f32::NAN });
         }
         (m, self.count)
-    }
-}
-
-/// Model genes the data lacks become padding: unknown is not the same as "not expressed".
-pub fn pad_missing_genes(b: &mut MaskedBatch, genes: &GeneMap, tok: &Tokenizer) {
-    if genes.missing.is_empty() {
-        return;
-    }
-    let n_genes = tok.genes.len() as i64;
-    let v = &mut b.views[0];
-    for p in 0..v.gene_ids.len() {
-        let g = v.gene_ids[p];
-        if g < n_genes && !genes.present[g as usize] {
-            v.gene_ids[p] = tok.gene_pad();
-            v.input_bins[p] = tok.vocab.pad();
-            v.padding[p] = true;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use dataloader::mask::View;
-    use dataloader::tokenize::{Binning, Vocab};
-
-    /// Genes the data does not measure become padding, never a zero bin the model would read
-    /// as "not expressed".
-    #[test]
-    fn missing_genes_are_padding_not_zeros() {
-        let tok = Tokenizer { vocab: Vocab { n_bins: 5 }, genes: vec!["a".into(), "b".into(), "c".into()], binning: Binning::CellQuantile };
-        let genes = GeneMap::new(&["a".into(), "c".into()], &tok.genes, Path::new("x.h5ad")).unwrap();
-        let view = View { gene_ids: vec![3, 0, 1, 2], input_bins: vec![7, 2, 0, 1], targets: vec![-100; 4], padding: vec![false; 4], depth: vec![1.0] };
-        let mut b = MaskedBatch { batch_size: 1, seq_len: 4, views: vec![view], full_bins: vec![7, 2, 0, 1], depth: vec![1.0], cells: vec![0] };
-        pad_missing_genes(&mut b, &genes, &tok);
-        let v = b.first();
-        assert_eq!(v.gene_ids, vec![3, 0, tok.gene_pad(), 2]);
-        assert_eq!(v.input_bins, vec![7, 2, tok.vocab.pad(), 1]);
-        assert_eq!(v.padding, vec![false, false, true, false]);
     }
 }

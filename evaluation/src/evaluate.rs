@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use dataloader::genes::Overlap;
 use linfa::traits::Transformer;
 use ndarray::{Array2, ArrayView2, Axis};
 use serde::Serialize;
@@ -39,6 +40,13 @@ pub struct EvalConfig {
     /// Zarr store, or an .h5ad/.loom file (converted on the fly).
     #[arg(long)]
     pub data: PathBuf,
+    /// The `var` column holding the gene names to match with the model's (default: the var
+    /// names), e.g. `gene_symbol` for a model trained on symbols.
+    #[arg(long, value_name = "COL")]
+    pub gene_key: Option<String>,
+    /// Refuse data sharing fewer genes with the model than this share of the smaller panel.
+    #[arg(long, default_value_t = 0.5)]
+    pub min_gene_overlap: f64,
     /// obs column holding the labels.
     #[arg(long)]
     pub label_col: String,
@@ -147,6 +155,8 @@ pub struct DataInfo {
     pub cells: usize,
     pub genes_in_data: usize,
     pub model_genes_missing: usize,
+    /// The data's genes against the model's vocabulary (zero-shot use on another panel).
+    pub gene_overlap: Overlap,
     pub split: String,
     pub n_train: usize,
     pub n_test: usize,
@@ -216,7 +226,7 @@ fn evaluate_all(cfg: &EvalConfig) -> Result<EvalMetrics> {
         info!("class `{name}` dropped: {n} cells < --min-class-cells {}", cfg.min_class_cells);
     }
     let split = Split::new(&labels, &cfg.split, cfg.test_frac, &data.obs, cfg.seed, &data.path)?;
-    let genes = data.gene_map(&model.tokenizer.genes)?;
+    let genes = data.gene_map(&model.tokenizer.genes, model.config.data.gene_case, cfg.gene_key.as_deref(), cfg.min_gene_overlap)?;
     let batch_size = cfg.batch_size.unwrap_or_else(|| crate::embed::default_batch_size(device));
     info!("{} cells in {} classes; {} train / {} test", labels.cells.len(), labels.n_classes(), split.train.len(), split.test.len());
 
@@ -290,7 +300,8 @@ fn evaluate_all(cfg: &EvalConfig) -> Result<EvalMetrics> {
             dropped_classes: labels.dropped.clone(),
             cells: labels.cells.len(),
             genes_in_data: data.genes.len(),
-            model_genes_missing: genes.missing.len(),
+            model_genes_missing: genes.overlap.missing,
+            gene_overlap: genes.overlap.clone(),
             split: match &cfg.split {
                 SplitKind::Stratified => format!("stratified, test fraction {}", cfg.test_frac),
                 SplitKind::Group(c) => format!("by group `{c}`, test fraction {}", cfg.test_frac),
@@ -586,7 +597,7 @@ fn write_report(out: &Path, m: &EvalMetrics, figures: &[(String, String)]) -> Re
     b.push(Block::Heading("Data".into()));
     let classes: Vec<String> = m.data.classes.iter().zip(&m.data.class_counts).map(|(c, n)| format!("{c} ({n})")).collect();
     b.push(Block::Paragraph(format!(
-        "{}: {} cells, label column `{}`, {} classes: {}. Split {}: {} training / {} test cells. {} genes in the data; {} of the model's genes missing. Embeddings: {} pooling of layer {}, {} dimensions, {:.1} cells/s on {}.",
+        "{}: {} cells, label column `{}`, {} classes: {}. Split {}: {} training / {} test cells. {} genes in the data; gene overlap with the model: {}. Embeddings: {} pooling of layer {}, {} dimensions, {:.1} cells/s on {}.",
         m.data.path.display(),
         m.data.cells,
         m.data.label_col,
@@ -596,7 +607,7 @@ fn write_report(out: &Path, m: &EvalMetrics, figures: &[(String, String)]) -> Re
         m.data.n_train,
         m.data.n_test,
         m.data.genes_in_data,
-        m.data.model_genes_missing,
+        m.data.gene_overlap,
         m.embedding.pooling.name(),
         m.embedding.layer,
         m.embedding.dim,

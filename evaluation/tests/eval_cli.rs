@@ -125,6 +125,8 @@ fn an_h5ad_with_another_gene_panel_is_converted_padded_and_split_by_group() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m = metrics(&out);
     assert_eq!(m["data"]["model_genes_missing"], 20);
+    let o = &m["data"]["gene_overlap"];
+    assert_eq!((o["shared"].as_u64(), o["missing"].as_u64(), o["unknown"].as_u64(), o["share"].as_f64()), (Some(80), Some(20), Some(0), Some(1.0)));
     assert_eq!(m["data"]["classes"], serde_json::json!(["type_0+type_2", "type_1"]));
     assert_eq!(m["embedding"]["dim"], 48);
     assert!(m["data"]["split"].as_str().unwrap().contains("library"));
@@ -138,6 +140,35 @@ fn an_h5ad_with_another_gene_panel_is_converted_padded_and_split_by_group() {
     let (train_libs, test_libs) = (sides("train"), sides("test"));
     assert!(!train_libs.is_empty() && !test_libs.is_empty() && train_libs.is_disjoint(&test_libs), "{train_libs:?} / {test_libs:?}");
     assert!(!std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".neurofm-eval-")), "converted temp store left behind");
+}
+
+/// Zero-shot use on a third panel: genes 70..140 of a 140-gene generator against the model's
+/// 100 share 30 (43 % of the smaller panel): refused under the default minimum of 50 %, and
+/// with a lower minimum evaluated with the overlap in the log, `metrics.json` and the report.
+#[test]
+fn a_foreign_panel_reports_its_overlap_and_too_small_a_one_is_refused() {
+    let f = fixture();
+    let src = f.root.join("wider.h5ad");
+    synth::write(&SynthOptions::new(src.clone(), 240, 140, 3, 5)).expect("synth");
+    let list = f.root.join("wider-genes.txt");
+    std::fs::write(&list, (70..140).map(|g| format!("gene_{g}\n")).collect::<String>()).unwrap();
+    let store = f.root.join("wider.zarr");
+    convert(&src, &store, &ConvertOptions { genes: dataloader::select::GeneSelection::List(list), ..ConvertOptions::default() }).expect("convert");
+    let out = f.root.join("eval-wider");
+    let args = ["--run", s(&f.run), "--data", s(&store), "--label-col", "cell_type", "--out", s(&out), "--device", "cpu"];
+    let refused = eval(&args);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{err}");
+    assert!(err.contains("shares only 30 genes") && err.contains("--min-gene-overlap 0.5"), "{err}");
+    let o = eval(&[&args[..], &["--min-gene-overlap", "0.4"]].concat());
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("30 genes in common (43 % of the smaller panel), 70 vocabulary genes missing"), "{log}");
+    let m = metrics(&out);
+    let g = &m["data"]["gene_overlap"];
+    assert_eq!((g["shared"].as_u64(), g["missing"].as_u64(), g["unknown"].as_u64()), (Some(30), Some(70), Some(40)));
+    let report = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(report.contains("30 genes in common"), "the report states the overlap");
 }
 
 /// A gene the data does not measure is left out of the sequence (padding), which is not the

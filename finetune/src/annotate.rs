@@ -102,10 +102,9 @@ pub fn annotate(cfg: &AnnotateConfig) -> Result<AnnotateSummary> {
 
     let scratch = cfg.out.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let data = EvalData::open(&cfg.data, &scratch, cfg.allow_non_integer)?;
-    let genes = data.gene_map(&run.tokenizer.genes)?;
-    let n_model = run.tokenizer.genes.len();
-    let found = n_model - genes.missing.len();
-    info!("gene overlap: {found} of the model's {n_model} genes are in {} ({} data genes unknown to the model are ignored)", cfg.data.display(), genes.to_model.iter().filter(|g| g.is_none()).count());
+    // Annotation transfers labels to new data: any overlap is used, and reported.
+    let genes = data.gene_map(&run.tokenizer.genes, run.encoder_config.data.gene_case, None, 0.0)?;
+    let (n_model, found) = (run.tokenizer.genes.len(), genes.overlap.shared);
 
     let tokenizer = std::sync::Arc::new(run.tokenizer.clone());
     let batcher = Batcher::new(tokenizer.clone(), run.arch.sequence, None, ViewConfig::SINGLE)?;

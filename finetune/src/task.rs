@@ -9,10 +9,10 @@ use std::sync::Arc;
 use dataloader::frame::Frame;
 use dataloader::mask::{Batcher, MaskedBatch};
 use dataloader::rng::hash_keys;
-use dataloader::shard::{eval_plan, BatchFn, BatchStream, CellBatch, EpochPlan, Rank, ReaderPosition, ShardConfig, ShardReader};
+use dataloader::shard::{eval_plan, BatchFn, BatchStream, CellBatch, EpochPlan, Rank, ReadPlan, ReaderPosition, ShardConfig, ShardReader};
 use dataloader::store::Store;
-use evaluation::dataset::GeneMap;
-use evaluation::embed::pad_missing_genes;
+use dataloader::corpus::Panels;
+use dataloader::genes::{GeneCase, GeneMap};
 use evaluation::labels::{ClassSpec, Labels, Split, SplitKind};
 use tracing::{info, warn};
 
@@ -52,7 +52,7 @@ impl Task {
     /// Opens the store and decides every cell's part; `model_genes` is the pretrained
     /// tokenizer's gene order. Every input problem (column, classes, split, genes) is found here,
     /// before anything is written.
-    pub fn open(cfg: &TaskConfig, seed: u64, model_genes: &[String]) -> Result<Task> {
+    pub fn open(cfg: &TaskConfig, seed: u64, model_genes: &[String], case: GeneCase) -> Result<Task> {
         let path = cfg.data.as_path();
         if path.is_file() {
             return Err(FinetuneError::input(path, "is a file; --data takes a zarr store: convert it first with `neurofm-data convert FILE STORE.zarr`"));
@@ -70,15 +70,9 @@ impl Task {
         }
         let split = Split::new(&labels, &cfg.split_kind()?, cfg.test_frac, &obs, seed, path)?;
         let (fit, val) = carve_validation(&labels, &split.train, cfg.val_frac, seed, &obs, path)?;
-        let genes = GeneMap::new(&store.var_names()?, model_genes, path)?;
-        if !genes.missing.is_empty() {
-            warn!(
-                "{} of the model's {} genes are missing from {} and are left out of every cell, not read as zero (e.g. {})",
-                genes.missing.len(),
-                model_genes.len(),
-                path.display(),
-                genes.missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
-            );
+        let genes = GeneMap::new(&store.var_names()?, model_genes, case, path)?;
+        if genes.overlap.missing > 0 {
+            warn!("{}: gene overlap with the model: {}; absent genes are left out of every cell, not read as zero", path.display(), genes.overlap);
         }
         let mut class_of_row = vec![-1i64; store.n_cells()];
         for (&cell, &k) in labels.cells.iter().zip(&labels.y) {
@@ -113,11 +107,11 @@ impl Task {
     }
 
     /// The training shard of `rank`: the fit cells, reshuffled every epoch from the seed, cut
-    /// into global batches as pretraining's reader does (W ranks of batch B see one rank's
-    /// batches of W·B).
+    /// into global batches as pretraining's global read plan does (W ranks of batch B see one
+    /// rank's batches of W·B; labelled sets are small, so reading them on every rank is cheap).
     pub fn reader(&self, rank: Rank, batch_size: usize, seed: u64) -> Result<ShardReader> {
         let store = self.store.clone();
-        Ok(ShardReader::new(self.rows(&self.fit), move |c| store.chunk_of(c), rank, ShardConfig { batch_size, seed, window_blocks: 4 })?)
+        Ok(ShardReader::new(self.rows(&self.fit), move |c| store.chunk_of(c), rank, ShardConfig { batch_size, seed, window_blocks: 4, plan: ReadPlan::Global })?)
     }
 
     /// Batches of `plan` from `start`, read, tokenized and labelled by background workers;
@@ -144,10 +138,10 @@ pub fn class_weights(counts: &[usize], balance: Balance) -> Vec<f64> {
 /// The worker-side transform: counts onto the model's genes, tokens without masks (genes the
 /// data lacks become padding), and each cell's class.
 pub fn labelled_batches(batcher: Batcher, genes: GeneMap, class_of_row: Arc<Vec<i64>>, epoch: u64) -> BatchFn<LabelledBatch> {
+    let batcher = batcher.with_panels(Arc::new(Panels::one(genes.present.clone())));
     Arc::new(move |b: CellBatch| {
         let batch = CellBatch { counts: genes.remap(&b.counts), cells: b.cells };
-        let mut tokens = batcher.build(&batch, epoch);
-        pad_missing_genes(&mut tokens, &genes, &batcher.tokenizer);
+        let tokens = batcher.build(&batch, epoch);
         let y = tokens.cells.iter().map(|&c| class_of_row.get(c as usize).copied().unwrap_or(-1)).collect();
         Ok(LabelledBatch { tokens, y })
     })
@@ -189,7 +183,7 @@ mod tests {
     #[test]
     fn labelled_batches_pad_missing_genes_and_carry_classes() {
         let tok = Arc::new(Tokenizer { vocab: Vocab { n_bins: 5 }, genes: vec!["a".into(), "b".into(), "c".into()], binning: Binning::CellQuantile });
-        let genes = GeneMap::new(&["c".to_string(), "a".to_string()], &tok.genes, Path::new("d.zarr")).unwrap();
+        let genes = GeneMap::new(&["c".to_string(), "a".to_string()], &tok.genes, GeneCase::Exact, Path::new("d.zarr")).unwrap();
         let batcher = Batcher::new(tok.clone(), SequenceMode::FullPanel, None, ViewConfig::SINGLE).unwrap();
         let f = labelled_batches(batcher, genes, Arc::new(vec![2, -1]), 0);
         let mut counts = CsrRows::new();
@@ -198,10 +192,10 @@ mod tests {
         let b = f(CellBatch { cells: vec![0, 1], counts }).unwrap();
         assert_eq!(b.y, vec![2, -1]);
         let v = b.tokens.first();
-        // [CLS] a b c per cell; b (model gene 1) is missing from the data.
-        assert_eq!(v.gene_ids, vec![tok.gene_cls(), 0, tok.gene_pad(), 2, tok.gene_cls(), 0, tok.gene_pad(), 2]);
-        assert_eq!(v.padding, vec![false, false, true, false, false, false, true, false]);
-        assert!(v.input_bins[1] > 0 && v.input_bins[3] > 0, "a and c of cell 0 are expressed: {:?}", v.input_bins);
-        assert_eq!(v.input_bins[7], 0, "c of cell 1 is measured and zero");
+        // [CLS] a c, then padding, per cell: b (model gene 1) is missing from the data.
+        assert_eq!(v.gene_ids, vec![tok.gene_cls(), 0, 2, tok.gene_pad(), tok.gene_cls(), 0, 2, tok.gene_pad()]);
+        assert_eq!(v.padding, vec![false, false, false, true, false, false, false, true]);
+        assert!(v.input_bins[1] > 0 && v.input_bins[2] > 0, "a and c of cell 0 are expressed: {:?}", v.input_bins);
+        assert_eq!(v.input_bins[6], 0, "c of cell 1 is measured and zero");
     }
 }

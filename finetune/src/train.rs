@@ -66,7 +66,7 @@ impl Plan {
         let pretrained = Pretrained::open(&cfg.task.pretrained, &cfg.task.checkpoint)?;
         resolve_defaults(&mut cfg, &pretrained.config);
         let arch = Architecture::new(&cfg, &pretrained.config, &pretrained.state)?;
-        let task = Task::open(&cfg.task, cfg.seed, &pretrained.tokenizer.genes)?;
+        let task = Task::open(&cfg.task, cfg.seed, &pretrained.tokenizer.genes, pretrained.config.data.gene_case)?;
         let mut encoder_config = pretrained.config.clone();
         encoder_config.embedding = EmbeddingConfig { pooling: arch.choice.pooling, layer: arch.choice.layer as i64 };
         Ok(Plan { cfg, pretrained, arch, task, encoder_config })

@@ -14,7 +14,7 @@
 
 use dataloader::mask::{mask_counts, Batcher, MaskConfig, MaskedBatch, IGNORE, VALIDATION_EPOCH};
 use dataloader::shard::CellBatch;
-use dataloader::store::Store;
+use dataloader::corpus::Corpus;
 
 use crate::error::Result;
 
@@ -60,14 +60,13 @@ impl BaselineScore {
 impl BinFrequencies {
     /// Counts over `cells` (use training cells) with the run's sequences (`unmasked` builds them
     /// without masks) and masking settings.
-    pub fn fit(store: &Store, unmasked: &Batcher, mask: MaskConfig, cells: &[u32]) -> Result<BinFrequencies> {
+    pub fn fit(corpus: &Corpus, unmasked: &Batcher, mask: MaskConfig, cells: &[u32]) -> Result<BinFrequencies> {
         let tok = &unmasked.tokenizer;
         let ranked = tok.is_ranked().then_some(tok.vocab.n_bins);
         let (n_keys, n_bins) = if ranked.is_some() { (RANK_BUCKETS, tok.genes.len()) } else { (tok.genes.len(), tok.vocab.n_bins) };
         let mut per_gene = vec![0f64; n_keys * n_bins];
         for chunk in cells.chunks(1024) {
-            let rows: Vec<usize> = chunk.iter().map(|&c| c as usize).collect();
-            let b = unmasked.build(&CellBatch { cells: chunk.to_vec(), counts: store.read_cells(&rows)? }, VALIDATION_EPOCH);
+            let b = unmasked.build(&CellBatch { cells: chunk.to_vec(), counts: corpus.read_cells(chunk)? }, VALIDATION_EPOCH);
             let v = b.first();
             for i in 0..b.batch_size {
                 // Gene positions of this sequence: not [CLS] (position 0), not padding.

@@ -6,7 +6,11 @@
 
 use std::path::{Path, PathBuf};
 
+use dataloader::corpus::StoreSpec;
+use dataloader::genes::{GeneCase, VocabularySpec};
 use dataloader::mask::{SequenceMode, ViewConfig};
+use dataloader::shard::ReadPlan;
+use dataloader::split::SplitUnit;
 use dataloader::tokenize::BinningKind;
 use serde::{Deserialize, Serialize};
 
@@ -66,8 +70,18 @@ impl EmbeddingConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// The zarr store made by `neurofm-data convert` (or `--data`).
+    /// The zarr store made by `neurofm-data convert` (or `--data`); or list `stores`.
     pub store: PathBuf,
+    /// A corpus: several stores in one run (`[[data.stores]]` with `path`, optional
+    /// `gene_key` and `weight`; `--data` repeated).
+    pub stores: Vec<StoreSpec>,
+    /// The run's genes: `union` of the stores' genes, or `list:FILE`.
+    pub vocabulary: VocabularySpec,
+    /// `insensitive`: `Gad1` = `GAD1` (mouse and human symbols).
+    pub gene_case: GeneCase,
+    /// `local`: each rank reads its own ~1/world of the chunks (default); `global`: the
+    /// epoch order is independent of the world size, every rank reading every chunk.
+    pub read_plan: ReadPlan,
     /// Background threads that read, tokenize and mask batches.
     pub workers: usize,
     /// Batches each worker prepares ahead.
@@ -78,7 +92,28 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { store: PathBuf::new(), workers: 2, prefetch: 4, val_max_cells: 0 }
+        DataConfig {
+            store: PathBuf::new(),
+            stores: Vec::new(),
+            vocabulary: VocabularySpec::Union,
+            gene_case: GeneCase::Exact,
+            read_plan: ReadPlan::Local,
+            workers: 2,
+            prefetch: 4,
+            val_max_cells: 0,
+        }
+    }
+}
+
+impl DataConfig {
+    /// The run's stores: `stores`, or the one `store`; naming neither or both is an error.
+    pub fn store_specs(&self) -> Result<Vec<StoreSpec>> {
+        match (self.store.as_os_str().is_empty(), self.stores.is_empty()) {
+            (true, true) => Err(TrainError::Config("no data: pass --data STORE (repeatable; a store made by `neurofm-data convert`) or list [[data.stores]]".into())),
+            (false, false) => Err(TrainError::Config("data.store and data.stores are both set; list every store in data.stores".into())),
+            (false, true) => Ok(vec![StoreSpec::new(&self.store)]),
+            (true, false) => Ok(self.stores.clone()),
+        }
     }
 }
 
@@ -119,13 +154,15 @@ impl Default for MaskSection {
 #[serde(deny_unknown_fields, default)]
 pub struct SplitSection {
     pub val_fraction: f64,
-    /// Hold out whole groups of this obs column (e.g. `library_label`); empty: by cell.
+    /// Hold out whole groups of this obs column (e.g. `library_label`); empty: by `unit`.
     pub by: String,
+    /// `cell` (hashed names) or `block` (whole read blocks: for atlas-sized stores).
+    pub unit: SplitUnit,
 }
 
 impl Default for SplitSection {
     fn default() -> Self {
-        SplitSection { val_fraction: 0.2, by: String::new() }
+        SplitSection { val_fraction: 0.2, by: String::new(), unit: SplitUnit::Cell }
     }
 }
 

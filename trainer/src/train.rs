@@ -13,6 +13,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use dataloader::corpus::sample_blocks;
 use dataloader::mask::MaskedBatch;
 use dataloader::rng::{hash_keys, Purpose};
 use dataloader::shard::{BatchStream, Rank, ReaderPosition};
@@ -25,7 +26,7 @@ use crate::batch::DeviceBatch;
 use crate::checkpoint::{check_resume_compatible, read_state, Checkpoints, TrainState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::comm::Communicator;
 use crate::config::TrainConfig;
-use crate::data::{sample_cells, RunData};
+use crate::data::{CorpusRecord, RunData};
 use crate::ddp::Ddp;
 use crate::device::{classify_oom, describe, peak_flops, Peak};
 use crate::error::{Result, TrainError};
@@ -198,7 +199,10 @@ pub fn run(cfg: TrainConfig, run: &RunDir, opts: &RunOptions, comm: &dyn Communi
 }
 
 fn train_loop(cfg: TrainConfig, run: &RunDir, opts: &RunOptions, comm: &dyn Communicator) -> Result<RunSummary> {
+    let begun = Instant::now();
     let mut s = Session::start(cfg, run, opts, comm)?;
+    s.startup_s = begun.elapsed().as_secs_f64();
+    info!("start-up took {:.1} s (corpus, split, tokenizer, baselines, model)", s.startup_s);
     let started = Instant::now();
     let (mut window, mut overall) = (Window::default(), Window::default());
     let mut last_val = None;
@@ -294,6 +298,8 @@ struct Session<'c> {
     total_steps: u64,
     first_step: u64,
     run_path: PathBuf,
+    /// Seconds from the start to the first step (`throughput.json`).
+    startup_s: f64,
 }
 
 impl<'c> Session<'c> {
@@ -319,6 +325,18 @@ impl<'c> Session<'c> {
             let data = RunData::open(&cfg, rank, tokenizer)?;
             if resumed.is_none() || !own_tokenizer.exists() {
                 data.tokenizer.save(&own_tokenizer)?;
+            }
+            let record = CorpusRecord::of(&data.corpus);
+            let record_file = run.path.join("corpus.json");
+            match std::fs::read(&record_file) {
+                Ok(bytes) if resumed.is_some() => {
+                    let saved: CorpusRecord = serde_json::from_slice(&bytes).map_err(|e| TrainError::input(&record_file, format!("unreadable: {e}")))?;
+                    record.check_same(&saved, &record_file)?;
+                }
+                _ => {
+                    let json = serde_json::to_vec_pretty(&record).map_err(|e| TrainError::Internal(e.to_string()))?;
+                    dataloader::write_atomic(&record_file, &json)?;
+                }
             }
             dataloader::write_atomic(&run.path.join("config.toml"), cfg.to_toml()?.as_bytes())?;
             comm.barrier()?;
@@ -432,6 +450,7 @@ impl<'c> Session<'c> {
             total_steps,
             first_step,
             run_path: run.path.clone(),
+            startup_s: 0.0,
         })
     }
 
@@ -535,8 +554,25 @@ impl<'c> Session<'c> {
             bar.finish_and_clear();
         }
         let lead = self.rank.rank() == 0;
+        // Every rank's training reads and peak memory, gathered by a sum over rank slots.
+        let (r, world) = (self.rank.rank(), self.rank.world());
+        let mut per_rank = vec![0.0; 3 * world];
+        let reads = &self.data.train_reads;
+        per_rank[3 * r] = reads.decoded.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        per_rank[3 * r + 1] = reads.wanted.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        per_rank[3 * r + 2] = crate::logging::max_rss_mb().unwrap_or(0.0);
+        self.ddp.sum(&mut per_rank)?;
         if overall.steps > 0 && lead {
-            let summary = overall.summary(&self.peak, &self.ddp.take_cost(), self.rank.world(), self.trainer.device.is_cuda());
+            let mut summary = overall.summary(&self.peak, &self.ddp.take_cost(), world, self.trainer.device.is_cuda());
+            let amplification: Vec<f64> = per_rank.chunks(3).map(|x| x[0] / x[1].max(1.0)).collect();
+            summary["read_amplification"] = serde_json::json!({
+                "per_rank": amplification,
+                "max": amplification.iter().copied().fold(0.0, f64::max),
+                "read_plan": self.cfg.data.read_plan,
+                "note": "cells in the store chunks a rank decoded for training batches, over the cells those reads were for",
+            });
+            summary["startup_s"] = serde_json::json!(self.startup_s);
+            summary["max_rss_mb_per_rank"] = serde_json::json!(per_rank.chunks(3).map(|x| x[2]).collect::<Vec<f64>>());
             info!("throughput: {summary}");
             let json = serde_json::to_vec_pretty(&summary).map_err(|e| TrainError::Internal(e.to_string()))?;
             dataloader::write_atomic(&self.run_path.join("throughput.json"), &json)?;
@@ -554,8 +590,8 @@ impl<'c> Session<'c> {
 /// Perplexities of the two context-free predictors on this run's validation masks, summed
 /// over ranks: (per-gene table, global frequencies).
 fn context_free_baselines(cfg: &TrainConfig, data: &RunData, rank: Rank, ddp: &mut Ddp) -> Result<(f64, f64)> {
-    let fit_cells = sample_cells(&data.train_cells, cfg.tokenizer.max_fit_cells, cfg.seed, Purpose::BaselineSample);
-    let frequencies = BinFrequencies::fit(&data.store, &data.unmasked()?, data.mask, &fit_cells)?;
+    let fit_cells = sample_blocks(&data.train_cells, cfg.tokenizer.max_fit_cells, |c| data.corpus.block_of(c), cfg.seed, Purpose::BaselineSample);
+    let frequencies = BinFrequencies::fit(&data.corpus, &data.unmasked()?, data.mask, &fit_cells)?;
     let mut baseline = BaselineScore::default();
     for b in data.val_stream(rank) {
         baseline.add(frequencies.score(&b?));

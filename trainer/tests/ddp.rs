@@ -8,16 +8,18 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{synth_store, weights};
+use common::{panel_store, synth_store, weights};
 
 /// Dropout off, so one rank with batch 16 and two with batch 8 compute the same steps; two
 /// thinned views and the cell bottleneck (whose loss is averaged over the global number of
 /// gene positions, so it is exact across ranks; the contrastive term's negatives are per rank,
-/// so it is left out). 320 training cells in steps of 32: an epoch is 10 steps.
+/// so it is left out). 320 training cells in steps of 32: an epoch is 10 steps. The global
+/// read plan keeps the epoch order independent of the world size.
 const TINY: &str = r#"
 seed = 5
 [data]
 workers = 2
+read_plan = "global"
 [tokenizer]
 n_bins = 8
 [views]
@@ -74,10 +76,13 @@ fn have_mpirun() -> bool {
 
 fn train_args(run: &Path, extra: &[&str]) -> Vec<String> {
     let f = fixture();
-    let mut a: Vec<String> = ["--config", &f.config.display().to_string(), "--data", &f.store.display().to_string(), "--run-dir", &run.display().to_string(), "--device", "cpu", "--no-progress"]
+    let mut a: Vec<String> = ["--config", &f.config.display().to_string(), "--run-dir", &run.display().to_string(), "--device", "cpu", "--no-progress"]
         .iter()
         .map(|s| s.to_string())
         .collect();
+    if !extra.contains(&"--data") {
+        a.extend(["--data".to_string(), f.store.display().to_string()]);
+    }
     a.extend(extra.iter().map(|s| s.to_string()));
     a
 }
@@ -282,4 +287,37 @@ fn every_rank_stops_together_when_the_loss_diverges() {
     assert_eq!(out.status.code(), Some(3), "{err}");
     // Both ranks saw the same reduced loss and refused the same step.
     assert_eq!(err.matches("ERROR neurofm_train: the training loss became NaN at step 2").count(), 2, "{err}");
+}
+
+/// The default local read plan: each of W ranks decodes about 1/W of the store (read
+/// amplification ≤ 1.25 at 2 and 4 ranks, where the global plan's is ≈ W), and a run is
+/// reproducible for its (seed, world size).
+#[test]
+fn local_read_plans_decode_a_ranks_share_and_reproduce() {
+    if !have_mpirun() {
+        return;
+    }
+    let root = &fixture().root;
+    let store = panel_store(root, "small-chunks", 3000, 60, 0..60, 3, 1024).display().to_string();
+    let amplification = |run: &Path| -> f64 {
+        let t: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("throughput.json")).unwrap()).unwrap();
+        t["read_amplification"]["max"].as_f64().expect("read_amplification in throughput.json")
+    };
+    let local = ["--data", &store, "--set", "data.read_plan=\"local\"", "--set", "train.max_steps=6", "--set", "train.grad_accum=1", "--set", "split.val_fraction=0.02"];
+    for world in ["2", "4"] {
+        let run = root.join(format!("local-{world}"));
+        ok(&format!("{world} ranks, local"), &launch(&["--backend", "mpi", "--nproc-per-node", world], &run, &local, &[]));
+        let a = amplification(&run);
+        assert!(a <= 1.25, "{world} ranks: read amplification {a:.3}");
+        if world == "2" {
+            let again = root.join("local-2-again");
+            ok("2 ranks, local, again", &launch(&["--backend", "mpi", "--nproc-per-node", "2"], &again, &local, &[]));
+            assert_same_curve(&run, &again);
+            let global = root.join("global-2");
+            let mut g = local.to_vec();
+            g[3] = "data.read_plan=\"global\"";
+            ok("2 ranks, global", &launch(&["--backend", "mpi", "--nproc-per-node", "2"], &global, &g, &[]));
+            assert!(amplification(&global) > 1.6, "the global plan decodes every chunk on every rank: {}", amplification(&global));
+        }
+    }
 }

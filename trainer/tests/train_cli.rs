@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 mod common;
-use common::{synth_store, weights};
+use common::{panel_store, synth_store, weights};
 
 /// A tiny model that still exercises dropout, clipping, warmup, accumulation, thinned views
 /// and every objective. 320 training cells in steps of 32: an epoch is 10 steps.
@@ -138,6 +138,32 @@ fn stopping_and_resuming_reproduces_an_uninterrupted_run() {
     let cfg = std::fs::read_to_string(straight.join("config.toml")).unwrap();
     assert!(cfg.contains("grad_accum = 2") && cfg.contains("attention_dropout = 0.0"), "{cfg}");
     assert!(std::fs::read_to_string(straight.join("demo.tsv")).unwrap().lines().count() > 1);
+}
+
+/// Two stores with partly overlapping panels train as one corpus: the union vocabulary is the
+/// run's, each store's overlap is recorded, and the run resumes exactly.
+#[test]
+fn a_two_store_run_resumes_exactly_with_the_union_vocabulary() {
+    let root = &fixture().root;
+    let a = panel_store(root, "panel-a", 300, 60, 0..45, 21, 1 << 20).display().to_string();
+    let b = panel_store(root, "panel-b", 300, 60, 15..60, 22, 1 << 20).display().to_string();
+    let data = ["--data", a.as_str(), "--data", b.as_str(), "--set", "train.max_steps=10"];
+    let (straight, split) = (root.join("corpus-straight"), root.join("corpus-split"));
+    ok(&train(&straight, &data));
+    ok(&train(&split, &[&data[..], &["--stop-at-step", "5"]].concat()));
+    ok(&train(&split, &[&data[..], &["--resume", "auto"]].concat()));
+    assert_eq!(losses(&straight), losses(&split), "loss curves differ");
+    for ((na, ta), (_, tb)) in weights(&straight.join("checkpoints/last")).iter().zip(&weights(&split.join("checkpoints/last"))) {
+        assert!(ta.equal(tb), "final weights differ in {na}");
+    }
+    let tok: serde_json::Value = serde_json::from_slice(&std::fs::read(straight.join("tokenizer.json")).unwrap()).unwrap();
+    let genes: Vec<String> = serde_json::from_value(tok["genes"].clone()).unwrap();
+    assert_eq!(genes, (0..60).map(|g| format!("gene_{g}")).collect::<Vec<_>>(), "a's genes, then b's new ones");
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(straight.join("corpus.json")).unwrap()).unwrap();
+    let missing: Vec<u64> = record["stores"].as_array().unwrap().iter().map(|s| s["overlap"]["missing"].as_u64().unwrap()).collect();
+    assert_eq!(missing, vec![15, 15]);
+    // Resuming on one of the two stores is refused.
+    fails_with(&train(&split, &["--data", a.as_str(), "--resume", "auto", "--set", "train.max_steps=12"]), 2, "this resume passes 1");
 }
 
 #[test]

@@ -73,6 +73,13 @@ struct ConvertArgs {
     /// fastest, blosc-zstd gives the smallest store.
     #[arg(long, value_enum, default_value = "blosc-lz4")]
     codec: dataloader::store::write::MatrixCodec,
+    /// Make this `var` column the store's gene names (e.g. `gene_symbol` where the names are
+    /// Ensembl ids), as scanpy users do with `adata.var_names = adata.var[COL]`.
+    #[arg(long, value_name = "COL")]
+    var_names: Option<String>,
+    /// Stored values per decoded chunk (power of two ≥ 1024; default 1048576).
+    #[arg(long, default_value_t = dataloader::store::write::INNER_CHUNK)]
+    chunk_entries: u64,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -117,6 +124,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 force: a.force,
                 zstd_level: a.zstd_level,
                 matrix_codec: a.codec,
+                chunk_entries: a.chunk_entries,
+                var_names: a.var_names,
                 progress: !cli.quiet,
                 ..ConvertOptions::default()
             };

@@ -63,6 +63,8 @@ pub struct Store {
     data: Array<FilesystemStore>,
     indices: Array<FilesystemStore>,
     n_genes: usize,
+    /// Entries per inner chunk of `X/data`: the unit one read decodes.
+    chunk_entries: u64,
     pub provenance: Provenance,
 }
 
@@ -96,8 +98,10 @@ impl Store {
             data: Array::open(storage.clone(), "/X/data").map_err(|e| DataError::zarr(path, "X/data", e))?,
             indices: Array::open(storage.clone(), "/X/indices").map_err(|e| DataError::zarr(path, "X/indices", e))?,
             n_genes: 0,
+            chunk_entries: write::INNER_CHUNK,
             provenance,
         };
+        store.chunk_entries = store.inner_chunk_entries("X/data")?;
         let shape = store.attributes("X")?.get("shape").cloned().unwrap_or(Value::Null);
         let shape: Vec<usize> = serde_json::from_value(shape).map_err(|_| DataError::field(path, "X.attrs['shape']", "missing"))?;
         store.n_genes = shape.get(1).copied().unwrap_or(0);
@@ -123,7 +127,12 @@ impl Store {
     /// Index of the inner chunk of `X/data` holding the cell's first entry: cells with the same
     /// index are read with one decode, so the shard reader shuffles them as one block.
     pub fn chunk_of(&self, cell: u32) -> u64 {
-        self.indptr[cell as usize] / write::INNER_CHUNK
+        self.indptr[cell as usize] / self.chunk_entries
+    }
+
+    /// Entries per decoded chunk of the matrix.
+    pub fn chunk_entries(&self) -> u64 {
+        self.chunk_entries
     }
 
     /// Non-zeros of `rows`, for sizing reads.
@@ -144,27 +153,84 @@ impl Store {
         Ok(out)
     }
 
-    /// Reads the given cells (sorted ascending), in that order. Reads the whole span when the
-    /// cells are dense in it, else one read per run of consecutive cells.
+    /// Cells overlapping the chunks that hold entries `lo..hi`: what decoding them yields (a
+    /// cell straddling two chunks counts in both).
+    fn cells_decoded(&self, lo: u64, hi: u64) -> u64 {
+        if hi <= lo {
+            return 0;
+        }
+        let c = self.chunk_entries;
+        let (start, end) = (lo / c * c, (hi - 1) / c * c + c);
+        // Cells whose entries intersect [start, end): first cell ending after start, first starting at or after end.
+        let first = self.indptr.partition_point(|&p| p <= start).saturating_sub(1);
+        let last = self.indptr.partition_point(|&p| p < end).min(self.n_cells());
+        last.saturating_sub(first) as u64
+    }
+
+    /// Reads the given cells (sorted ascending), in that order. Cells sharing a chunk are read
+    /// in one span, so every chunk is decoded once per call however sparse the sample.
     pub fn read_cells(&self, rows: &[usize]) -> Result<CsrRows> {
-        let (Some(&first), Some(&last)) = (rows.first(), rows.last()) else { return Ok(CsrRows::new()) };
+        Ok(self.read_cells_costed(rows)?.0)
+    }
+
+    /// `read_cells`, and the cells in the chunks it decoded (its cost, against `rows.len()`).
+    pub fn read_cells_costed(&self, rows: &[usize]) -> Result<(CsrRows, u64)> {
         let wanted: u64 = rows.iter().map(|&r| self.entries_in(r..r + 1)).sum();
-        let span = self.entries_in(first..last + 1);
         let mut out = CsrRows::with_capacity(rows.len(), wanted as usize);
-        if span <= 2 * wanted + write::INNER_CHUNK {
+        let decoded = self.read_cost(rows);
+        for span in self.chunk_spans(rows) {
+            let (first, last) = (rows[span.start], rows[span.end - 1]);
             let block = self.read_rows(first..last + 1)?;
-            for &r in rows {
+            for &r in &rows[span] {
                 out.push_row_from(&block, r - first);
             }
-        } else {
-            for run in crate::source::contiguous_runs(rows) {
-                let block = self.read_rows(run)?;
-                for i in 0..block.n_rows() {
-                    out.push_row_from(&block, i);
+        }
+        Ok((out, decoded))
+    }
+
+    /// The cells in the chunks `read_cells(rows)` decodes, without reading (for read plans).
+    pub fn read_cost(&self, rows: &[usize]) -> u64 {
+        self.chunk_spans(rows).into_iter().map(|s| self.cells_decoded(self.indptr[rows[s.start]], self.indptr[rows[s.end - 1] + 1])).sum()
+    }
+
+    /// Groups sorted `rows` into spans in which each cell starts in a chunk the span already
+    /// needs, so reading a span's whole row range decodes only chunks some wanted cell needs.
+    /// A span stops at `MAX_SPAN_CHUNKS` chunks to bound memory (its last chunk may then be
+    /// decoded again by the next span); a training read block (`corpus::CHUNKS_PER_BLOCK`
+    /// chunks and the one its last cell runs into) fits in one span.
+    fn chunk_spans(&self, rows: &[usize]) -> Vec<Range<usize>> {
+        const MAX_SPAN_CHUNKS: u64 = 24;
+        let c = self.chunk_entries;
+        let mut spans: Vec<Range<usize>> = Vec::new();
+        let (mut span_first, mut span_last) = (0u64, 0u64);
+        for (i, &r) in rows.iter().enumerate() {
+            let (lo, hi) = (self.indptr[r], self.indptr[r + 1]);
+            let (first, last) = (lo / c, hi.saturating_sub(1).max(lo) / c);
+            match spans.last_mut() {
+                Some(s) if first <= span_last && last < span_first + MAX_SPAN_CHUNKS => {
+                    s.end = i + 1;
+                    span_last = span_last.max(last);
+                }
+                _ => {
+                    spans.push(i..i + 1);
+                    (span_first, span_last) = (first, last);
                 }
             }
         }
-        Ok(out)
+        spans
+    }
+
+    /// Inner chunk length of a sharded 1-D array (its chunk length when unsharded).
+    fn inner_chunk_entries(&self, p: &str) -> Result<u64> {
+        let meta = self.node_json(p)?;
+        let outer = meta.pointer("/chunk_grid/configuration/chunk_shape/0").and_then(Value::as_u64);
+        let inner = meta
+            .get("codecs")
+            .and_then(Value::as_array)
+            .and_then(|codecs| codecs.iter().find(|c| c.get("name").and_then(Value::as_str) == Some("sharding_indexed")))
+            .and_then(|c| c.pointer("/configuration/chunk_shape/0"))
+            .and_then(Value::as_u64);
+        inner.or(outer).filter(|&n| n > 0).ok_or_else(|| DataError::field(&self.path, p, "zarr.json has no chunk shape"))
     }
 
     /// Cell names in store order.

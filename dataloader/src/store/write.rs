@@ -72,6 +72,8 @@ pub struct StoreWriter {
     storage: Arc<FilesystemStore>,
     zstd_level: i32,
     matrix_codec: MatrixCodec,
+    /// Entries per inner chunk of the matrix (the reader's decode unit).
+    chunk_entries: u64,
 }
 
 impl StoreWriter {
@@ -79,9 +81,15 @@ impl StoreWriter {
     pub fn create(root: &Path, zstd_level: i32, matrix_codec: MatrixCodec) -> Result<Self> {
         std::fs::create_dir_all(root).map_err(|e| DataError::io(root, e))?;
         let storage = Arc::new(FilesystemStore::new(root).map_err(|e| DataError::zarr(root, "/", e))?);
-        let w = StoreWriter { root: root.to_path_buf(), storage, zstd_level, matrix_codec };
+        let w = StoreWriter { root: root.to_path_buf(), storage, zstd_level, matrix_codec, chunk_entries: INNER_CHUNK };
         w.group("/", json!({"encoding-type": "anndata", "encoding-version": "0.1.0"}))?;
         Ok(w)
+    }
+
+    /// Sets the matrix's inner chunk length (default `INNER_CHUNK`).
+    pub fn with_chunk_entries(mut self, n: u64) -> Self {
+        self.chunk_entries = n;
+        self
     }
 
     /// Writes a group with the given attributes.
@@ -169,12 +177,12 @@ impl StoreWriter {
 
     /// Starts a streamed CSR matrix group at `path` (e.g. `X`).
     pub fn csr(&self, path: &str) -> Result<CsrWriter> {
-        let shard = INNER_CHUNK * CHUNKS_PER_SHARD;
+        let shard = self.chunk_entries * CHUNKS_PER_SHARD;
         let make = |name: &str, dt: DataType, fill: zarrs::array::builder::ArrayBuilderFillValue| -> Result<Array<FilesystemStore>> {
             let p = format!("{path}/{name}");
             let mut b = self.builder(u64::MAX / 2, shard, dt, fill);
             b.bytes_to_bytes_codecs(vec![self.matrix_codec.codec(self.zstd_level)?]);
-            b.subchunk_shape(vec![INNER_CHUNK]);
+            b.subchunk_shape(vec![self.chunk_entries]);
             b.build(self.storage.clone(), &node(&p)).map_err(|e| DataError::zarr(&self.root, &p, e))
         };
         let (data, indices) = (make("data", data_type::float32(), 0.0f32.into())?, make("indices", data_type::int32(), 0i32.into())?);

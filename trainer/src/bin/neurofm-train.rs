@@ -21,9 +21,10 @@ struct Args {
     /// TOML config (configs/debug-cpu.toml, configs/seed-hello.toml, ...).
     #[arg(long, required_unless_present = "preflight")]
     config: Option<PathBuf>,
-    /// Zarr store from `neurofm-data convert` (overrides data.store).
+    /// Zarr store from `neurofm-data convert` (overrides data.store); repeat it to train on a
+    /// corpus of several stores (overrides data.stores; see the README's corpus section).
     #[arg(long)]
-    data: Option<PathBuf>,
+    data: Vec<PathBuf>,
     /// Run directory (default: runs/<config name>).
     #[arg(long)]
     run_dir: Option<PathBuf>,
@@ -124,8 +125,13 @@ fn preflight(env: &DistEnv, device: tch::Device, backend: Backend) -> Result<(),
 
 fn train_in_group(args: &Args, comm: &dyn Communicator, device: tch::Device) -> Result<(), TrainError> {
     let mut overrides = args.overrides.clone();
-    if let Some(data) = &args.data {
-        overrides.push(format!("data.store={}", toml_string(&data.to_string_lossy())));
+    match args.data.as_slice() {
+        [] => {}
+        [one] => overrides.push(format!("data.store={}", toml_string(&one.to_string_lossy()))),
+        many => {
+            let list: Vec<String> = many.iter().map(|p| format!("{{path = {}}}", toml_string(&p.to_string_lossy()))).collect();
+            overrides.push(format!("data.stores=[{}]", list.join(", ")));
+        }
     }
     let config = args.config.as_deref().ok_or_else(|| TrainError::Config("--config FILE is required (configs/ has presets)".into()))?;
     let cfg = TrainConfig::load(config, &overrides)?;
