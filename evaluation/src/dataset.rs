@@ -63,7 +63,13 @@ impl EvalData {
         if o.share < min_share {
             return Err(EvalError::input(
                 &self.path,
-                format!("shares only {} genes with the model ({:.0} % of the smaller panel, under --min-gene-overlap {min_share}); {o}. Match gene identifiers (--gene-key COL, or a run trained with data.gene_case = \"insensitive\"), or lower --min-gene-overlap", o.shared, 100.0 * o.share),
+                format!(
+                    "shares only {} genes with the model ({:.0} % of the smaller panel, under --min-gene-overlap {min_share}; {} of its genes are unknown to the model, e.g. {}). Match gene identifiers (--gene-key COL, or a run trained with data.gene_case = \"insensitive\"), or lower --min-gene-overlap",
+                    o.shared,
+                    100.0 * o.share,
+                    o.unknown,
+                    o.examples_unknown.join(", ")
+                ),
             ));
         }
         if o.missing > 0 {
