@@ -70,16 +70,14 @@ pub const CHUNKS_PER_BLOCK: u64 = 16;
 impl Corpus {
     /// Opens `specs` and builds their vocabulary.
     pub fn open(specs: &[StoreSpec], vocabulary: &VocabularySpec, case: GeneCase) -> Result<Corpus> {
-        let stores = open_stores(specs)?;
-        let panels = stores.iter().zip(specs).map(|(s, spec)| store_genes(s, spec.gene_key.as_deref())).collect::<Result<Vec<_>>>()?;
+        let (stores, panels) = open_stores(specs)?;
         let vocab = build_vocabulary(vocabulary, &panels, case)?;
         Corpus::assemble(specs, stores, panels, vocab, case)
     }
 
     /// Opens `specs` against a fixed vocabulary (a resumed run's, or a model's).
     pub fn with_vocabulary(specs: &[StoreSpec], vocab: Vec<String>, case: GeneCase) -> Result<Corpus> {
-        let stores = open_stores(specs)?;
-        let panels = stores.iter().zip(specs).map(|(s, spec)| store_genes(s, spec.gene_key.as_deref())).collect::<Result<Vec<_>>>()?;
+        let (stores, panels) = open_stores(specs)?;
         Corpus::assemble(specs, stores, panels, vocab, case)
     }
 
@@ -143,27 +141,14 @@ impl Corpus {
 
     /// The cells in the chunks `read_cells(cells)` decodes, without reading.
     pub fn read_cost(&self, cells: &[u32]) -> u64 {
-        let mut cost = 0;
-        let mut at = 0;
-        while at < cells.len() {
-            let (m, _) = self.locate(cells[at]);
-            let end = at + cells[at..].partition_point(|&c| c < self.starts[m + 1]);
-            let rows: Vec<usize> = cells[at..end].iter().map(|&c| (c - self.starts[m]) as usize).collect();
-            cost += self.members[m].store.read_cost(&rows);
-            at = end;
-        }
-        cost
+        self.by_member(cells).map(|(m, rows)| self.members[m].store.read_cost(&rows)).sum()
     }
 
     /// `read_cells`, and the cells in the chunks it decoded.
     pub fn read_cells_costed(&self, cells: &[u32]) -> Result<(CsrRows, u64)> {
         let mut out: Option<CsrRows> = None;
         let mut decoded = 0;
-        let mut at = 0;
-        while at < cells.len() {
-            let (m, _) = self.locate(cells[at]);
-            let end = at + cells[at..].partition_point(|&c| c < self.starts[m + 1]);
-            let rows: Vec<usize> = cells[at..end].iter().map(|&c| (c - self.starts[m]) as usize).collect();
+        for (m, rows) in self.by_member(cells) {
             let member = &self.members[m];
             let (mut block, cost) = member.store.read_cells_costed(&rows)?;
             decoded += cost;
@@ -172,15 +157,23 @@ impl Corpus {
             }
             match out.as_mut() {
                 None => out = Some(block),
-                Some(o) => {
-                    for i in 0..block.n_rows() {
-                        o.push_row_from(&block, i);
-                    }
-                }
+                Some(o) => (0..block.n_rows()).for_each(|i| o.push_row_from(&block, i)),
             }
-            at = end;
         }
         Ok((out.unwrap_or_default(), decoded))
+    }
+
+    /// Ascending corpus ids split into (member, its store rows) runs.
+    fn by_member<'a>(&'a self, cells: &'a [u32]) -> impl Iterator<Item = (usize, Vec<usize>)> + 'a {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let first = *cells.get(at)?;
+            let (m, _) = self.locate(first);
+            let end = at + cells[at..].partition_point(|&c| c < self.starts[m + 1]);
+            let rows = cells[at..end].iter().map(|&c| (c - self.starts[m]) as usize).collect();
+            at = end;
+            Some((m, rows))
+        })
     }
 
     /// Splits every member with `spec` (cells hashed by name within their store).
@@ -215,11 +208,14 @@ impl Corpus {
     }
 }
 
-fn open_stores(specs: &[StoreSpec]) -> Result<Vec<Store>> {
+/// The stores of `specs` and each one's gene names (under its `gene_key`).
+fn open_stores(specs: &[StoreSpec]) -> Result<(Vec<Store>, Vec<Vec<String>>)> {
     if specs.is_empty() {
         return Err(DataError::Config("no data: pass --data STORE (repeatable) or list [[data.stores]] in the config".into()));
     }
-    specs.iter().map(|s| Store::open(&s.path)).collect()
+    let stores = specs.iter().map(|s| Store::open(&s.path)).collect::<Result<Vec<_>>>()?;
+    let panels = stores.iter().zip(specs).map(|(s, spec)| store_genes(s, spec.gene_key.as_deref())).collect::<Result<Vec<_>>>()?;
+    Ok((stores, panels))
 }
 
 /// Which vocabulary genes the store of each cell measures (`None`: all of them).
