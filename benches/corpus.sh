@@ -63,25 +63,20 @@ evaluate() {
     "$bin/neurofm-eval" --run "$dir/$run" --data "$dir/data/$n.zarr" --label-col "$label" "${gk[@]}" --min-gene-overlap "${MIN_OVERLAP:-0.2}" --out "$out" > "$out.log" 2>&1 \
       || { tail -5 "$out.log"; return 0; }
     python3 - "$out/metrics.json" "$run" "$n" "$tsv" <<'EOF'
-import json, os, sys
+import json, sys
+sys.path.insert(0, "benches")
+from eval_rows import append, rep
 path, run, data, tsv = sys.argv[1:5]
 m = json.load(open(path))
-def rep(prefix):
-    return next(r for r in m["representations"] if r["name"].startswith(prefix))
 o = m["data"]["gene_overlap"]
 cols = ["model", "data", "genes_shared", "overlap_share", "model_bacc", "model_ari", "untrained_bacc", "pca_bacc", "pca_ari"]
 row = [run, data, str(o["shared"]), f'{o["share"]:.2f}']
 for prefix in ["neurofm", "untrained"]:
-    r = rep(prefix)
+    r = rep(m, prefix)
     row += [f'{r["probe"]["balanced_accuracy"]:.3f}'] + ([f'{r["cluster_ari"]:.3f}'] if prefix == "neurofm" else [])
-p = rep("expression PCA")
+p = rep(m, "expression PCA")
 row += [f'{p["probe"]["balanced_accuracy"]:.3f}', f'{p["cluster_ari"]:.3f}']
-new = not os.path.exists(tsv)
-with open(tsv, "a") as f:
-    if new:
-        f.write("\t".join(cols) + "\n")
-    f.write("\t".join(row) + "\n")
-print("\t".join(f"{c}={v}" for c, v in zip(cols, row)))
+append(tsv, cols, row)
 EOF
   done
 }

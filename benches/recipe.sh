@@ -27,23 +27,17 @@ train_s=$(python3 -c "import time; print(f'{time.time() - $start:.0f}')")
 "$bin/neurofm-eval" --run "$dir/run" --data "$store" --label-col "$label" --out "$dir/eval" "${eval_args[@]}" > "$dir/eval.out" 2>&1 \
   || { tail -20 "$dir/eval.out"; exit 1; }
 python3 - "$dir/eval/metrics.json" "$name" "$train_s" "$tsv" "${eval_args[*]:-stratified}" "${train_args[*]:-}" <<'EOF'
-import json, os, sys
+import json, sys
+sys.path.insert(0, "benches")
+from eval_rows import append, rep
 path, name, train_s, tsv, split, overrides = sys.argv[1:7]
 m = json.load(open(path))
-reps = m["representations"]
-def pick(prefix):
-    return next(r for r in reps if r["name"].startswith(prefix))
 cols = ["recipe", "split", "train_s", "val_ppl", "per_gene_ppl"]
 row = [name, split, train_s, f'{m["run"]["final_val_perplexity"] or float("nan"):.3f}', f'{m["run"]["per_gene_baseline_perplexity"] or float("nan"):.3f}']
 for label, prefix in [("model", "neurofm"), ("untrained", "untrained"), ("pca", "expression PCA"), ("qc", "QC")]:
-    r = pick(prefix)
+    r = rep(m, prefix)
     cols += [f"{label}_bacc", f"{label}_ari", f"{label}_depth_r2"]
     row += [f'{r["probe"]["balanced_accuracy"]:.3f}', f'{r["cluster_ari"]:.3f}', f'{r["depth_r2"]["log_total_counts"]:.2f}']
 cols.append("overrides"); row.append(overrides)
-new = not os.path.exists(tsv)
-with open(tsv, "a") as f:
-    if new:
-        f.write("\t".join(cols) + "\n")
-    f.write("\t".join(row) + "\n")
-print("\t".join(f"{c}={v}" for c, v in zip(cols, row)))
+append(tsv, cols, row)
 EOF

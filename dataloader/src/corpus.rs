@@ -234,9 +234,6 @@ impl Panels {
 
     /// The measured genes of `cell`'s store; `None` when it measures every vocabulary gene.
     pub fn measured(&self, cell: u32) -> Option<&[bool]> {
-        if self.measured.iter().all(Option::is_none) {
-            return None;
-        }
         let m = self.starts.partition_point(|&s| s <= cell).saturating_sub(1);
         self.measured.get(m)?.as_deref().map(Vec::as_slice)
     }

@@ -177,8 +177,9 @@ impl Store {
     pub fn read_cells_costed(&self, rows: &[usize]) -> Result<(CsrRows, u64)> {
         let wanted: u64 = rows.iter().map(|&r| self.entries_in(r..r + 1)).sum();
         let mut out = CsrRows::with_capacity(rows.len(), wanted as usize);
-        let decoded = self.read_cost(rows);
+        let mut decoded = 0;
         for span in self.chunk_spans(rows) {
+            decoded += self.span_cost(rows, &span);
             let (first, last) = (rows[span.start], rows[span.end - 1]);
             let block = self.read_rows(first..last + 1)?;
             for &r in &rows[span] {
@@ -190,7 +191,12 @@ impl Store {
 
     /// The cells in the chunks `read_cells(rows)` decodes, without reading (for read plans).
     pub fn read_cost(&self, rows: &[usize]) -> u64 {
-        self.chunk_spans(rows).into_iter().map(|s| self.cells_decoded(self.indptr[rows[s.start]], self.indptr[rows[s.end - 1] + 1])).sum()
+        self.chunk_spans(rows).iter().map(|s| self.span_cost(rows, s)).sum()
+    }
+
+    /// The cells in the chunks one span of `chunk_spans(rows)` decodes.
+    fn span_cost(&self, rows: &[usize], span: &Range<usize>) -> u64 {
+        self.cells_decoded(self.indptr[rows[span.start]], self.indptr[rows[span.end - 1] + 1])
     }
 
     /// Groups sorted `rows` into spans in which each cell starts in a chunk the span already
