@@ -310,9 +310,12 @@ pub fn choose_genes(sel: &GeneSelection, var: &Frame, scan: Option<&GeneScan>, p
 }
 
 /// Normalized dispersion per gene, scanpy's `flavor="seurat"` (Satija et al. 2015): mean and
-/// variance of CP10k values, dispersion = var/mean, log dispersion z-scored within 20 bins of
-/// log1p(mean). Genes never detected score −∞.
+/// variance (ddof 1) of CP10k values, dispersion = var/mean, log dispersion z-scored within 20
+/// equal-width bins of log1p(mean). As in scanpy, the bins span every gene's mean (undetected
+/// genes included, so they widen the lowest bin), are right-closed like `pandas.cut`, and a
+/// gene whose dispersion is undefined (never detected, or constant) scores −∞.
 pub fn seurat_dispersion(scan: &GeneScan) -> Vec<f64> {
+    const BINS: usize = 20;
     let n = scan.n_cells.max(2) as f64;
     let g = scan.sum.len();
     let mut mean_log = vec![0.0; g];
@@ -320,19 +323,16 @@ pub fn seurat_dispersion(scan: &GeneScan) -> Vec<f64> {
     for i in 0..g {
         let mean = scan.sum[i] / n;
         let var = ((scan.sum_sq[i] - n * mean * mean) / (n - 1.0)).max(0.0);
-        mean_log[i] = (1.0 + mean).ln();
+        mean_log[i] = mean.ln_1p();
         if mean > 0.0 && var > 0.0 {
             disp_log[i] = (var / mean).ln();
         }
     }
-    let finite: Vec<f64> = mean_log.iter().zip(&disp_log).filter(|(_, d)| d.is_finite()).map(|(m, _)| *m).collect();
-    let (lo, hi) = finite.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &m| (a.min(m), b.max(m)));
-    let width = ((hi - lo) / 20.0).max(f64::MIN_POSITIVE);
-    let bin_of = |m: f64| (((m - lo) / width) as usize).min(19);
-    let mut acc = [(0.0f64, 0.0f64, 0usize); 20];
+    let bin_of = mean_bins(&mean_log, BINS);
+    let mut acc = [(0.0f64, 0.0f64, 0usize); BINS];
     for i in 0..g {
         if disp_log[i].is_finite() {
-            let b = &mut acc[bin_of(mean_log[i])];
+            let b = &mut acc[bin_of[i]];
             b.0 += disp_log[i];
             b.1 += disp_log[i] * disp_log[i];
             b.2 += 1;
@@ -343,13 +343,32 @@ pub fn seurat_dispersion(scan: &GeneScan) -> Vec<f64> {
             if !disp_log[i].is_finite() {
                 return f64::NEG_INFINITY;
             }
-            let (s, ss, c) = acc[bin_of(mean_log[i])];
+            let (s, ss, c) = acc[bin_of[i]];
+            if c == 1 {
+                // Alone in its bin (sd undefined): scanpy sets normalized dispersion 1.
+                return 1.0;
+            }
             let mu = s / c as f64;
-            let sd = if c > 1 { ((ss - c as f64 * mu * mu) / (c as f64 - 1.0)).max(0.0).sqrt() } else { 0.0 };
-            // A gene alone in its bin (sd undefined) gets normalized dispersion 1, as in scanpy.
-            if sd > 0.0 { (disp_log[i] - mu) / sd } else { 1.0 }
+            let sd = ((ss - c as f64 * mu * mu) / (c as f64 - 1.0)).max(0.0).sqrt();
+            // Equal dispersions in a bin give 0/0 in scanpy, a gene never selected.
+            if sd > 0.0 { (disp_log[i] - mu) / sd } else { f64::NEG_INFINITY }
         })
         .collect()
+}
+
+/// The bin of each value among `bins` equal-width intervals over its range, as
+/// `pandas.cut(x, bins)` assigns them: right-closed intervals, the lowest edge lowered by 0.1 %
+/// of the range so the minimum falls in the first.
+fn mean_bins(x: &[f64], bins: usize) -> Vec<usize> {
+    let (lo, hi) = x.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &m| (a.min(m), b.max(m)));
+    if !(hi > lo) {
+        return vec![0; x.len()];
+    }
+    let step = (hi - lo) / bins as f64;
+    let mut edges: Vec<f64> = (0..=bins).map(|k| lo + step * k as f64).collect();
+    edges[bins] = hi;
+    edges[0] -= (hi - lo) * 0.001;
+    x.iter().map(|&m| edges.partition_point(|&e| e < m).saturating_sub(1).min(bins - 1)).collect()
 }
 
 #[cfg(test)]
@@ -434,6 +453,30 @@ mod tests {
         scan.add(&CsrRows::from_dense(100, 3, &dense));
         let scores = seurat_dispersion(&scan);
         assert!(scores[1] > scores[0], "{scores:?}");
+    }
+
+    #[test]
+    fn mean_bins_are_right_closed_over_the_whole_range() {
+        // Edges 0, 1, 2, 3, 4 (the first lowered): 1.0 closes bin 0, 1.5 opens bin 1.
+        assert_eq!(mean_bins(&[0.0, 1.0, 1.5, 4.0], 4), vec![0, 0, 1, 3]);
+        assert_eq!(mean_bins(&[2.0, 2.0], 20), vec![0, 0], "a single value: one bin");
+    }
+
+    #[test]
+    fn undetected_genes_widen_the_lowest_mean_bin() {
+        // Gene 2 is never detected; its mean (0) still sets the bins' lower edge, so genes 0 and
+        // 1 (log1p CP10k means ~8.4 and ~8.6) share the top bin and are z-scored against each
+        // other (±1/√2); over detected genes only, each would be alone in its bin (1.0).
+        let mut scan = GeneScan::new(3);
+        let mut dense = Vec::new();
+        for c in 0..50 {
+            dense.extend_from_slice(&[45.0 + (c % 2) as f32 * 4.0, 55.0 + (c % 5) as f32 * 5.0, 0.0]);
+        }
+        scan.add(&CsrRows::from_dense(50, 3, &dense));
+        let s = seurat_dispersion(&scan);
+        assert_eq!(s[2], f64::NEG_INFINITY);
+        let z = std::f64::consts::FRAC_1_SQRT_2;
+        assert!((s[0].abs() - z).abs() < 1e-9 && (s[0] + s[1]).abs() < 1e-9, "two genes z-scored in one bin: {s:?}");
     }
 
     #[test]

@@ -15,6 +15,8 @@ import warnings
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
+import scanpy as sc
 import scipy.sparse as sp
 
 from checks import RESULTS, check, failures
@@ -157,6 +159,49 @@ def main():
             src_rows = np.asarray(a.uns["neurofm"]["cell_source_row"])
             assert np.allclose(a.obs["x"].to_numpy(), src_rows * 0.5)
         metadata()
+
+        # --genes hvg:N is scanpy's flavor="seurat" on CP10k + log1p of the same cells. Genes may
+        # differ only where scanpy's normalized dispersion ties the cut-off (float32 round-off).
+        def hvg_case(key, fname, n, *extra, source=None):
+            @check(f"{key}: --genes hvg:{n} equals scanpy flavor=seurat")
+            def t():
+                src = source or os.path.join(data, fname)
+                out = os.path.join(tmp, f"{key}-hvg.zarr")
+                convert(binary, src, out, "--genes", f"hvg:{n}", "--allow-non-integer", *extra)
+                store = ad.read_zarr(out)
+                prov = json.loads(store.uns["neurofm"]["provenance"])
+                rows = np.sort(np.asarray(store.uns["neurofm"]["cell_source_row"]))
+                X, _, var = source_counts(src, prov["counts_source"])
+                names = as_text(var["Gene"]) if src.endswith(".loom") else np.asarray(var["_name"])
+                ref = ad.AnnData(X[rows].astype(np.float32), var=pd.DataFrame(index=names))
+                sc.pp.normalize_total(ref, target_sum=1e4)
+                sc.pp.log1p(ref)
+                sc.pp.highly_variable_genes(ref, flavor="seurat", n_top_genes=n)
+                want = set(ref.var_names[ref.var["highly_variable"]])
+                got = set(store.var_names)
+                norm = ref.var["dispersions_norm"].to_numpy()
+                cut = np.sort(np.nan_to_num(norm, nan=-np.inf))[::-1][n - 1]
+                differ = sorted(want ^ got)
+                far = [g for g in differ if abs(norm[ref.var_names.get_loc(g)] - cut) > 1e-3]
+                assert not far, f"{len(differ)} genes differ, {len(far)} not at the cut-off {cut:.4f}: {far[:8]}"
+                assert abs(len(got) - len(want)) <= len(differ), (len(got), len(want))
+            t()
+
+        hvg_case("whb", files["whb"], 500)
+        hvg_case("whb-exc", files["whb"], 500, "--keep", "subtype=cluster_2523")
+        hvg_case("zeisel", files["zeisel"], 300)
+        hvg_case("kang", files["kang"], 400)
+        hvg_case("metaneighbor", files["metaneighbor"], 1000)
+        hvg_case("furlan", files["furlan"], 2000)
+        # 200 genes never detected: they widen scanpy's mean bins, which a binning over detected
+        # genes only would miss.
+        s = ad.read_h5ad(os.path.join(data, files["whb"]))
+        zeros = sp.csr_matrix((s.n_obs, 200), dtype=s.X.dtype)
+        padded = ad.AnnData(sp.hstack([s.X, zeros]).tocsr(), obs=s.obs,
+                            var=pd.DataFrame(index=list(s.var_names) + [f"UNDETECTED{i}" for i in range(200)]))
+        padded_path = os.path.join(tmp, "whb-undetected.h5ad")
+        padded.write_h5ad(padded_path)
+        hvg_case("whb+200 undetected", None, 500, source=padded_path)
 
     failed = failures()
     return 1 if failed or not RESULTS and data else 0
