@@ -79,6 +79,44 @@ def compare(store_path, src_path, gene_rows=None):
     return a, prov, rows
 
 
+def write_legacy_h5ad(src, out):
+    """Writes `src` in anndata 0.6's layout: obs/var as compound datasets (the index first,
+    strings fixed-width), string columns with few values as integer codes whose categories are
+    in `uns/<column>_categories`, sparse X by `h5sparse_format`/`h5sparse_shape`, no
+    `encoding-type` attributes anywhere."""
+    a = ad.read_h5ad(src)
+    X = sp.csr_matrix(a.X)
+
+    def records(df, index):
+        names, arrays, uns = ["index"], [np.array(index, dtype="S")], {}
+        for k in df.columns:
+            col = df[k]
+            names.append(k)
+            if col.dtype == "category" or col.dtype == object:
+                c = col.astype("category")
+                if len(c.cat.categories) < len(c):
+                    uns[k + "_categories"] = np.array(c.cat.categories.astype(str), dtype="S")
+                    arrays.append(c.cat.codes.to_numpy())
+                else:
+                    arrays.append(np.array(col.astype(str), dtype="S"))
+            else:
+                arrays.append(col.to_numpy())
+        return np.rec.fromarrays(arrays, names=names), uns
+
+    extra = dict(n_counts=np.asarray(X.sum(1)).ravel().astype(np.float32), rank=np.arange(a.n_obs), odd=np.arange(a.n_obs) % 2 == 1)
+    obs, uns_obs = records(a.obs.assign(**extra), a.obs_names)
+    var, uns_var = records(a.var, a.var_names)
+    with h5py.File(out, "w") as f:
+        g = f.create_group("X")
+        g.attrs["h5sparse_format"] = "csr"
+        g.attrs["h5sparse_shape"] = np.array(X.shape)
+        g["data"], g["indices"], g["indptr"] = X.data, X.indices, X.indptr
+        f["obs"], f["var"] = obs, var
+        u = f.create_group("uns")
+        for k, v in {**uns_obs, **uns_var}.items():
+            u[k] = v
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -159,6 +197,20 @@ def main():
             src_rows = np.asarray(a.uns["neurofm"]["cell_source_row"])
             assert np.allclose(a.obs["x"].to_numpy(), src_rows * 0.5)
         metadata()
+
+        @check("whb in anndata 0.6's layout: inspect reads obs/var, convert equals anndata's reading")
+        def legacy():
+            src = os.path.join(tmp, "whb-legacy.h5ad")
+            write_legacy_h5ad(os.path.join(data, files["whb"]), src)
+            p = subprocess.run([binary, "inspect", src], capture_output=True, text=True)
+            assert p.returncode == 0, p.stderr
+            assert "subtype" in p.stdout and "categorical       2 distinct" in p.stdout, p.stdout
+            out = os.path.join(tmp, "whb-legacy.zarr")
+            convert(binary, src, out)
+            a, _, _ = compare(out, src)
+            assert list(a.obs["subtype"].cat.categories) == ["cluster_210", "cluster_2523"]
+            assert a.obs["odd"].dtype == bool and a.obs["rank"].dtype.kind == "i", a.obs.dtypes
+        legacy()
 
         # --genes hvg:N is scanpy's flavor="seurat" on CP10k + log1p of the same cells. Genes may
         # differ only where scanpy's normalized dispersion ties the cut-off (float32 round-off).

@@ -1,5 +1,8 @@
 //! AnnData's HDF5 encoding (anndata ≥ 0.7): matrices by `encoding-type`, dataframes with
-//! `_index` / `column-order`, categoricals as `codes` + `categories`.
+//! `_index` / `column-order`, categoricals as `codes` + `categories`. Files written before 0.7
+//! (many public ones) are read too: sparse matrices by `h5sparse_format`/`h5sparse_shape`,
+//! obs/var as compound datasets whose first member is the index, and a categorical column's
+//! categories in `uns/<column>_categories`, as anndata itself reads them.
 
 use std::path::Path;
 
@@ -33,6 +36,7 @@ pub fn matrix_info(file: &File, path: &Path, loc: &CountsLocation) -> Result<Mat
         }
     };
     let shape = h5::attr_u64_list(&g, "shape")
+        .or_else(|| h5::attr_u64_list(&g, "h5sparse_shape"))
         .filter(|s| s.len() == 2)
         .ok_or_else(|| DataError::field(path, format!("{name}.attrs['shape']"), "missing or not 2 integers"))?;
     let data = h5::dataset(&g, "data", path, &format!("{name}/data"))?;
@@ -49,6 +53,9 @@ pub fn matrix_info(file: &File, path: &Path, loc: &CountsLocation) -> Result<Mat
 
 /// Reads a dataframe group (`obs`, `var`, `raw/var`).
 pub fn read_frame(file: &File, path: &Path, name: &str) -> Result<Frame> {
+    if let Ok(ds) = file.dataset(name) {
+        return read_legacy_frame(file, &ds, path, name);
+    }
     let g = file.group(name).map_err(|_| DataError::field(path, name, "missing"))?;
     let index_name = h5::attr_string(&g, "_index").unwrap_or_else(|| "_index".to_string());
     let index_field = format!("{name}/{index_name}");
@@ -69,6 +76,47 @@ pub fn read_frame(file: &File, path: &Path, name: &str) -> Result<Frame> {
         }
     }
     Ok(Frame { index_name, index, columns })
+}
+
+/// Reads an anndata < 0.7 dataframe: a compound dataset, the first member the index, integer
+/// members with `uns/<member>_categories` categorical codes.
+fn read_legacy_frame(file: &File, ds: &hdf5::Dataset, path: &Path, name: &str) -> Result<Frame> {
+    let fields = h5::compound_fields(ds).ok_or_else(|| {
+        DataError::field(path, name, "is a dataset but not a table of records; expected a group (anndata ≥ 0.7) or a compound dataset (older anndata)")
+    })?;
+    let (index_field, rest) = fields.split_first().ok_or_else(|| DataError::field(path, name, "compound dataset without members"))?;
+    let field = |m: &str| format!("{name}['{m}']");
+    let index = h5::read_compound_strings(ds, &index_field.name, &index_field.ty, path, &field(&index_field.name))?;
+    let uns = file.group("uns").ok();
+    let mut columns = Vec::new();
+    for m in rest {
+        let f = field(&m.name);
+        let categories = uns.as_ref().and_then(|u| u.dataset(&format!("{}_categories", m.name)).ok());
+        let col = match (h5::kind_of(&m.ty), categories) {
+            (ValueKind::Int, Some(cats)) => {
+                let cats_field = format!("uns/{}_categories", m.name);
+                let categories = match h5::value_kind(&cats) {
+                    ValueKind::String => h5::read_strings(&cats, path, &cats_field)?,
+                    _ => h5::read_f64(&cats, path, &cats_field)?.into_iter().map(|x| x.to_string()).collect(),
+                };
+                let codes: Vec<i32> = h5::read_compound_field::<i64>(ds, &m.name, path, &f)?.into_iter().map(|c| c as i32).collect();
+                if let Some(bad) = codes.iter().find(|&&c| c < -1 || c >= categories.len() as i32) {
+                    return Err(DataError::field(path, f, format!("code {bad} out of range for the {} categories in {cats_field}", categories.len())));
+                }
+                Column::Categorical { codes, categories, ordered: false }
+            }
+            (ValueKind::Int, None) => Column::Int(h5::read_compound_field::<i64>(ds, &m.name, path, &f)?),
+            (ValueKind::Float, _) => Column::Float(h5::read_compound_field::<f64>(ds, &m.name, path, &f)?),
+            (ValueKind::Bool, _) => Column::Bool(h5::read_compound_field::<bool>(ds, &m.name, path, &f)?),
+            (ValueKind::String, _) => Column::Strings(h5::read_compound_strings(ds, &m.name, &m.ty, path, &f)?),
+            (ValueKind::Other, _) => {
+                tracing::warn!("{}: skipping column `{f}`: unsupported type", path.display());
+                continue;
+            }
+        };
+        columns.push((m.name.clone(), col));
+    }
+    Ok(Frame { index_name: index_field.name.clone(), index, columns })
 }
 
 /// Reads one column; `None` for encodings we do not carry (they are reported, not fatal).

@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
-use hdf5::{Dataset, Group, Location};
+use hdf5::types::{CompoundField, CompoundType, FixedAscii, FixedUnicode, H5Type, TypeDescriptor, VarLenAscii, VarLenUnicode};
+use hdf5::{Dataset, Datatype, Group, Location};
 
 use crate::error::{DataError, Result};
 
@@ -80,6 +80,63 @@ pub fn read_strings(ds: &Dataset, path: &Path, field: &str) -> Result<Vec<String
     out.map_err(err)
 }
 
+/// The fields of a compound (record) dataset, in order: anndata < 0.7 stored obs and var so.
+pub fn compound_fields(ds: &Dataset) -> Option<Vec<CompoundField>> {
+    match ds.dtype().and_then(|t| t.to_descriptor()) {
+        Ok(TypeDescriptor::Compound(c)) => Some(c.fields),
+        _ => None,
+    }
+}
+
+/// Reads one field of a 1-D compound dataset as `T`, HDF5 converting the stored type (it
+/// matches compound members by name, so a one-member memory type reads just that column).
+pub fn read_compound_field<T: H5Type>(ds: &Dataset, member: &str, path: &Path, field: &str) -> Result<Vec<T>> {
+    let err = h5err(path, field);
+    let one = CompoundField { name: member.to_string(), ty: T::type_descriptor(), offset: 0, index: 0 };
+    let mem = Datatype::from_descriptor(&TypeDescriptor::Compound(CompoundType { fields: vec![one], size: std::mem::size_of::<T>() }))
+        .map_err(&err)?;
+    let n = ds.size();
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    let (ds_id, mem_id) = (ds.id(), mem.id());
+    let buf = out.as_mut_ptr().cast();
+    // SAFETY: the memory type is one member of exactly `size_of::<T>()` bytes at offset 0, laid
+    // out as `T` (its own H5Type descriptor), and `out` has room for the dataset's `n` elements.
+    let status = hdf5::sync::sync(|| unsafe {
+        hdf5_sys::h5d::H5Dread(ds_id, mem_id, hdf5_sys::h5s::H5S_ALL, hdf5_sys::h5s::H5S_ALL, hdf5_sys::h5p::H5P_DEFAULT, buf)
+    });
+    if status < 0 {
+        return Err(DataError::field(path, field, format!("could not read member `{member}` of the compound dataset")));
+    }
+    // SAFETY: H5Dread succeeded, so it wrote all `n` elements.
+    unsafe { out.set_len(n) };
+    Ok(out)
+}
+
+/// Reads a string member of a compound dataset, whatever its HDF5 string flavour.
+pub fn read_compound_strings(ds: &Dataset, member: &str, ty: &TypeDescriptor, path: &Path, field: &str) -> Result<Vec<String>> {
+    fn text<T: H5Type + ToString>(v: Vec<T>) -> Vec<String> {
+        v.into_iter().map(|s| s.to_string()).collect()
+    }
+    let read = |n: usize, unicode: bool| -> Result<Vec<String>> {
+        // HDF5 converts fixed strings between lengths, so one buffer width per size class.
+        Ok(match (n, unicode) {
+            (0..=32, false) => text(read_compound_field::<FixedAscii<32>>(ds, member, path, field)?),
+            (33..=256, false) => text(read_compound_field::<FixedAscii<256>>(ds, member, path, field)?),
+            (_, false) => text(read_compound_field::<FixedAscii<4096>>(ds, member, path, field)?),
+            (0..=32, true) => text(read_compound_field::<FixedUnicode<32>>(ds, member, path, field)?),
+            (33..=256, true) => text(read_compound_field::<FixedUnicode<256>>(ds, member, path, field)?),
+            (_, true) => text(read_compound_field::<FixedUnicode<4096>>(ds, member, path, field)?),
+        })
+    };
+    match ty {
+        TypeDescriptor::VarLenUnicode => Ok(text(read_compound_field::<VarLenUnicode>(ds, member, path, field)?)),
+        TypeDescriptor::VarLenAscii => Ok(text(read_compound_field::<VarLenAscii>(ds, member, path, field)?)),
+        TypeDescriptor::FixedAscii(n) => read(*n, false),
+        TypeDescriptor::FixedUnicode(n) => read(*n, true),
+        other => Err(DataError::field(path, field, format!("expected strings, found {other:?}"))),
+    }
+}
+
 /// What kind of values a dataset holds, for choosing how to read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueKind {
@@ -92,17 +149,19 @@ pub enum ValueKind {
 
 /// Classifies a dataset's element type.
 pub fn value_kind(ds: &Dataset) -> ValueKind {
-    match ds.dtype().and_then(|t| t.to_descriptor()) {
-        Ok(TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_)) => ValueKind::Int,
-        Ok(TypeDescriptor::Float(_)) => ValueKind::Float,
-        Ok(TypeDescriptor::Boolean) => ValueKind::Bool,
-        Ok(TypeDescriptor::Enum(e)) if e.members.len() == 2 => ValueKind::Bool,
-        Ok(
-            TypeDescriptor::VarLenUnicode
-            | TypeDescriptor::VarLenAscii
-            | TypeDescriptor::FixedAscii(_)
-            | TypeDescriptor::FixedUnicode(_),
-        ) => ValueKind::String,
+    ds.dtype().and_then(|t| t.to_descriptor()).map_or(ValueKind::Other, |d| kind_of(&d))
+}
+
+/// Classifies an HDF5 element type (of a dataset, or of a compound member).
+pub fn kind_of(ty: &TypeDescriptor) -> ValueKind {
+    match ty {
+        TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_) => ValueKind::Int,
+        TypeDescriptor::Float(_) => ValueKind::Float,
+        TypeDescriptor::Boolean => ValueKind::Bool,
+        TypeDescriptor::Enum(e) if e.members.len() == 2 => ValueKind::Bool,
+        TypeDescriptor::VarLenUnicode | TypeDescriptor::VarLenAscii | TypeDescriptor::FixedAscii(_) | TypeDescriptor::FixedUnicode(_) => {
+            ValueKind::String
+        }
         _ => ValueKind::Other,
     }
 }
