@@ -16,7 +16,7 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export NEUROFM_SHARED_DATA := $(SHARED_DATA)
 export NEUROFM_PYTHON := $(PY)
 
-.PHONY: setup system-packages pyenv libtorch build test test-rust test-interop test-slurm demo bench bench-train bench-comm bench-eval gpu-bundle clean
+.PHONY: setup system-packages pyenv libtorch build test test-rust test-interop test-e2e test-slurm demo bench bench-train bench-comm bench-eval gpu-bundle clean
 
 ## setup: system packages (apt), libtorch and the Python venv for interop tests, kept outside the clone
 setup: system-packages pyenv libtorch
@@ -50,8 +50,9 @@ build: setup
 	cargo build --release -j$(JOBS) --workspace
 
 ## test: unit + integration tests (Rust; 2-rank MPI runs included), anndata/zarr interop checks
-## (Python), then the slurm/ scripts on a real one-node SLURM cluster started on localhost
-test: setup test-rust test-interop test-slurm
+## (Python), the real-data gate (WHB: convert → 2-rank training → eval, probe accuracy ≥ 0.95),
+## then the slurm/ scripts on a real one-node SLURM cluster started on localhost
+test: setup test-rust test-interop test-e2e test-slurm
 
 test-rust:
 	cargo build -j$(JOBS) --workspace --bins
@@ -61,6 +62,9 @@ test-interop:
 	$(PY) tests/interop/check_stores.py --bin target/debug/neurofm-data --data "$(SHARED_DATA)"
 	$(PY) tests/interop/check_eval.py --bin-dir target/debug --data "$(SHARED_DATA)"
 	$(PY) tests/interop/check_finetune.py --bin-dir target/debug
+
+test-e2e:
+	$(PY) tests/e2e/whb_gate.py --bin-dir target/debug --data "$(SHARED_DATA)"
 
 # Starting slurmctld/slurmd needs root; elsewhere (a workstation) this test is skipped unless CI is set.
 test-slurm:
