@@ -82,10 +82,11 @@ demo: build
 	target/release/neurofm-eval --run $(DEMO)/run --data $(DEMO)/cells.zarr --label-col cell_type --out $(DEMO)/eval
 	@echo "demo: open $(DEMO)/eval/report.html"
 
-## bench: conversion (vs anndata) and reader throughput, release build; prints numbers
+## bench: every benchmark in one table with the machine it ran on (release build): conversion
+## MB/s and peak RSS vs anndata, reader cells/s, training cells/s, tokens/s, MFU and all-reduce
+## share, embedding cells/s, UMAP/t-SNE time, fine-tune cells/s (BENCH_GB sizes the conversion input)
 bench: build
-	$(PY) benches/convert_vs_anndata.py --bin target/release/neurofm-data --gb $${BENCH_GB:-2}
-	RAYON_NUM_THREADS=1 cargo run --release -j$(JOBS) -p neurofm-dataloader --example reader_bench
+	$(PY) benches/all.py --gb $${BENCH_GB:-2}
 
 ## bench-train: training throughput (cells/s, tokens/s, step split, MFU) of BENCH_CONFIG on WHB;
 ## BENCH_RANKS=2 runs 2 CPU ranks over MPI and reports the all-reduce share

@@ -152,7 +152,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         return Err(DataError::input(input, "zero cells left after --keep; check the filter values"));
     }
 
-    let tmp = temp_path(output);
+    let tmp = common::atomic::temp_beside(output);
     let _ = std::fs::remove_dir_all(&tmp);
     let mut guard = TempDir(tmp.clone(), false);
     let scratch = tmp.join("_scratch");
@@ -181,7 +181,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let writer = StoreWriter::create(&tmp, opts.zstd_level, opts.matrix_codec)?.with_chunk_entries(opts.chunk_entries);
     let ctx = WriteContext { path: input, loc: loc.clone(), obs_names: &obs.index, allow_non_integer: opts.allow_non_integer };
     let all_genes = kept_genes.len() == info.n_genes;
-    let bar = progress_bar(opts.progress, rows.len() as u64);
+    let bar = if opts.progress { common::progress::bar(rows.len() as u64, "cells") } else { indicatif::ProgressBar::hidden() };
 
     let (written, sha) = std::thread::scope(|scope| -> Result<(Written, String)> {
         let sha = scope.spawn(|| sha256_file(input));
@@ -474,12 +474,6 @@ fn write_uns_neurofm(writer: &StoreWriter, w: &Written, provenance: &Provenance)
     writer.string_scalar("uns/neurofm/provenance", &json)
 }
 
-/// `.NAME.tmp-PID` beside the output, so the final rename stays on one filesystem.
-fn temp_path(output: &Path) -> PathBuf {
-    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "store".into());
-    output.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
 /// Moves the finished store into place, replacing an old one only when `force` is set.
 fn commit(tmp: &Path, output: &Path, force: bool) -> Result<()> {
     if output.exists() {
@@ -517,15 +511,3 @@ pub fn dir_size(path: &Path) -> u64 {
     rd.flatten().map(|e| if e.path().is_dir() { dir_size(&e.path()) } else { e.metadata().map(|m| m.len()).unwrap_or(0) }).sum()
 }
 
-/// A progress bar on stderr when asked for and stderr is a terminal; hidden otherwise.
-pub fn progress_bar(enabled: bool, len: u64) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    if !enabled || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} cells {per_sec} eta {eta}") {
-        bar.set_style(style);
-    }
-    bar
-}

@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use common::exit::Exit;
+
 /// Errors from reading, converting and serving single-cell data.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -50,15 +52,6 @@ impl DataError {
         !matches!(self, DataError::Io { .. } | DataError::Zarr { .. } | DataError::Internal(_))
     }
 
-    /// Process exit code per the project convention (2 bad input, 1 runtime failure).
-    pub fn exit_code(&self) -> i32 {
-        if self.is_bad_input() {
-            2
-        } else {
-            1
-        }
-    }
-
     pub(crate) fn field(path: &Path, field: impl Into<String>, problem: impl Into<String>) -> Self {
         DataError::BadField { path: path.to_path_buf(), field: field.into(), problem: problem.into() }
     }
@@ -73,6 +66,16 @@ impl DataError {
 
     pub(crate) fn zarr(path: &Path, field: &str, e: impl std::fmt::Display) -> Self {
         DataError::Zarr { path: path.to_path_buf(), field: field.to_string(), message: e.to_string() }
+    }
+}
+
+impl common::exit::ExitStatus for DataError {
+    fn exit(&self) -> Exit {
+        if self.is_bad_input() {
+            Exit::BadInput
+        } else {
+            Exit::Failure
+        }
     }
 }
 

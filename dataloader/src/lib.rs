@@ -31,11 +31,5 @@ use std::path::Path;
 /// Writes `bytes` to `path` via a temp file in the same directory and a rename, so readers
 /// never see a half-written file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| DataError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        DataError::io(path, e)
-    })
+    common::atomic::write_bytes(path, bytes).map_err(|e| DataError::io(path, e))
 }

@@ -251,7 +251,7 @@ impl GeneScan {
         for i in 0..block.n_rows() {
             let (idx, val) = block.row(i);
             let total: f64 = val.iter().map(|&v| v as f64).sum();
-            let scale = if total > 0.0 { 1e4 / total } else { 0.0 };
+            let scale = common::norm::cp10k_scale(total);
             for (&g, &v) in idx.iter().zip(val) {
                 let x = v as f64 * scale;
                 self.detected[g as usize] += (v != 0.0) as u64;

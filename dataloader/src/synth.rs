@@ -230,22 +230,7 @@ pub fn write(o: &SynthOptions) -> Result<SynthSummary> {
     if o.output.exists() && !o.force {
         return Err(DataError::OutputExists { path: o.output.clone() });
     }
-    let tmp = o.output.with_file_name(format!(
-        ".{}.tmp-{}",
-        o.output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = write_to(o, &tmp);
-    match result {
-        Ok(s) => {
-            std::fs::rename(&tmp, &o.output).map_err(|e| DataError::io(&o.output, e))?;
-            Ok(s)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+    common::atomic::write_via_temp(&o.output, |tmp| write_to(o, tmp), DataError::io)
 }
 
 fn write_to(o: &SynthOptions, path: &std::path::Path) -> Result<SynthSummary> {
@@ -340,7 +325,7 @@ fn write_contents(file: &hdf5::File, o: &SynthOptions, path: &std::path::Path) -
             let (a, b) = (logx.indptr[i] as usize, logx.indptr[i + 1] as usize);
             let total: f32 = logx.values[a..b].iter().sum();
             for v in &mut logx.values[a..b] {
-                *v = (*v / total.max(1.0) * 1e4).ln_1p();
+                *v = common::norm::log1p_cp10k(*v as f64, total.max(1.0) as f64) as f32;
             }
         }
         let mut float_opts = o.clone();

@@ -14,14 +14,12 @@
 
 use std::path::Path;
 
+use common::norm::cp10k_scale_f32;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
 use crate::rng::Purpose;
 use crate::corpus::{sample_blocks, Corpus};
-
-/// Counts each cell is scaled to before `log1p`.
-pub const TARGET_SUM: f32 = 1e4;
 
 /// Token ids for an expression vocabulary of `n_bins` bins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,7 +135,7 @@ impl Tokenizer {
     pub fn rank_scores(&self, idx: &[u32], counts: &[f32], out: &mut Vec<f32>) {
         out.clear();
         let total: f32 = counts.iter().sum();
-        let scale = if total > 0.0 { TARGET_SUM / total } else { 0.0 };
+        let scale = cp10k_scale_f32(total);
         let medians = match &self.binning {
             Binning::RankValue { medians, .. } => Some(medians),
             _ => None,
@@ -155,7 +153,7 @@ impl Tokenizer {
             Binning::GeneQuantile { edges, .. } => {
                 // Same arithmetic as `normalize`, fused to avoid a buffer on the hot path.
                 let total: f32 = counts.iter().sum();
-                let scale = if total > 0.0 { TARGET_SUM / total } else { 0.0 };
+                let scale = cp10k_scale_f32(total);
                 out.extend(idx.iter().zip(counts).map(|(&g, &c)| {
                     let x = (c * scale).ln_1p();
                     if x <= 0.0 {
@@ -224,7 +222,7 @@ fn nonzero_values(corpus: &Corpus, cells: &[u32], n_genes: usize, max_cells: usi
 /// `log1p(x / total × 10⁴)` for one cell's values (total over the stored genes).
 pub fn normalize(counts: &[f32], out: &mut Vec<f32>) {
     let total: f32 = counts.iter().sum();
-    let scale = if total > 0.0 { TARGET_SUM / total } else { 0.0 };
+    let scale = cp10k_scale_f32(total);
     out.clear();
     out.extend(counts.iter().map(|&c| (c * scale).ln_1p()));
 }

@@ -127,7 +127,7 @@ impl TrainedModel {
         let dim = choice.pooling.dim(d);
         let mut out = Array2::<f32>::zeros((cells.len(), dim));
         let mut per_gene = gene_groups.map(|(_, n)| GeneStates::new(n, self.tokenizer.genes.len(), d));
-        let bar = dataloader::convert::progress_bar(true, cells.len() as u64);
+        let bar = common::progress::bar(cells.len() as u64, "cells");
         let start = Instant::now();
         let vocab = self.state.vocab;
         for (b, chunk) in cells.chunks(batch_size.max(1)).enumerate() {

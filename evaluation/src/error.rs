@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use common::exit::{Exit, ExitStatus};
+
 /// Everything that can stop an evaluation.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -33,21 +35,22 @@ pub enum EvalError {
 pub type Result<T, E = EvalError> = std::result::Result<T, E>;
 
 impl EvalError {
-    /// 2 when the user must change the input or the command, else 1.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            EvalError::BadInput { .. } | EvalError::Usage(_) => 2,
-            EvalError::Data(e) => e.exit_code(),
-            EvalError::Train(e) => e.exit_code(),
-            EvalError::Torch(_) | EvalError::Io { .. } | EvalError::Internal(_) => 1,
-        }
-    }
-
     pub fn input(path: &Path, problem: impl Into<String>) -> Self {
         EvalError::BadInput { path: path.to_path_buf(), problem: problem.into() }
     }
 
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         EvalError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+impl ExitStatus for EvalError {
+    fn exit(&self) -> Exit {
+        match self {
+            EvalError::BadInput { .. } | EvalError::Usage(_) => Exit::BadInput,
+            EvalError::Data(e) => e.exit(),
+            EvalError::Train(e) => e.exit(),
+            EvalError::Torch(_) | EvalError::Io { .. } | EvalError::Internal(_) => Exit::Failure,
+        }
     }
 }

@@ -31,8 +31,8 @@ use trainer::metrics::{self as run_metrics, Column};
 /// `neurofm-eval`'s settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalConfig {
-    /// Run directory written by neurofm-train.
-    #[arg(long)]
+    /// Run directory written by neurofm-train (`--run` also works).
+    #[arg(long = "run-dir", visible_alias = "run")]
     pub run: PathBuf,
     /// `best`, `last`, or a checkpoint directory.
     #[arg(long, default_value = "best")]
@@ -402,10 +402,13 @@ pub fn tsne(x: &ArrayView2<f64>, seed: u64) -> Array2<f64> {
     let input = if x.ncols() > 50 { Pca::fit(x, 50, seed).transform(x) } else { x.to_owned() };
     let perplexity = 30f64.min((n as f64 - 1.0) / 3.0 - 1e-6);
     let params = linfa_tsne::TSneParams::embedding_size(2).perplexity(perplexity).approx_threshold(0.5).max_iter(1000);
-    params.transform(input).unwrap_or_else(|e| {
+    let spinner = common::progress::spinner(&format!("t-SNE of {n} cells"));
+    let layout = params.transform(input).unwrap_or_else(|e| {
         tracing::warn!("t-SNE failed ({e}); its layout is left empty (NaN)");
         Array2::from_elem((n, 2), f64::NAN)
-    })
+    });
+    spinner.finish_and_clear();
+    layout
 }
 
 /// `neurofm-eval layout` settings: a 2-D layout of any matrix.

@@ -300,6 +300,7 @@ impl Split {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::exit::ExitStatus;
 
     fn obs(values: &[&str], groups: &[&str]) -> Frame {
         let text = |v: &[&str]| Column::categorical_from_text(v.iter().map(|s| s.to_string()).collect());

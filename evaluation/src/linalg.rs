@@ -38,7 +38,7 @@ pub fn log_normalized(rows: &CsrRows, n_genes: usize) -> Array2<f64> {
             continue;
         }
         for (&g, &v) in idx.iter().zip(val) {
-            x[[i, g as usize]] = (v as f64 / total * 1e4).ln_1p();
+            x[[i, g as usize]] = common::norm::log1p_cp10k(v as f64, total);
         }
     }
     x

@@ -92,16 +92,7 @@ pub fn csv(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> Vec<u8> 
 
 /// An AnnData file with `obs`, no genes (`X` absent, empty `var`) and `obsm` matrices.
 pub fn h5ad(path: &Path, obs: &Frame, obsm: &[(&str, &Array2<f32>)]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let written = write_h5ad(&tmp, obs, obsm);
-    match written.and_then(|_| std::fs::rename(&tmp, path).map_err(|e| EvalError::io(path, e))) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+    common::atomic::write_via_temp(path, |tmp| write_h5ad(tmp, obs, obsm), EvalError::io)
 }
 
 /// `gene_embeddings.h5ad`: one row per model gene (obs names are the genes); `obsm['static']`
@@ -143,6 +134,7 @@ fn write_h5ad(path: &Path, obs: &Frame, obsm: &[(&str, &Array2<f32>)]) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::exit::ExitStatus;
 
     #[test]
     fn npy_header_is_aligned_and_data_follows() {

@@ -33,16 +33,14 @@ fn plot_err(path: &Path) -> impl Fn(String) -> EvalError + '_ {
 
 /// Draws into a PNG at `path` (written to a temp name, then renamed).
 pub(crate) fn figure(path: &Path, draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Result<(), String>) -> Result<()> {
-    // BitMapBackend picks the encoder from the extension, so the temp name ends in `.png`.
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp.png"));
-    {
-        let root = BitMapBackend::new(&tmp, SIZE).into_drawing_area();
+    // BitMapBackend picks the encoder from the extension, which the temp name keeps.
+    let render = |tmp: &Path| {
+        let root = BitMapBackend::new(tmp, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_err(path)(e.to_string()))?;
         draw(&root).map_err(plot_err(path))?;
-        root.present().map_err(|e| plot_err(path)(e.to_string()))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| EvalError::io(path, e))
+        root.present().map_err(|e| plot_err(path)(e.to_string()))
+    };
+    common::atomic::write_via_temp(path, render, EvalError::io)
 }
 
 /// An axis range covering `v` with 5 % padding (non-finite values ignored).
@@ -248,6 +246,7 @@ mod tests {
         let cm = Confusion::new(&[0, 1, 1], &[0, 1, 0], 2);
         confusion(&dir.path().join("c.png"), "cm", &cm, &["a".into(), "b".into()]).unwrap();
         roc(&dir.path().join("r.png"), "roc", &[("m".into(), roc_points(&[true, false], &[0.9, 0.1]))]).unwrap();
-        assert!(!dir.path().join(".s.png.tmp.png").exists());
+        let hidden = std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with('.')).count();
+        assert_eq!(hidden, 0, "no temporary file left");
     }
 }

@@ -115,7 +115,9 @@ pub fn umap(x: &ArrayView2<f64>, nb: &Neighbours, cfg: &UmapConfig) -> Array2<f6
     let mut next_sample: Vec<f64> = edges.iter().map(|e| e.2).collect();
     let mut next_negative: Vec<f64> = edges.iter().map(|e| e.2 / neg_rate).collect();
     let clip = |v: f64| v.clamp(-4.0, 4.0);
+    let bar = common::progress::bar(n_epochs as u64, "UMAP epochs");
     for epoch in 0..n_epochs {
+        bar.inc(1);
         let alpha = cfg.learning_rate * (1.0 - epoch as f64 / n_epochs as f64);
         let e = epoch as f64;
         for (ei, &(j, k, per_sample)) in edges.iter().enumerate() {
@@ -149,6 +151,7 @@ pub fn umap(x: &ArrayView2<f64>, nb: &Neighbours, cfg: &UmapConfig) -> Array2<f6
             next_negative[ei] += n_neg as f64 * per_negative;
         }
     }
+    bar.finish_and_clear();
     emb
 }
 

@@ -36,8 +36,8 @@ pub const UNASSIGNED: &str = "unassigned";
 /// `neurofm-annotate`'s settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AnnotateConfig {
-    /// Fine-tune run directory written by neurofm-finetune.
-    #[arg(long)]
+    /// Fine-tune run directory written by neurofm-finetune (`--run-dir` also works).
+    #[arg(long, visible_alias = "run-dir")]
     pub model: PathBuf,
     /// `best`, `last`, or a checkpoint directory of the fine-tune.
     #[arg(long, default_value = "best")]
@@ -115,7 +115,7 @@ pub fn annotate(cfg: &AnnotateConfig) -> Result<AnnotateSummary> {
     let mut proba = Array2::<f32>::zeros((n, k));
     let mut emb = Array2::<f32>::zeros((n, dim));
     let batch = cfg.batch_size.unwrap_or_else(|| predict_batch_size(0, device)).max(1);
-    let bar = dataloader::convert::progress_bar(true, n as u64);
+    let bar = common::progress::bar(n as u64, "cells");
     let start = Instant::now();
     for lo in (0..n).step_by(batch) {
         let hi = (lo + batch).min(n);
@@ -188,16 +188,7 @@ struct Provenance {
 /// empty, `obs` as given, `obsm` the probabilities and embeddings, `uns` the class order and
 /// the provenance.
 fn write_h5ad(path: &Path, obs: &Frame, proba: &Array2<f32>, emb: &Array2<f32>, classes: &[String], p: &Provenance) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let written = write_contents(&tmp, obs, proba, emb, classes, p);
-    match written.and_then(|()| std::fs::rename(&tmp, path).map_err(|e| FinetuneError::io(path, e))) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+    common::atomic::write_via_temp(path, |tmp| write_contents(tmp, obs, proba, emb, classes, p), FinetuneError::io)
 }
 
 fn write_contents(path: &Path, obs: &Frame, proba: &Array2<f32>, emb: &Array2<f32>, classes: &[String], p: &Provenance) -> Result<()> {

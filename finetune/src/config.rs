@@ -308,6 +308,7 @@ impl FinetuneConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::exit::ExitStatus;
 
     fn required() -> Vec<String> {
         ["task.pretrained=runs/p", "task.data=/tmp/x.zarr", "task.label_col=cell_type"].iter().map(|s| s.to_string()).collect()

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use common::exit::{Exit, ExitStatus};
+
 /// Everything that can stop a fine-tune or an annotation.
 #[derive(Debug, thiserror::Error)]
 pub enum FinetuneError {
@@ -37,23 +39,23 @@ pub enum FinetuneError {
 pub type Result<T, E = FinetuneError> = std::result::Result<T, E>;
 
 impl FinetuneError {
-    /// 2 when the user must change the input or the command; 3 for a diverged run and 4 for a
-    /// failed group of ranks (as `neurofm-train`); else 1.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            FinetuneError::BadInput { .. } | FinetuneError::Usage(_) => 2,
-            FinetuneError::Train(e) => e.exit_code(),
-            FinetuneError::Eval(e) => e.exit_code(),
-            FinetuneError::Data(e) => e.exit_code(),
-            FinetuneError::Torch(_) | FinetuneError::Io { .. } | FinetuneError::Internal(_) => 1,
-        }
-    }
-
     pub fn input(path: &Path, problem: impl Into<String>) -> Self {
         FinetuneError::BadInput { path: path.to_path_buf(), problem: problem.into() }
     }
 
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         FinetuneError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+impl ExitStatus for FinetuneError {
+    fn exit(&self) -> Exit {
+        match self {
+            FinetuneError::BadInput { .. } | FinetuneError::Usage(_) => Exit::BadInput,
+            FinetuneError::Train(e) => e.exit(),
+            FinetuneError::Eval(e) => e.exit(),
+            FinetuneError::Data(e) => e.exit(),
+            FinetuneError::Torch(_) | FinetuneError::Io { .. } | FinetuneError::Internal(_) => Exit::Failure,
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! in one `VarStore`), `train` (the loop, on the trainer's AdamW, DDP, checkpoints and logs),
 //! `predict` (batched inference and scores), `baselines` and `forest` (what the model must
 //! beat), `report` (metrics.json and the report), `run_files` (a fine-tune run's directory),
-//! `annotate` (labels for new data), `logging`.
+//! `annotate` (labels for new data).
 
 pub mod annotate;
 pub mod baselines;
@@ -15,7 +15,6 @@ pub mod classifier;
 pub mod config;
 pub mod error;
 pub mod forest;
-pub mod logging;
 pub mod predict;
 pub mod pretrained;
 pub mod report;

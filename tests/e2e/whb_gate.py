@@ -1,10 +1,10 @@
 """The real-data gate: the original study's pipeline on the WHB file, with the default recipe.
 
-../shared/data/whb_cortex_L5exc_MGEinh.h5ad → `neurofm-data convert` → 2-rank training through
-`neurofm-launch` (configs/whb-fast.toml, the recipe of benches/README.md) → `neurofm-eval
---label-col subtype`. Fails if the model's probe accuracy is below 0.95, if validation perplexity
-did not fall below the per-gene table, or if an output (events, checkpoints, embeddings.h5ad,
-plots, report) is missing or empty. About 4 minutes on 2 cores.
+../shared/data/whb_cortex_L5exc_MGEinh.h5ad → `neurofm data convert` → 2-rank training through
+`neurofm launch` (configs/whb-fast.toml, the recipe of benches/README.md) → `neurofm eval
+--label-col subtype`, each step through the one `neurofm` command. Fails if the model's probe
+accuracy is below 0.95, if validation perplexity did not fall below the per-gene table, or if an
+output (events, checkpoints, embeddings.h5ad, plots, report) is missing or empty. About 4 minutes on 2 cores.
 
 Run by `make test`:  python tests/e2e/whb_gate.py --bin-dir target/debug --data ../shared/data
 """
@@ -26,7 +26,7 @@ def run(cmd):
     print("+", " ".join(cmd), flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
-        sys.exit(f"gate FAILED: {cmd[0]} exited {p.returncode}\n{p.stderr[-4000:]}")
+        sys.exit(f"gate FAILED: {' '.join(cmd[:2])} exited {p.returncode}\n{p.stderr[-4000:]}")
     return p
 
 
@@ -42,16 +42,16 @@ def main():
             sys.exit(f"gate FAILED: {src} is missing in CI")
         print(f"skipping the WHB gate: {src} not found")
         return 0
-    b = lambda name: os.path.join(os.path.abspath(args.bin_dir), name)
+    neurofm = os.path.join(os.path.abspath(args.bin_dir), "neurofm")
     work = args.work or tempfile.mkdtemp(prefix="neurofm-gate-")
     store, run_dir, out = (os.path.join(work, p) for p in ("whb.zarr", "run", "eval"))
 
-    run([b("neurofm-data"), "convert", "-q", "--force", src, store])
+    run([neurofm, "data", "convert", "-q", "--force", src, store])
     # fp32: bf16 matmuls are only fast on CPUs with bf16 units; the recipe is otherwise as shipped.
-    run([b("neurofm-launch"), "--nproc-per-node", "2", "--backend", "mpi", "--",
-         b("neurofm-train"), "--config", "configs/whb-fast.toml", "--data", store, "--run-dir", run_dir,
+    run([neurofm, "launch", "--nproc-per-node", "2", "--backend", "mpi", "--",
+         neurofm, "train", "--config", "configs/whb-fast.toml", "--data", store, "--run-dir", run_dir,
          "--force", "--no-progress", "--set", 'train.precision="fp32"'])
-    run([b("neurofm-eval"), "--run", run_dir, "--data", store, "--label-col", "subtype", "--out", out])
+    run([neurofm, "eval", "--run-dir", run_dir, "--data", store, "--label-col", "subtype", "--out", out, "--no-progress"])
 
     problems = []
     wanted = {

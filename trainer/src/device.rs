@@ -379,6 +379,7 @@ pub fn classify_oom(e: tch::TchError, batch_size: usize, grad_accum: usize) -> T
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::exit::ExitStatus;
 
     const ONE: LocalRank = LocalRank { rank: 0, world: 1 };
 

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use common::exit::{Exit, ExitStatus};
+
 use dataloader::DataError;
 
 /// Everything that can stop a training run.
@@ -49,24 +51,24 @@ pub enum TrainError {
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
 
 impl TrainError {
-    /// 2 when the user must change the input or the command, 3 for a diverged run, 4 when
-    /// the group of ranks failed, else 1.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            TrainError::Config(_) | TrainError::BadInput { .. } | TrainError::Device { .. } | TrainError::OutOfMemory { .. } => 2,
-            TrainError::Data(e) => e.exit_code(),
-            TrainError::NonFinite { .. } => 3,
-            TrainError::Distributed(_) => 4,
-            TrainError::Io { .. } | TrainError::Torch(_) | TrainError::Internal(_) => 1,
-        }
-    }
-
     pub(crate) fn input(path: &Path, problem: impl Into<String>) -> Self {
         TrainError::BadInput { path: path.to_path_buf(), problem: problem.into() }
     }
 
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         TrainError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+impl ExitStatus for TrainError {
+    fn exit(&self) -> Exit {
+        match self {
+            TrainError::Config(_) | TrainError::BadInput { .. } | TrainError::Device { .. } | TrainError::OutOfMemory { .. } => Exit::BadInput,
+            TrainError::Data(e) => e.exit(),
+            TrainError::NonFinite { .. } => Exit::Diverged,
+            TrainError::Distributed(_) => Exit::GroupFailed,
+            TrainError::Io { .. } | TrainError::Torch(_) | TrainError::Internal(_) => Exit::Failure,
+        }
     }
 }
 

@@ -45,23 +45,19 @@ impl RunLog {
     }
 }
 
-/// A progress bar with ETA on a terminal (rank 0 only).
+/// The training bar (rank 0 only, when asked for), resumed at step `at`.
 pub fn progress_bar(enabled: bool, total: u64, at: u64) -> Option<indicatif::ProgressBar> {
-    if !enabled {
-        return None;
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})") {
-        bar.set_style(style);
-    }
-    bar.set_position(at);
-    Some(bar)
+    enabled.then(|| {
+        let bar = common::progress::bar(total, "steps");
+        bar.set_position(at);
+        bar
+    })
 }
 
 /// Logs `msg` at info level above the progress bar, if one is drawn (so the bar is not torn).
 pub fn info_above(bar: Option<&indicatif::ProgressBar>, msg: &str) {
     match bar {
-        Some(bar) => bar.suspend(|| tracing::info!("{msg}")),
+        Some(bar) => common::progress::info_above(bar, msg),
         None => tracing::info!("{msg}"),
     }
 }

@@ -86,6 +86,7 @@ impl RunDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::exit::ExitStatus;
 
     #[test]
     fn existing_runs_need_resume_or_force() {

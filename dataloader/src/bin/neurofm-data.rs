@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use common::cli::OutputArgs;
+use common::exit::{Exit, ExitStatus};
+use common::logging::{self, LogSetup};
 use dataloader::convert::{self, ConvertOptions, CountsChoice};
 use dataloader::select::{GeneSelection, KeepFilter};
 use dataloader::synth::{self, SynthOptions};
@@ -12,10 +15,16 @@ use dataloader::DataError;
 
 #[derive(Parser)]
 #[command(name = "neurofm-data", version, about = "Single-cell data for neurofm: inspect, convert to Zarr, synthesize")]
+#[command(after_help = "\
+Examples:
+  neurofm data inspect WHB-10Xv3-Neurons-raw.h5ad
+  neurofm data convert WHB-10Xv3-Neurons-raw.h5ad whb.zarr --cell-metadata cell_metadata.csv \\
+      --metadata-key cell_label --keep cluster_alias=2523,210 --genes hvg:2000
+  neurofm data convert pbmc.h5ad pbmc.zarr --counts layers/counts --var-names gene_symbol
+  neurofm data synth demo.h5ad --cells 2000 --genes 200 --types 4")]
 struct Cli {
-    /// Less output: no progress bar, warnings and errors only.
-    #[arg(long, short, global = true)]
-    quiet: bool,
+    #[command(flatten)]
+    output: OutputArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -23,6 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Summarize an .h5ad or .loom file: shape, where raw counts are, obs/var columns.
+    #[command(after_help = "Example:\n  neurofm data inspect WHB-10Xv3-Neurons-raw.h5ad --json > inspect.json")]
     Inspect {
         file: PathBuf,
         /// Print JSON instead of text.
@@ -30,8 +40,14 @@ enum Command {
         json: bool,
     },
     /// Convert an .h5ad or .loom file into an AnnData-compatible Zarr v3 store.
+    #[command(after_help = "\
+Examples:
+  neurofm data convert whb_cortex_L5exc_MGEinh.h5ad whb.zarr
+  neurofm data convert WHB-10Xv3-Neurons-raw.h5ad whb.zarr --cell-metadata cell_metadata.csv \\
+      --metadata-key cell_label --keep cluster_alias=2523,210 --genes hvg:2000")]
     Convert(ConvertArgs),
     /// Write a synthetic h5ad (or loom) with known cell types, for demos and tests.
+    #[command(after_help = "Example:\n  neurofm data synth demo.h5ad --cells 2000 --genes 200 --types 4 --seed 7")]
     Synth(SynthOptions),
 }
 
@@ -55,7 +71,7 @@ struct ConvertArgs {
     #[arg(long, default_value = "all")]
     genes: GeneSelection,
     /// Seed of the cell-order shuffle (recorded in the store).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, visible_alias = "seed", default_value_t = 0)]
     shuffle_seed: u64,
     /// Keep the source's cell order.
     #[arg(long)]
@@ -87,18 +103,12 @@ struct ConvertArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = if cli.quiet { "warn" } else { "info" };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
-        .with_writer(std::io::stderr)
-        .without_time()
-        .init();
+    logging::init(LogSetup::stderr(cli.output.quiet));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let code = e.downcast_ref::<DataError>().map(DataError::exit_code).unwrap_or(1);
-            ExitCode::from(code as u8)
+            e.downcast_ref::<DataError>().map_or(Exit::Failure, DataError::exit).into()
         }
     }
 }
@@ -126,7 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 matrix_codec: a.codec,
                 chunk_entries: a.chunk_entries,
                 var_names: a.var_names,
-                progress: !cli.quiet,
+                progress: cli.output.progress(),
                 ..ConvertOptions::default()
             };
             let s = convert::convert(&a.input, &a.output, &opts)?;

@@ -2,6 +2,9 @@
 //! trained run; `neurofm-eval atlas-plot` draws an atlas's own coordinates.
 
 use clap::{Parser, Subcommand};
+use common::cli::OutputArgs;
+use common::exit::ExitStatus;
+use common::logging::{self, LogSetup};
 use evaluation::atlas::{atlas_plot, AtlasConfig};
 use evaluation::evaluate::{evaluate, layout_file, EvalConfig, LayoutConfig};
 use evaluation::EvalError;
@@ -9,11 +12,18 @@ use evaluation::EvalError;
 #[derive(Parser)]
 #[command(version, about = "Evaluate a neurofm run: cell embeddings, probes vs baselines, clustering, PCA/t-SNE/UMAP, report")]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(after_help = "\
+Examples:
+  neurofm eval --run-dir runs/whb --data whb.zarr --label-col subtype
+  neurofm eval --run-dir runs/whb --data other.zarr --label-col cell_type --gene-key gene_symbol --out runs/whb/eval-other
+  neurofm eval atlas-plot --cell-metadata cell_metadata.csv --cluster cluster.csv --annotation cluster_annotation_term.csv --highlight 2523,210 --out atlas.png")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
     eval: Option<EvalConfig>,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(Subcommand)]
@@ -25,8 +35,9 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
+    logging::init(LogSetup::stderr(cli.output.quiet));
+    common::progress::set_enabled(cli.output.progress());
     let result: Result<(), EvalError> = match (cli.command, cli.eval) {
         (Some(Command::Layout(cfg)), _) => layout_file(&cfg).map(|secs| println!("{}: {:?} layout in {secs:.2} s", cfg.out.display(), cfg.method)),
         (Some(Command::AtlasPlot(cfg)), _) => atlas_plot(&cfg).map(|n| println!("{}: {n} cells", cfg.out.display())),

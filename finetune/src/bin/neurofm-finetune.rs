@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use common::cli::OutputArgs;
+use common::exit::ExitStatus;
+use common::logging::{self, LogSetup};
 use finetune::config::FinetuneConfig;
 use finetune::train::{run, Plan, RunOptions};
 use finetune::FinetuneError;
@@ -17,7 +20,11 @@ use trainer::TrainError;
 
 /// Fine-tune a pretrained neurofm run for cell-type classification.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, after_help = "\
+Examples:
+  neurofm finetune --pretrained runs/whb --data whb.zarr --label-col subtype --run-dir runs/ft-whb
+  neurofm finetune --pretrained runs/whb --data mn.zarr --label-col subclass --split group:study --from-scratch
+  neurofm launch --nproc-per-node 2 -- neurofm finetune --pretrained runs/whb --data whb.zarr --label-col subtype")]
 struct Args {
     /// Pretraining run directory (encoder, tokenizer, gene vocabulary) [task.pretrained].
     #[arg(long)]
@@ -67,9 +74,11 @@ struct Args {
     /// Checkpoint and exit after this optimizer step (continue later with --resume auto).
     #[arg(long)]
     stop_at_step: Option<u64>,
-    /// No progress bar (it is drawn only on a terminal anyway).
+    /// Seed of the head's initialization, the validation split and dropout (overrides `seed`).
     #[arg(long)]
-    no_progress: bool,
+    seed: Option<u64>,
+    #[command(flatten)]
+    output: OutputArgs,
     /// Transport between ranks: auto (NCCL on GPUs, MPI on CPUs), nccl, mpi, single.
     #[arg(long, value_enum, env = "NEUROFM_BACKEND", default_value = "auto")]
     backend: Backend,
@@ -106,7 +115,7 @@ fn exit_with(e: &FinetuneError, comm: Option<&dyn Communicator>) -> ! {
 
 fn finetune_main(args: Args) -> Result<(), FinetuneError> {
     let env = DistEnv::from_env().map_err(TrainError::from)?;
-    finetune::logging::init(env.rank, true);
+    logging::init(LogSetup { rank: env.rank, quiet: args.output.quiet, to_file: true });
     let device = args.device.resolve(LocalRank { rank: env.local_rank, world: env.local_world })?;
     let backend = resolve_backend(args.backend, &env, device);
     if backend == Backend::Nccl {
@@ -151,6 +160,7 @@ fn overrides(args: &Args) -> Vec<String> {
     if args.from_scratch {
         o.push("baselines.from_scratch=true".into());
     }
+    o.extend(args.seed.map(|seed| format!("seed={seed}")));
     o.extend(args.overrides.iter().cloned());
     o
 }
@@ -188,10 +198,11 @@ fn in_group(args: &Args, comm: &dyn Communicator, device: tch::Device) -> Result
         RunDir::join(&run_path, &resume)?
     };
     if comm.rank() == 0 {
-        finetune::logging::attach(&run_dir.path.join("finetune.log"))?;
+        let log = run_dir.path.join("finetune.log");
+        logging::attach(&log).map_err(|e| FinetuneError::io(&log, e))?;
     }
     tracing::info!("neurofm-finetune {} → {} (rank {} of {}, {})", env!("CARGO_PKG_VERSION"), run_dir.path.display(), comm.rank(), comm.world(), trainer::device::describe(device));
-    let opts = RunOptions { device, progress: !args.no_progress, stop_at_step: args.stop_at_step };
+    let opts = RunOptions { device, progress: args.output.progress(), stop_at_step: args.stop_at_step };
     if let Some(m) = run(&plan, &run_dir, &opts, comm)? {
         println!("{:<58} {:>8} {:>8} {:>8}", "classifier (test cells)", "accuracy", "bal.acc", "macro F1");
         let mut all = vec![&m.model];

@@ -13,7 +13,12 @@ use launcher::supervise::{run_group, ChildSpec, Outcome};
 
 /// Launch a data-parallel group: `neurofm-launch --nproc-per-node 4 -- neurofm-train --config ...`
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, after_help = "\
+Examples:
+  neurofm launch --nproc-per-node 4 -- neurofm train --config configs/atlas.toml --data atlas.zarr
+  neurofm launch --backend mpi --nproc-per-node 2 -- neurofm train --config configs/debug-cpu.toml --data whb.zarr
+  neurofm launch --nnodes 2 --node-rank 0 --master-addr node01 --nproc-per-node 8 -- neurofm train ...
+  (under SLURM, srun starts the ranks itself: see slurm/)")]
 struct Args {
     /// Ranks on this node (default: the visible GPUs, or 1 without GPUs).
     #[arg(long)]

@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use common::cli::OutputArgs;
+use common::exit::ExitStatus;
+use common::logging::{self, LogSetup};
 use launcher::env::DistEnv;
-use tracing_subscriber::fmt::writer::MakeWriterExt;
 use trainer::comm::{connect, nccl_lib, resolve_backend, Backend, Communicator};
 use trainer::config::TrainConfig;
 use trainer::device::{describe, DeviceChoice, LocalRank};
@@ -16,7 +18,12 @@ use trainer::TrainError;
 
 /// Pretrain the neurofm encoder on a zarr store (see configs/ for presets).
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, after_help = "\
+Examples:
+  neurofm train --config configs/whb-fast.toml --data whb.zarr --run-dir runs/whb
+  neurofm train --config configs/whb-fast.toml --data whb.zarr --run-dir runs/whb --resume auto
+  neurofm launch --nproc-per-node 4 -- neurofm train --config configs/atlas.toml --data atlas.zarr
+  neurofm train --config configs/debug-cpu.toml --data a.zarr --data b.zarr --set optim.lr=1e-4")]
 struct Args {
     /// TOML config (configs/debug-cpu.toml, configs/seed-hello.toml, ...).
     #[arg(long, required_unless_present = "preflight")]
@@ -43,9 +50,11 @@ struct Args {
     /// Checkpoint and exit after this optimizer step (continue later with --resume auto).
     #[arg(long)]
     stop_at_step: Option<u64>,
-    /// No progress bar (it is drawn only on a terminal anyway).
+    /// Seed of initialization, split, shuffling, masking and dropout (overrides `seed`).
     #[arg(long)]
-    no_progress: bool,
+    seed: Option<u64>,
+    #[command(flatten)]
+    output: OutputArgs,
     /// Transport between ranks: auto (NCCL on GPUs, MPI on CPUs), nccl, mpi, single.
     #[arg(long, value_enum, env = "NEUROFM_BACKEND", default_value = "auto")]
     backend: Backend,
@@ -88,6 +97,7 @@ fn exit_with(e: &TrainError, comm: Option<&dyn Communicator>) -> ! {
 
 fn train(args: Args) -> Result<(), TrainError> {
     let env = DistEnv::from_env()?;
+    logging::init(LogSetup { rank: env.rank, quiet: args.output.quiet, to_file: true });
     let device = args.device.resolve(LocalRank { rank: env.local_rank, world: env.local_world })?;
     let backend = resolve_backend(args.backend, &env, device);
     if backend == Backend::Nccl || args.preflight {
@@ -125,6 +135,7 @@ fn preflight(env: &DistEnv, device: tch::Device, backend: Backend) -> Result<(),
 
 fn train_in_group(args: &Args, comm: &dyn Communicator, device: tch::Device) -> Result<(), TrainError> {
     let mut overrides = args.overrides.clone();
+    overrides.extend(args.seed.map(|s| format!("seed={s}")));
     match args.data.as_slice() {
         [] => {}
         [one] => overrides.push(format!("data.store={}", toml_string(&one.to_string_lossy()))),
@@ -154,10 +165,16 @@ fn train_in_group(args: &Args, comm: &dyn Communicator, device: tch::Device) -> 
         comm.barrier()?;
         RunDir::join(&run_path, &resume)?
     };
-    init_logging(&run_dir.path, comm.rank(), comm.world())?;
+    if comm.rank() == 0 {
+        let log = run_dir.path.join("train.log");
+        logging::attach(&log).map_err(|e| TrainError::Io { path: log, source: e })?;
+        if comm.world() > 1 {
+            tracing::info!("rank 0 of {} writes this log, the events and the checkpoints", comm.world());
+        }
+    }
     tracing::info!("neurofm-train {} → {}", env!("CARGO_PKG_VERSION"), run_dir.path.display());
     tracing::info!("rank {} runs on {}", comm.rank(), describe(device));
-    let opts = RunOptions { device, progress: !args.no_progress, stop_at_step: args.stop_at_step };
+    let opts = RunOptions { device, progress: args.output.progress(), stop_at_step: args.stop_at_step };
     let summary = run(cfg, &run_dir, &opts, comm)?;
     if let (Some(v), 0) = (summary.val, comm.rank()) {
         tracing::info!(
@@ -174,23 +191,4 @@ fn train_in_group(args: &Args, comm: &dyn Communicator, device: tch::Device) -> 
 /// A TOML string literal (paths with quotes or backslashes stay intact).
 fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
-}
-
-/// Logs to stderr, and on rank 0 also to `train.log` in the run directory (appended across
-/// resumes). Other ranks log warnings and errors only, so a group's output stays readable.
-fn init_logging(run_dir: &std::path::Path, rank: usize, world: usize) -> Result<(), TrainError> {
-    let default = if rank == 0 { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
-    if rank > 0 {
-        fmt.with_writer(std::io::stderr).init();
-        return Ok(());
-    }
-    let path = run_dir.join("train.log");
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| TrainError::Io { path: path.clone(), source: e })?;
-    fmt.with_writer(std::io::stderr.and(std::sync::Mutex::new(file))).init();
-    if world > 1 {
-        tracing::info!("rank 0 of {world} writes this log, the events and the checkpoints");
-    }
-    Ok(())
 }
