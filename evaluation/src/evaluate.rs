@@ -1,12 +1,12 @@
 //! One evaluation, top to bottom: load the run's model, open the data, choose cells and split,
 //! embed (trained and untrained model), build the baselines, probe and cluster every
-//! representation, lay the embedding out in 2-D, then write files, figures and the report.
+//! representation, lay the embedding out in 2-D (`layout`), then write files (`outputs`),
+//! figures (`figures`) and the report (`report`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use dataloader::genes::Overlap;
-use linfa::traits::Transformer;
 use ndarray::{Array2, ArrayView2, Axis};
 use serde::Serialize;
 use tracing::info;
@@ -23,8 +23,8 @@ use crate::labels::{ClassSpec, Labels, Split, SplitKind};
 use crate::linalg::{log_normalized, qc_features, Pca};
 use crate::metrics::{adjusted_rand_index, normalized_mutual_info};
 use crate::probe::{few_shot, knn_accuracy, logistic_probe, FewShotPoint, ProbeResult, Scores};
-use crate::report::{num, Block};
-use crate::umap::{fuzzy_graph, umap, UmapConfig};
+use crate::report::num;
+use crate::umap::fuzzy_graph;
 use crate::{outputs, plots};
 use trainer::metrics::{self as run_metrics, Column};
 
@@ -286,7 +286,7 @@ fn evaluate_all(cfg: &EvalConfig) -> Result<EvalMetrics> {
     let model_probe = model_probe.ok_or_else(|| EvalError::Internal("no representation was scored".into()))?;
 
     // Layouts of the model's embedding.
-    let layout = layouts(&reps[0].1.view(), neighbours_of_model.as_ref(), cfg.max_layout_cells, cfg.seed);
+    let layout = crate::layout::layouts(&reps[0].1.view(), neighbours_of_model.as_ref(), cfg.max_layout_cells, cfg.seed);
     info!("layouts of {} cells: t-SNE {:.1} s, UMAP {:.1} s", layout.cells.len(), layout.tsne_seconds, layout.umap_seconds);
 
     let run = run_info(&model);
@@ -318,9 +318,9 @@ fn evaluate_all(cfg: &EvalConfig) -> Result<EvalMetrics> {
             umap_seconds: layout.umap_seconds,
         },
     };
-    write_outputs(&out, &data, &labels, &split, &trained.x, &layout, &clusters_of_model, &model_probe)?;
-    let figures = write_figures(&out, &model, &labels, &split, &layout, &model_probe, &roc_curves)?;
-    write_report(&out, &metrics, &figures)?;
+    outputs::write_eval_files(&out, &data, &labels, &split, &trained.x, &layout, &clusters_of_model, &model_probe)?;
+    let figures = crate::figures::write_figures(&out, &model, &labels, &split, &layout, &model_probe, &roc_curves)?;
+    crate::report::write_eval_report(&out, &metrics, &figures)?;
     let json = serde_json::to_vec_pretty(&metrics).map_err(|e| EvalError::Internal(e.to_string()))?;
     outputs::write_atomic(&out.join("metrics.json"), &json)?;
     info!("wrote {}", out.display());
@@ -354,105 +354,6 @@ fn score_representation(name: &str, x: &ArrayView2<f64>, labels: &Labels, split:
     Ok((s, probe, clusters, nb))
 }
 
-/// 2-D views of the model's embedding: PCA on every cell, t-SNE and UMAP on a sample.
-struct Layout {
-    /// Positions (into the evaluated cells) of the cells t-SNE/UMAP place.
-    cells: Vec<usize>,
-    pca: Array2<f64>,
-    pca_ratio: Vec<f64>,
-    tsne: Array2<f64>,
-    umap: Array2<f64>,
-    tsne_seconds: f64,
-    umap_seconds: f64,
-}
-
-/// `all_neighbours`: the 15-NN graph of every row of `x`, reused when no sampling is needed.
-fn layouts(x: &ArrayView2<f64>, all_neighbours: Option<&Neighbours>, max_cells: usize, seed: u64) -> Layout {
-    let n = x.nrows();
-    let pca_fit = Pca::fit(x, 2, seed);
-    let pca = pca_fit.transform(x);
-    let mut cells: Vec<usize> = (0..n).collect();
-    if n > max_cells {
-        use rand::seq::SliceRandom;
-        use rand::SeedableRng;
-        cells.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-        cells.truncate(max_cells);
-        cells.sort_unstable();
-    }
-    let sub = x.select(Axis(0), &cells);
-    let t0 = Instant::now();
-    let tsne = tsne(&sub.view(), seed);
-    let tsne_seconds = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let cfg = UmapConfig { seed, ..UmapConfig::default() };
-    let umap = match all_neighbours.filter(|nb| n <= max_cells && nb.k + 1 == cfg.n_neighbors) {
-        Some(nb) => umap(&sub.view(), nb, &cfg),
-        None => umap(&sub.view(), &crate::umap::neighbours(&sub.view(), cfg.n_neighbors), &cfg),
-    };
-    let umap_seconds = t1.elapsed().as_secs_f64();
-    Layout { cells, pca, pca_ratio: pca_fit.explained_variance_ratio.to_vec(), tsne, umap, tsne_seconds, umap_seconds }
-}
-
-/// Barnes–Hut t-SNE (perplexity 30, 1000 iterations) on at most 50 principal components.
-pub fn tsne(x: &ArrayView2<f64>, seed: u64) -> Array2<f64> {
-    let n = x.nrows();
-    if n < 5 {
-        return Array2::zeros((n, 2));
-    }
-    let input = if x.ncols() > 50 { Pca::fit(x, 50, seed).transform(x) } else { x.to_owned() };
-    let perplexity = 30f64.min((n as f64 - 1.0) / 3.0 - 1e-6);
-    let params = linfa_tsne::TSneParams::embedding_size(2).perplexity(perplexity).approx_threshold(0.5).max_iter(1000);
-    let spinner = common::progress::spinner(&format!("t-SNE of {n} cells"));
-    let layout = params.transform(input).unwrap_or_else(|e| {
-        tracing::warn!("t-SNE failed ({e}); its layout is left empty (NaN)");
-        Array2::from_elem((n, 2), f64::NAN)
-    });
-    spinner.finish_and_clear();
-    layout
-}
-
-/// `neurofm-eval layout` settings: a 2-D layout of any matrix.
-#[derive(Debug, Clone, clap::Args)]
-pub struct LayoutConfig {
-    /// Rows to lay out: a 2-D float `.npy` (e.g. embeddings.npy).
-    #[arg(long)]
-    pub input: PathBuf,
-    #[arg(long, value_enum, default_value = "umap")]
-    pub method: LayoutMethod,
-    /// Output `.npy` (n × 2, float32).
-    #[arg(long)]
-    pub out: PathBuf,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-}
-
-/// Which layout `neurofm-eval layout` computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LayoutMethod {
-    /// UMAP, 15 cosine neighbours.
-    Umap,
-    /// Barnes–Hut t-SNE, perplexity 30.
-    Tsne,
-    Pca,
-}
-
-/// Computes and writes the layout; returns the seconds it took (reading excluded).
-pub fn layout_file(cfg: &LayoutConfig) -> Result<f64> {
-    let x = outputs::read_npy(&cfg.input)?;
-    let start = Instant::now();
-    let y = match cfg.method {
-        LayoutMethod::Umap => {
-            let ucfg = UmapConfig { seed: cfg.seed, ..UmapConfig::default() };
-            umap(&x.view(), &crate::umap::neighbours(&x.view(), ucfg.n_neighbors), &ucfg)
-        }
-        LayoutMethod::Tsne => tsne(&x.view(), cfg.seed),
-        LayoutMethod::Pca => Pca::fit(&x.view(), 2, cfg.seed).transform(&x.view()),
-    };
-    let seconds = start.elapsed().as_secs_f64();
-    outputs::write_atomic(&cfg.out, &outputs::npy_f32(&y.mapv(|v| v as f32)))?;
-    Ok(seconds)
-}
-
 fn run_info(model: &TrainedModel) -> RunInfo {
     let rows = run_metrics::read(&model.run.join("metrics.csv")).unwrap_or_else(|e| {
         tracing::warn!("{e}: the report leaves out the training numbers");
@@ -470,204 +371,3 @@ fn run_info(model: &TrainedModel) -> RunInfo {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_outputs(out: &Path, data: &EvalData, labels: &Labels, split: &Split, x: &Array2<f32>, layout: &Layout, clusters: &[usize], probe: &ProbeResult) -> Result<()> {
-    outputs::write_atomic(&out.join("embeddings.npy"), &outputs::npy_f32(x))?;
-    let names = &data.obs.index;
-    let mut part = vec!["train"; labels.cells.len()];
-    for &t in &split.test {
-        part[t] = "test";
-    }
-    let rows = (0..labels.cells.len()).map(|i| {
-        vec![names[labels.cells[i]].clone(), labels.cells[i].to_string(), labels.classes[labels.y[i]].clone(), part[i].to_string(), clusters[i].to_string()]
-    });
-    outputs::write_atomic(&out.join("cells.tsv"), &outputs::tsv(&["cell", "store_row", "label", "split", "cluster"], rows))?;
-
-    // Test-set predictions, so anyone can recompute the scores (CI does, with scikit-learn).
-    let mut head: Vec<String> = vec!["cell".into(), "truth".into(), "pred".into()];
-    head.extend(labels.classes.iter().map(|c| format!("p_{c}")));
-    let head_ref: Vec<&str> = head.iter().map(String::as_str).collect();
-    let rows = split.test.iter().enumerate().map(|(r, &t)| {
-        let mut v = vec![names[labels.cells[t]].clone(), labels.y[t].to_string(), probe.pred[r].to_string()];
-        v.extend(probe.proba.row(r).iter().map(|p| format!("{p:.17e}")));
-        v
-    });
-    outputs::write_atomic(&out.join("predictions.tsv"), &outputs::tsv(&head_ref, rows))?;
-
-    let mut obs = data.obs.take(&labels.cells);
-    obs.columns.push(("neurofm_class".into(), dataloader::frame::Column::categorical_from_text(labels.y.iter().map(|&k| labels.classes[k].clone()).collect())));
-    obs.columns.push(("neurofm_split".into(), dataloader::frame::Column::categorical_from_text(part.iter().map(|s| s.to_string()).collect())));
-    obs.columns.push(("neurofm_cluster".into(), dataloader::frame::Column::categorical_from_text(clusters.iter().map(|c| c.to_string()).collect())));
-    let spread = |coords: &Array2<f64>| -> Array2<f32> {
-        let mut full = Array2::<f32>::from_elem((labels.cells.len(), 2), f32::NAN);
-        for (r, &c) in layout.cells.iter().enumerate() {
-            full[[c, 0]] = coords[[r, 0]] as f32;
-            full[[c, 1]] = coords[[r, 1]] as f32;
-        }
-        full
-    };
-    let (tsne, umap, pca) = (spread(&layout.tsne), spread(&layout.umap), layout.pca.mapv(|v| v as f32));
-    outputs::h5ad(&out.join("embeddings.h5ad"), &obs, &[("X_neurofm", x), ("X_pca", &pca), ("X_tsne", &tsne), ("X_umap", &umap)])
-}
-
-/// The figures written, with captions, in report order.
-fn write_figures(out: &Path, model: &TrainedModel, labels: &Labels, split: &Split, layout: &Layout, probe: &ProbeResult, roc_curves: &[(String, Vec<(f64, f64)>)]) -> Result<Vec<(String, String)>> {
-    let mut figs = Vec::new();
-    let class_all: Vec<Option<usize>> = labels.y.iter().map(|&k| Some(k)).collect();
-    let xy = |m: &Array2<f64>| -> Vec<(f64, f64)> { m.rows().into_iter().map(|r| (r[0], r[1])).collect() };
-    let pct = |i: usize| layout.pca_ratio.get(i).map(|r| format!("PC{} ({:.1} %)", i + 1, 100.0 * r)).unwrap_or_default();
-    let (p1, p2) = (pct(0), pct(1));
-    plots::scatter(&out.join("pca.png"), "PCA of the embeddings", &xy(&layout.pca), &class_all, &labels.classes, (&p1, &p2))?;
-    figs.push(("pca.png".into(), "PCA of the model's cell embeddings, colored by label".into()));
-    let sampled: Vec<Option<usize>> = layout.cells.iter().map(|&c| Some(labels.y[c])).collect();
-    plots::scatter(&out.join("tsne.png"), "t-SNE of the embeddings", &xy(&layout.tsne), &sampled, &labels.classes, ("t-SNE 1", "t-SNE 2"))?;
-    figs.push(("tsne.png".into(), "t-SNE (perplexity 30) of the embeddings".into()));
-    plots::scatter(&out.join("umap.png"), "UMAP of the embeddings", &xy(&layout.umap), &sampled, &labels.classes, ("UMAP 1", "UMAP 2"))?;
-    figs.push(("umap.png".into(), "UMAP (15 neighbours, cosine) of the embeddings".into()));
-
-    if labels.n_classes() == 2 {
-        plots::roc(&out.join("roc.png"), "ROC of the logistic probes (test cells)", roc_curves)?;
-        figs.push(("roc.png".into(), "ROC curves on the test cells: model and baselines".into()));
-    } else {
-        let curves: Vec<(String, Vec<(f64, f64)>)> = (0..labels.n_classes())
-            .take(20)
-            .map(|k| {
-                let truth: Vec<bool> = split.test.iter().map(|&t| labels.y[t] == k).collect();
-                (labels.classes[k].clone(), plots::roc_points(&truth, &probe.proba.column(k).to_vec()))
-            })
-            .collect();
-        plots::roc(&out.join("roc.png"), "ROC of the model's probe, one class vs rest", &curves)?;
-        figs.push(("roc.png".into(), "One-vs-rest ROC curves of the model's probe".into()));
-    }
-    plots::confusion(&out.join("confusion.png"), "Confusion matrix of the model's probe (test cells)", &probe.confusion, &labels.classes)?;
-    let mut head = vec!["true \\ predicted".to_string()];
-    head.extend(labels.classes.iter().cloned());
-    let rows = probe.confusion.rows().into_iter().enumerate().map(|(t, r)| {
-        let mut v = vec![labels.classes[t].clone()];
-        v.extend(r.iter().map(|n| n.to_string()));
-        v
-    });
-    let head_ref: Vec<&str> = head.iter().map(String::as_str).collect();
-    outputs::write_atomic(&out.join("confusion.csv"), &outputs::csv(&head_ref, rows))?;
-    figs.push(("confusion.png".into(), "Confusion matrix (rows: true class, shade: row share)".into()));
-
-    if let Ok(rows) = run_metrics::read(&model.run.join("metrics.csv")) {
-        let series = |split: &str, c: Column| -> Vec<(f64, f64)> { rows.iter().filter(|r| r.split == split).filter_map(|r| r.get(c).map(|v| (r.step as f64, v))).collect() };
-        let mut ppl = vec![("validation".to_string(), series("val", Column::Perplexity))];
-        let base = series("val", Column::BaselinePerplexity);
-        if !base.is_empty() {
-            ppl.push(("per-gene bin frequencies".to_string(), base));
-        }
-        let panels = [
-            plots::Panel {
-                title: "loss".into(),
-                y_desc: "cross-entropy".into(),
-                series: vec![
-                    ("train (masked)".into(), series("train", Column::MaskedLoss)),
-                    ("validation (masked)".into(), series("val", Column::Loss)),
-                    ("train (bottleneck)".into(), series("train", Column::BottleneckLoss)),
-                    ("train (contrastive)".into(), series("train", Column::ContrastiveLoss)),
-                ]
-                .into_iter()
-                .filter(|(_, s)| s.iter().any(|&(_, v)| v > 0.0))
-                .collect(),
-            },
-            plots::Panel { title: "validation perplexity".into(), y_desc: "perplexity".into(), series: ppl },
-            plots::Panel { title: "masked accuracy".into(), y_desc: "accuracy".into(), series: vec![("validation".into(), series("val", Column::MaskedAcc))] },
-        ];
-        if rows.iter().any(|r| r.split == "val") {
-            plots::panels(&out.join("training.png"), "Training curves", "step", &panels)?;
-            figs.push(("training.png".into(), "Training curves from the run's metrics.csv".into()));
-        }
-    }
-    Ok(figs)
-}
-
-fn write_report(out: &Path, m: &EvalMetrics, figures: &[(String, String)]) -> Result<()> {
-    let mut b = Vec::new();
-    b.push(Block::Heading("Run".into()));
-    b.push(Block::Table(
-        vec!["item".into(), "value".into()],
-        vec![
-            vec!["run directory".into(), m.run.run_dir.display().to_string()],
-            vec!["checkpoint".into(), format!("{} (step {})", m.run.checkpoint.display(), m.run.step)],
-            vec!["parameters".into(), m.run.parameters.to_string()],
-            vec!["final validation perplexity".into(), num(m.run.final_val_perplexity)],
-            vec!["per-gene bin-frequency perplexity (to beat)".into(), num(m.run.per_gene_baseline_perplexity)],
-            vec!["final validation masked accuracy".into(), num(m.run.final_val_masked_acc)],
-        ],
-    ));
-    b.push(Block::Heading("Data".into()));
-    let classes: Vec<String> = m.data.classes.iter().zip(&m.data.class_counts).map(|(c, n)| format!("{c} ({n})")).collect();
-    b.push(Block::Paragraph(format!(
-        "{}: {} cells, label column `{}`, {} classes: {}. Split {}: {} training / {} test cells. {} genes in the data; gene overlap with the model: {}. Embeddings: {} pooling of layer {}, {} dimensions, {:.1} cells/s on {}.",
-        m.data.path.display(),
-        m.data.cells,
-        m.data.label_col,
-        m.data.classes.len(),
-        classes.join(", "),
-        m.data.split,
-        m.data.n_train,
-        m.data.n_test,
-        m.data.genes_in_data,
-        m.data.gene_overlap,
-        m.embedding.pooling.name(),
-        m.embedding.layer,
-        m.embedding.dim,
-        m.embedding.cells_per_s,
-        m.embedding.device
-    )));
-    if !m.data.dropped_classes.is_empty() {
-        let d: Vec<String> = m.data.dropped_classes.iter().map(|(c, n)| format!("{c} ({n})")).collect();
-        b.push(Block::Paragraph(format!("Classes dropped as too small: {}.", d.join(", "))));
-    }
-    b.push(Block::Heading("Model vs baselines".into()));
-    b.push(Block::Paragraph("Logistic regression on standardized features (C by 5-fold CV on the training cells), scored on the test cells; kNN: 15 cosine neighbours among training cells; clusters: Louvain on the 15-NN fuzzy graph of all cells, compared with the labels. Depth R²: how well a linear regression on the representation predicts each cell's log total counts and log genes detected (5-fold cross-validated); high values mean the representation encodes sequencing depth.".into()));
-    let head = ["representation", "dim", "accuracy", "balanced acc.", "macro F1", "F1 (class 1)", "ROC-AUC", "kNN acc.", "clusters", "ARI", "NMI", "silhouette", "depth R² (counts)", "depth R² (genes)"];
-    let rows = m
-        .representations
-        .iter()
-        .map(|r| {
-            vec![
-                r.name.clone(),
-                r.dim.to_string(),
-                num(Some(r.probe.accuracy)),
-                num(Some(r.probe.balanced_accuracy)),
-                num(Some(r.probe.macro_f1)),
-                num(r.probe.f1_positive),
-                num(r.probe.roc_auc),
-                num(Some(r.knn_accuracy)),
-                r.clusters.to_string(),
-                num(Some(r.cluster_ari)),
-                num(Some(r.cluster_nmi)),
-                num(r.silhouette),
-                num(Some(r.depth_r2.log_total_counts)),
-                num(Some(r.depth_r2.log_genes_detected)),
-            ]
-        })
-        .collect();
-    b.push(Block::Table(head.iter().map(|s| s.to_string()).collect(), rows));
-    b.push(Block::Heading("Few-shot probes".into()));
-    let sizes: Vec<usize> = m.representations.first().map(|r| r.few_shot.iter().map(|p| p.cells_per_class).collect()).unwrap_or_default();
-    if sizes.is_empty() {
-        b.push(Block::Paragraph("Too few training cells per class for the few-shot curve.".into()));
-    } else {
-        let mut head = vec!["representation".to_string()];
-        head.extend(sizes.iter().map(|n| format!("{n}/class accuracy")));
-        let rows = m.representations.iter().map(|r| {
-            let mut v = vec![r.name.clone()];
-            v.extend(r.few_shot.iter().map(|p| format!("{:.3} ± {:.3}", p.accuracy_mean, p.accuracy_std)));
-            v
-        });
-        b.push(Block::Table(head, rows.collect()));
-        b.push(Block::Paragraph(format!("Mean ± standard deviation over {} random draws of training cells; tested on all test cells.", crate::probe::FEW_SHOT_DRAWS)));
-    }
-    b.push(Block::Heading("Figures".into()));
-    b.push(Block::Paragraph(format!("Layouts of {} cells: t-SNE {:.1} s, UMAP {:.1} s.", m.layouts.cells, m.layouts.tsne_seconds, m.layouts.umap_seconds)));
-    for (file, caption) in figures {
-        b.push(Block::Image { file: file.clone(), caption: caption.clone() });
-    }
-    let title = "neurofm evaluation";
-    outputs::write_atomic(&out.join("report.md"), crate::report::markdown(title, &b).as_bytes())?;
-    outputs::write_atomic(&out.join("report.html"), crate::report::html(title, &b, out)?.as_bytes())
-}

@@ -9,7 +9,11 @@ use dataloader::h5write::{dict_group, encoding, frame};
 use dataloader::source::h5::h5err;
 use ndarray::Array2;
 
+use crate::dataset::EvalData;
 use crate::error::{EvalError, Result};
+use crate::labels::{Labels, Split};
+use crate::layout::Layout;
+use crate::probe::ProbeResult;
 
 /// Writes `bytes` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -129,6 +133,49 @@ fn write_h5ad(path: &Path, obs: &Frame, obsm: &[(&str, &Array2<f32>)]) -> Result
     }
     file.close().map_err(h5err(path, "/"))?;
     Ok(())
+}
+
+/// The per-cell files of an evaluation: `embeddings.npy`, `cells.tsv` (label, split, cluster),
+/// `predictions.tsv` (test-set probabilities, so anyone can recompute the scores) and
+/// `embeddings.h5ad` (obs plus the embedding and its layouts in `obsm`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_eval_files(out: &Path, data: &EvalData, labels: &Labels, split: &Split, x: &Array2<f32>, layout: &Layout, clusters: &[usize], probe: &ProbeResult) -> Result<()> {
+    write_atomic(&out.join("embeddings.npy"), &npy_f32(x))?;
+    let names = &data.obs.index;
+    let mut part = vec!["train"; labels.cells.len()];
+    for &t in &split.test {
+        part[t] = "test";
+    }
+    let rows = (0..labels.cells.len()).map(|i| {
+        vec![names[labels.cells[i]].clone(), labels.cells[i].to_string(), labels.classes[labels.y[i]].clone(), part[i].to_string(), clusters[i].to_string()]
+    });
+    write_atomic(&out.join("cells.tsv"), &tsv(&["cell", "store_row", "label", "split", "cluster"], rows))?;
+
+    // Test-set predictions, so anyone can recompute the scores (CI does, with scikit-learn).
+    let mut head: Vec<String> = vec!["cell".into(), "truth".into(), "pred".into()];
+    head.extend(labels.classes.iter().map(|c| format!("p_{c}")));
+    let head_ref: Vec<&str> = head.iter().map(String::as_str).collect();
+    let rows = split.test.iter().enumerate().map(|(r, &t)| {
+        let mut v = vec![names[labels.cells[t]].clone(), labels.y[t].to_string(), probe.pred[r].to_string()];
+        v.extend(probe.proba.row(r).iter().map(|p| format!("{p:.17e}")));
+        v
+    });
+    write_atomic(&out.join("predictions.tsv"), &tsv(&head_ref, rows))?;
+
+    let mut obs = data.obs.take(&labels.cells);
+    obs.columns.push(("neurofm_class".into(), dataloader::frame::Column::categorical_from_text(labels.y.iter().map(|&k| labels.classes[k].clone()).collect())));
+    obs.columns.push(("neurofm_split".into(), dataloader::frame::Column::categorical_from_text(part.iter().map(|s| s.to_string()).collect())));
+    obs.columns.push(("neurofm_cluster".into(), dataloader::frame::Column::categorical_from_text(clusters.iter().map(|c| c.to_string()).collect())));
+    let spread = |coords: &Array2<f64>| -> Array2<f32> {
+        let mut full = Array2::<f32>::from_elem((labels.cells.len(), 2), f32::NAN);
+        for (r, &c) in layout.cells.iter().enumerate() {
+            full[[c, 0]] = coords[[r, 0]] as f32;
+            full[[c, 1]] = coords[[r, 1]] as f32;
+        }
+        full
+    };
+    let (tsne, umap, pca) = (spread(&layout.tsne), spread(&layout.umap), layout.pca.mapv(|v| v as f32));
+    h5ad(&out.join("embeddings.h5ad"), &obs, &[("X_neurofm", x), ("X_pca", &pca), ("X_tsne", &tsne), ("X_umap", &umap)])
 }
 
 #[cfg(test)]

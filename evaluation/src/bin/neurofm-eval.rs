@@ -6,7 +6,8 @@ use common::cli::OutputArgs;
 use common::exit::ExitStatus;
 use common::logging::{self, LogSetup};
 use evaluation::atlas::{atlas_plot, AtlasConfig};
-use evaluation::evaluate::{evaluate, layout_file, EvalConfig, LayoutConfig};
+use evaluation::evaluate::{evaluate, EvalConfig};
+use evaluation::layout::{layout_file, LayoutConfig};
 use evaluation::EvalError;
 
 #[derive(Parser)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use common::exit::Exit;
 use launcher::env::{Backend, RESTART_COUNT};
 use launcher::store::{RendezvousToken, TOKEN_VAR};
 use launcher::supervise::{run_group, ChildSpec, Outcome};
@@ -53,14 +54,14 @@ fn main() -> ExitCode {
         Ok(plan) => plan,
         Err(e) => {
             eprintln!("neurofm-launch: error: {e:#}");
-            return ExitCode::from(2);
+            return Exit::BadInput.into();
         }
     };
     match plan.launch() {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("neurofm-launch: error: {e:#}");
-            ExitCode::from(1)
+            Exit::Failure.into()
         }
     }
 }
