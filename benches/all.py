@@ -7,6 +7,7 @@ speed, then prints a Markdown table (the README's benchmark table is this output
 with the raw numbers to $CACHE/bench/summary.{md,json}.
 
   python benches/all.py [--gb 2] [--config configs/whb-fast.toml] [--steps 30] [--layout-cells 10000]
+  python benches/all.py --table      (print the last run's table again)
 """
 
 import argparse
@@ -41,13 +42,26 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, {mem_kb / 2**20:.0f} GiB, {osname}, GPU: {gpu}"
 
 
+def render(where, rows):
+    """The Markdown table: values under 100 with one decimal, larger ones with thousands separators."""
+    lines = [f"Machine: {where}", "", "| benchmark | value | unit | detail |", "|---|---|---|---|"]
+    for b, v, unit, detail in rows:
+        lines.append(f"| {b} | {v:.1f} | {unit} | {detail} |" if v < 100 else f"| {b} | {v:,.0f} | {unit} | {detail} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=2.0, help="size of the generated h5ad for conversion")
     ap.add_argument("--config", default="configs/whb-fast.toml", help="training config (the default recipe)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--layout-cells", type=int, default=10000)
+    ap.add_argument("--table", action="store_true", help="print the last run's table again, run nothing")
     args = ap.parse_args()
+    if args.table:
+        last = json.load(open(os.path.join(CACHE, "summary.json")))
+        print(render(last["machine"], [(r["benchmark"], r["value"], r["unit"], r["detail"]) for r in last["rows"]]))
+        return 0
     os.makedirs(CACHE, exist_ok=True)
     rows = []  # (benchmark, value, unit, detail)
 
@@ -97,10 +111,7 @@ def main():
         rows.append(("fine-tune cells/s", rate, "cells/s", "WHB subtype, 1 rank"))
 
     where = machine()
-    lines = [f"Machine: {where}", "", "| benchmark | value | unit | detail |", "|---|---|---|---|"]
-    for b, v, unit, detail in rows:
-        lines.append(f"| {b} | {v:.3g} | {unit} | {detail} |" if v < 100 else f"| {b} | {v:,.0f} | {unit} | {detail} |")
-    table = "\n".join(lines)
+    table = render(where, rows)
     print(table)
     with open(os.path.join(CACHE, "summary.md"), "w") as fh:
         fh.write(table + "\n")

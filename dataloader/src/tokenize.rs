@@ -21,6 +21,11 @@ use crate::error::{DataError, Result};
 use crate::rng::Purpose;
 use crate::corpus::{sample_blocks, Corpus};
 
+/// Special tokens after the regular ones, in both token streams: bins are followed by `[MASK]`,
+/// padding and `[CLS]` (`Vocab`), genes by `[CLS]`, padding and `[MASK]` (`Tokenizer::gene_*`).
+/// Embedding tables have this many rows beyond the bins or genes.
+pub const SPECIAL_TOKENS: usize = 3;
+
 /// Token ids for an expression vocabulary of `n_bins` bins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vocab {
@@ -42,7 +47,7 @@ impl Vocab {
     }
     /// Size of the bin-token embedding table.
     pub fn size(&self) -> usize {
-        self.n_bins + 3
+        self.n_bins + SPECIAL_TOKENS
     }
 }
 
@@ -122,7 +127,7 @@ impl Tokenizer {
     }
     /// Size of the gene-token embedding table.
     pub fn gene_table_size(&self) -> usize {
-        self.genes.len() + 3
+        self.genes.len() + SPECIAL_TOKENS
     }
 
     /// Whether sequences are ranked expressed genes (`rank-value`) rather than binned values.

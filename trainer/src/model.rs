@@ -15,6 +15,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{Result, TrainError};
 use dataloader::mask::IGNORE;
+use dataloader::tokenize::SPECIAL_TOKENS;
 
 /// Vocabulary sizes the model is built for; with `ModelConfig`, its full shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -186,9 +187,9 @@ impl Encoder {
             vocab,
             compute: Kind::Float,
             // Gene ids: genes, then [CLS], padding and [MASK] (`Tokenizer::gene_cls/pad/mask`).
-            gene_emb: (root / "gene_embedding").f_var("weight", &[vocab.n_genes as i64 + 3, d], emb)?,
+            gene_emb: (root / "gene_embedding").f_var("weight", &[(vocab.n_genes + SPECIAL_TOKENS) as i64, d], emb)?,
             // Bin ids: bins, then [MASK], [PAD], [CLS] (`tokenize::Vocab`).
-            bin_emb: (root / "bin_embedding").f_var("weight", &[vocab.n_bins as i64 + 3, d], emb)?,
+            bin_emb: (root / "bin_embedding").f_var("weight", &[(vocab.n_bins + SPECIAL_TOKENS) as i64, d], emb)?,
             depth_proj: if cfg.depth_tokens { Some(Linear::new(root / "depth_tokens", 2, cfg.d_model)?) } else { None },
             layers,
             final_norm: Norm::new(root / "final_norm", cfg.d_model)?,
