@@ -211,7 +211,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     })?;
     bar.finish_and_clear();
 
-    let mut obs_out = obs.take(&written.source_rows);
+    let mut obs_out = obs.into_take(&written.source_rows);
     let renamed_cells = obs_out.make_index_unique();
     let mut var_out = var.take(&kept_genes);
     if let Some(col) = &opts.var_names {

@@ -70,6 +70,14 @@ impl Column {
         }
     }
 
+    /// `take` that moves strings out of `self` instead of copying them; `rows` must be distinct.
+    fn take_moving(&mut self, rows: &[usize]) -> Column {
+        match self {
+            Column::Strings(v) => Column::Strings(rows.iter().map(|&r| std::mem::take(&mut v[r])).collect()),
+            other => other.take(rows),
+        }
+    }
+
     /// Value counts, most frequent first (ties by value), for inspection.
     pub fn top_values(&self, k: usize) -> Vec<(String, usize)> {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -144,9 +152,32 @@ impl Frame {
         }
     }
 
+    /// `take` of a frame that is not needed afterwards: the selected names and strings are moved,
+    /// not copied, so reordering a million-cell obs never holds two copies of its names. A
+    /// selection that repeats a row falls back to copying.
+    pub fn into_take(mut self, rows: &[usize]) -> Frame {
+        let mut seen = vec![false; self.len()];
+        if rows.iter().any(|&r| std::mem::replace(&mut seen[r], true)) {
+            return self.take(rows);
+        }
+        Frame {
+            index: rows.iter().map(|&r| std::mem::take(&mut self.index[r])).collect(),
+            columns: self.columns.iter_mut().map(|(n, c)| (std::mem::take(n), c.take_moving(rows))).collect(),
+            index_name: self.index_name,
+        }
+    }
+
     /// Makes index names unique the way AnnData's `obs_names_make_unique` does:
     /// the second `x` becomes `x-1`, the third `x-2`. Returns how many were renamed.
     pub fn make_index_unique(&mut self) -> usize {
+        // The usual case, no repeated name, is settled with 8 bytes per name (sorted hashes)
+        // rather than the two hashed copies of every name the renaming below needs.
+        let mut hashes: Vec<u64> = self.index.iter().map(|n| crate::rng::hash_str(n)).collect();
+        hashes.sort_unstable();
+        if hashes.windows(2).all(|w| w[0] != w[1]) {
+            return 0;
+        }
+        drop(hashes);
         let mut seen: HashMap<String, usize> = HashMap::new();
         let all: std::collections::HashSet<String> = self.index.iter().cloned().collect();
         let mut renamed = 0;
@@ -179,6 +210,27 @@ mod tests {
         let mut f = Frame { index: ["a", "b", "a", "a"].map(String::from).to_vec(), ..Default::default() };
         assert_eq!(f.make_index_unique(), 2);
         assert_eq!(f.index, vec!["a", "b", "a-1", "a-2"]);
+        let mut unique = Frame { index: ["a", "b", "c"].map(String::from).to_vec(), ..Default::default() };
+        assert_eq!(unique.make_index_unique(), 0);
+        assert_eq!(unique.index, vec!["a", "b", "c"]);
+    }
+
+    #[test]
+    fn into_take_equals_take() {
+        let f = Frame {
+            index_name: "cell".into(),
+            index: ["c0", "c1", "c2", "c3"].map(String::from).to_vec(),
+            columns: vec![
+                ("s".into(), Column::Strings(["w", "x", "y", "z"].map(String::from).to_vec())),
+                ("n".into(), Column::Int(vec![0, 1, 2, 3])),
+            ],
+        };
+        for rows in [vec![2, 0, 3], vec![1, 1]] {
+            let want = f.take(&rows);
+            let got = f.clone().into_take(&rows);
+            assert_eq!((got.index_name.as_str(), &got.index), (want.index_name.as_str(), &want.index), "{rows:?}");
+            assert_eq!(got.columns, want.columns, "{rows:?}: a repeated row is copied, not emptied");
+        }
     }
 
     #[test]
