@@ -32,7 +32,7 @@ use trainer::metrics::{self as run_metrics, Column};
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalConfig {
     /// Run directory written by neurofm-train (`--run` also works).
-    #[arg(long = "run-dir", visible_alias = "run")]
+    #[arg(long = "run-dir", visible_alias = "run", value_name = "RUN_DIR")]
     pub run: PathBuf,
     /// `best`, `last`, or a checkpoint directory.
     #[arg(long, default_value = "best")]

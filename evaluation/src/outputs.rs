@@ -40,7 +40,10 @@ pub fn npy_f32(x: &Array2<f32>) -> Vec<u8> {
 
 /// Reads a 2-D little-endian float32/float64 C-order `.npy` (what NumPy writes by default).
 pub fn read_npy(path: &Path) -> Result<Array2<f64>> {
-    let b = std::fs::read(path).map_err(|e| EvalError::io(path, e))?;
+    let b = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => EvalError::input(path, "no such file; give --input a .npy file (e.g. RUN/eval/embeddings.npy)"),
+        _ => EvalError::io(path, e),
+    })?;
     let bad = |why: &str| EvalError::input(path, format!("{why}; expected a 2-D float32/float64 .npy as numpy.save writes it"));
     if b.len() < 10 || &b[..6] != b"\x93NUMPY" {
         return Err(bad("not a .npy file"));

@@ -12,7 +12,7 @@ use evaluation::EvalError;
 
 #[derive(Parser)]
 #[command(version, about = "Evaluate a neurofm run: cell embeddings, probes vs baselines, clustering, PCA/t-SNE/UMAP, report")]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(subcommand_negates_reqs = true)]
 #[command(after_help = "\
 Examples:
   neurofm eval --run-dir runs/whb --data whb.zarr --label-col subtype
