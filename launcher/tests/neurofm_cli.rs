@@ -28,3 +28,21 @@ fn an_unknown_tool_is_refused_with_the_list_of_tools() {
     let usage = neurofm(&["--help"]);
     assert!(usage.status.success() && String::from_utf8_lossy(&usage.stdout).contains("neurofm finetune --pretrained"));
 }
+
+#[test]
+fn every_tool_help_ends_with_examples() {
+    let dir = std::path::Path::new(env!("CARGO_BIN_EXE_neurofm")).parent().expect("bin dir").to_path_buf();
+    let mut checked = 0;
+    for tool in ["data", "train", "launch", "eval", "finetune", "annotate"] {
+        if !dir.join(format!("neurofm-{tool}")).is_file() {
+            // Built by `cargo build --workspace --bins` (make test does); CI must have them all.
+            assert!(std::env::var_os("CI").is_none(), "neurofm-{tool} is not built");
+            continue;
+        }
+        let help = neurofm(&[tool, "--help"]);
+        let text = String::from_utf8_lossy(&help.stdout);
+        assert!(help.status.success() && text.contains("Example"), "neurofm {tool} --help has no examples:\n{text}");
+        checked += 1;
+    }
+    assert!(checked >= 1, "at least neurofm-launch (this package) is built");
+}

@@ -30,8 +30,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Scatter of an atlas's own 2-D coordinates, top clusters colored (Allen metadata CSVs).
+    #[command(after_help = "\
+Example:
+  neurofm eval atlas-plot --cell-metadata cell_metadata.csv --cluster cluster.csv \\
+      --annotation cluster_annotation_term.csv --highlight 2523,210 --out atlas.png")]
     AtlasPlot(AtlasConfig),
     /// 2-D layout (UMAP, t-SNE or PCA) of any matrix in a .npy file.
+    #[command(after_help = "Example:\n  neurofm eval layout --input runs/whb/eval/embeddings.npy --method umap --out umap.npy")]
     Layout(LayoutConfig),
 }
 
