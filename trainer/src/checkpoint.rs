@@ -75,7 +75,8 @@ impl Checkpoints {
     pub fn save(&self, state: &TrainState, is_best: bool, keep_last: usize, write_tensors: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
         std::fs::create_dir_all(&self.dir).map_err(|e| TrainError::io(&self.dir, e))?;
         let name = format!("step-{:07}", state.step);
-        let tmp = self.dir.join(format!(".tmp-{name}-{}", std::process::id()));
+        let dst = self.dir.join(&name);
+        let tmp = common::atomic::temp_beside(&dst);
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
         }
@@ -88,7 +89,6 @@ impl Checkpoints {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        let dst = self.dir.join(&name);
         if dst.exists() {
             std::fs::remove_dir_all(&dst).map_err(|e| TrainError::io(&dst, e))?;
         }
@@ -103,11 +103,12 @@ impl Checkpoints {
 
     /// Atomically makes `checkpoints/<pointer>` a relative symlink to `target`.
     fn point(&self, pointer: &str, target: &str) -> Result<()> {
-        let tmp = self.dir.join(format!(".{pointer}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(target, &tmp).map_err(|e| TrainError::io(&tmp, e))?;
         let dst = self.dir.join(pointer);
-        std::fs::rename(&tmp, &dst).map_err(|e| TrainError::io(&dst, e))
+        let link = |tmp: &Path| {
+            let _ = std::fs::remove_file(tmp);
+            std::os::unix::fs::symlink(target, tmp).map_err(|e| TrainError::io(tmp, e))
+        };
+        common::atomic::write_via_temp(&dst, link, TrainError::io)
     }
 
     /// Step directories, oldest first.
