@@ -36,16 +36,6 @@ pub enum Purpose {
     BaselineSample = 42,
     /// The untrained model's (or a fresh model's) initial weights.
     Init = 50,
-    /// Generated data (`synth`): gene means and library effects.
-    SynthModel = 60,
-    /// Generated data: one cell's depth and counts.
-    SynthCell = 61,
-    /// Generated data: the conditions' effects on gene means.
-    SynthConditions = 62,
-    /// Generated data: which condition a cell is in.
-    SynthCondition = 63,
-    /// Generated data: which library a cell is in.
-    SynthLibrary = 64,
 }
 
 /// SplitMix64 finalizer (Steele et al. 2014): a cheap, well-mixed 64-bit hash.
