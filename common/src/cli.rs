@@ -18,13 +18,4 @@ impl OutputArgs {
     pub fn progress(&self) -> bool {
         !self.quiet && !self.no_progress && std::io::stderr().is_terminal()
     }
-
-    /// The default log level (`RUST_LOG` overrides it).
-    pub fn level(&self) -> &'static str {
-        if self.quiet {
-            "warn"
-        } else {
-            "info"
-        }
-    }
 }

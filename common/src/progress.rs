@@ -15,9 +15,14 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
+/// Whether bars are drawn: enabled, and stderr is a terminal.
+fn drawn() -> bool {
+    ENABLED.load(Ordering::Relaxed) && std::io::stderr().is_terminal()
+}
+
 /// A bar over `len` items counted in `unit` ("cells", "step", "epochs"), at position 0.
 pub fn bar(len: u64, unit: &str) -> ProgressBar {
-    if !ENABLED.load(Ordering::Relaxed) || !std::io::stderr().is_terminal() {
+    if !drawn() {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len);
@@ -31,7 +36,7 @@ pub fn bar(len: u64, unit: &str) -> ProgressBar {
 /// A spinner with elapsed time for a step whose length is unknown (a library call without a
 /// progress hook, such as t-SNE).
 pub fn spinner(msg: &str) -> ProgressBar {
-    if !ENABLED.load(Ordering::Relaxed) || !std::io::stderr().is_terminal() {
+    if !drawn() {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new_spinner().with_message(msg.to_string());

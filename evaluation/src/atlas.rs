@@ -3,10 +3,9 @@
 //! cell grey, chosen clusters drawn again on top in black outline (what `s1_rawUmap.py` did).
 
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use dataloader::select::parse_csv_line;
+use dataloader::select::CsvRows;
 use plotters::prelude::*;
 
 use crate::error::{EvalError, Result};
@@ -43,31 +42,21 @@ pub struct AtlasConfig {
     pub out: PathBuf,
 }
 
-/// A CSV read into columns by header name.
+/// A small CSV (the cluster tables) held whole, its columns found by header name.
 struct Table {
-    path: PathBuf,
-    header: Vec<String>,
+    csv: CsvRows,
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
     fn read(path: &Path) -> Result<Table> {
-        let f = std::fs::File::open(path).map_err(|e| EvalError::io(path, e))?;
-        let mut lines = std::io::BufReader::new(f).lines();
-        let header = parse_csv_line(&lines.next().transpose().map_err(|e| EvalError::io(path, e))?.unwrap_or_default());
-        let mut rows = Vec::new();
-        for (i, line) in lines.enumerate() {
-            let fields = parse_csv_line(&line.map_err(|e| EvalError::io(path, e))?);
-            if fields.len() != header.len() {
-                return Err(EvalError::input(path, format!("line {}: {} fields, the header has {}", i + 2, fields.len(), header.len())));
-            }
-            rows.push(fields);
-        }
-        Ok(Table { path: path.to_path_buf(), header, rows })
+        let mut csv = CsvRows::open(path)?;
+        let rows = csv.by_ref().map(|r| r.map(|(_, fields)| fields)).collect::<dataloader::Result<_>>()?;
+        Ok(Table { csv, rows })
     }
 
     fn col(&self, name: &str, flag: &str) -> Result<usize> {
-        self.header.iter().position(|h| h == name).ok_or_else(|| EvalError::input(&self.path, format!("no column `{name}` ({flag}); the header has: {}", self.header.join(", "))))
+        Ok(self.csv.column(name, flag)?)
     }
 }
 
@@ -95,25 +84,14 @@ struct Points {
 impl Points {
     fn read(cfg: &AtlasConfig) -> Result<Points> {
         let path = &cfg.cell_metadata;
-        let f = std::fs::File::open(path).map_err(|e| EvalError::io(path, e))?;
-        let mut lines = std::io::BufReader::new(f).lines();
-        let header = parse_csv_line(&lines.next().transpose().map_err(|e| EvalError::io(path, e))?.unwrap_or_default());
-        let col = |name: &str, flag: &str| {
-            header.iter().position(|h| h == name).ok_or_else(|| EvalError::input(path, format!("no column `{name}` ({flag}); the header has: {}", header.join(", "))))
-        };
-        let (xi, yi, ci) = (col(&cfg.x_col, "--x-col")?, col(&cfg.y_col, "--y-col")?, col(&cfg.cluster_col, "--cluster-col")?);
+        let rows = CsvRows::open(path)?;
+        let (xi, yi, ci) = (rows.column(&cfg.x_col, "--x-col")?, rows.column(&cfg.y_col, "--y-col")?, rows.column(&cfg.cluster_col, "--cluster-col")?);
+        let header = rows.header.clone();
         let mut pts = Points { x: Vec::new(), y: Vec::new(), cluster: Vec::new(), ids: Vec::new() };
         let mut code_of: HashMap<String, u32> = HashMap::new();
-        for (i, line) in lines.enumerate() {
-            let line = line.map_err(|e| EvalError::io(path, e))?;
-            if line.is_empty() {
-                continue;
-            }
-            let r = parse_csv_line(&line);
-            if r.len() != header.len() {
-                return Err(EvalError::input(path, format!("line {}: {} fields, the header has {}", i + 2, r.len(), header.len())));
-            }
-            let num = |j: usize| r[j].parse::<f32>().map_err(|_| EvalError::input(path, format!("line {}: `{}` is not a number ({})", i + 2, r[j], header[j])));
+        for row in rows {
+            let (line, r) = row?;
+            let num = |j: usize| r[j].parse::<f32>().map_err(|_| EvalError::input(path, format!("line {line}: `{}` is not a number ({})", r[j], header[j])));
             pts.x.push(num(xi)?);
             pts.y.push(num(yi)?);
             let next = pts.ids.len() as u32;

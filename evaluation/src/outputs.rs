@@ -17,7 +17,7 @@ use crate::probe::ProbeResult;
 
 /// Writes `bytes` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    dataloader::write_atomic(path, bytes).map_err(EvalError::from)
+    common::atomic::write_bytes(path, bytes).map_err(|e| EvalError::io(path, e))
 }
 
 /// NumPy `.npy` v1.0 of a row-major float32 matrix (format spec: numpy.lib.format).

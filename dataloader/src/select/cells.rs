@@ -70,14 +70,7 @@ pub fn apply_keep(obs: &Frame, filters: &[KeepFilter], path: &Path) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn obs() -> Frame {
-        Frame {
-            index_name: "_index".into(),
-            index: vec!["c0".into(), "c1".into(), "c2".into()],
-            columns: vec![("t".into(), Column::categorical_from_text(vec!["a".into(), "b".into(), "a".into()]))],
-        }
-    }
+    use crate::select::tests::obs;
 
     #[test]
     fn keep_selects_matching_rows_and_names_missing_values() {

@@ -1,8 +1,9 @@
 //! `--cell-metadata`: per-cell CSV columns (the Allen atlas `cell_metadata.csv`) joined onto obs,
-//! streamed, and the CSV line parser the atlas plot shares.
+//! streamed, and the streaming CSV reader the atlas plot shares.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::io::{BufRead, BufReader, Lines};
+use std::path::{Path, PathBuf};
 
 use crate::error::{DataError, Result};
 use crate::frame::{Column, Frame};
@@ -10,14 +11,9 @@ use crate::frame::{Column, Frame};
 /// Adds the columns of a per-cell CSV (e.g. the Allen atlas `cell_metadata.csv`) to `obs`,
 /// matched on `key` against obs names. Returns how many cells had no row in the CSV.
 pub fn join_cell_metadata(obs: &mut Frame, csv: &Path, key: &str) -> Result<usize> {
-    use std::io::BufRead;
-    let file = std::fs::File::open(csv).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => DataError::NotFound { path: csv.to_path_buf() },
-        _ => DataError::io(csv, e),
-    })?;
     // Streamed line by line: the Allen atlas metadata is ~1 GB, we keep only matched rows.
-    let mut lines = std::io::BufReader::new(file).lines();
-    let header = parse_csv_line(&lines.next().transpose().map_err(|e| DataError::io(csv, e))?.unwrap_or_default());
+    let rows = CsvRows::open(csv)?;
+    let header = rows.header.clone();
     let key_col = header.iter().position(|h| h == key).ok_or_else(|| {
         DataError::field(csv, key, format!("--metadata-key column not in the CSV header; it has: {}", header.join(", ")))
     })?;
@@ -25,15 +21,8 @@ pub fn join_cell_metadata(obs: &mut Frame, csv: &Path, key: &str) -> Result<usiz
     // Dictionary-encoded while streaming: 4 bytes per cell and column, not a String each.
     let mut columns: Vec<DictColumn> = (0..header.len()).map(|_| DictColumn::new(obs.len())).collect();
     let mut matched = vec![false; obs.len()];
-    for (lineno, line) in lines.enumerate() {
-        let line = line.map_err(|e| DataError::io(csv, e))?;
-        if line.is_empty() {
-            continue;
-        }
-        let fields = parse_csv_line(&line);
-        if fields.len() != header.len() {
-            return Err(DataError::input(csv, format!("line {}: {} fields, header has {}", lineno + 2, fields.len(), header.len())));
-        }
+    for row in rows {
+        let (_, fields) = row?;
         if let Some(&r) = row_of.get(fields[key_col].as_str()) {
             matched[r] = true;
             for (c, v) in fields.into_iter().enumerate() {
@@ -55,6 +44,55 @@ pub fn join_cell_metadata(obs: &mut Frame, csv: &Path, key: &str) -> Result<usiz
         obs.columns.push((name.clone(), col.into_column()));
     }
     Ok(matched.iter().filter(|&&m| !m).count())
+}
+
+/// A CSV read row by row: the header first, then each non-empty line's fields, checked to be as
+/// many as the header's, so a file of any size is never held whole.
+pub struct CsvRows {
+    path: PathBuf,
+    pub header: Vec<String>,
+    lines: std::iter::Enumerate<Lines<BufReader<std::fs::File>>>,
+}
+
+impl CsvRows {
+    pub fn open(path: &Path) -> Result<CsvRows> {
+        let file = std::fs::File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => DataError::NotFound { path: path.to_path_buf() },
+            _ => DataError::io(path, e),
+        })?;
+        let mut lines = BufReader::new(file).lines();
+        let header = parse_csv_line(&lines.next().transpose().map_err(|e| DataError::io(path, e))?.unwrap_or_default());
+        Ok(CsvRows { path: path.to_path_buf(), header, lines: lines.enumerate() })
+    }
+
+    /// The position of column `name`; the error names the flag that chose it and lists the header.
+    pub fn column(&self, name: &str, flag: &str) -> Result<usize> {
+        self.header.iter().position(|h| h == name).ok_or_else(|| {
+            DataError::input(&self.path, format!("no column `{name}` ({flag}); the header has: {}", self.header.join(", ")))
+        })
+    }
+}
+
+impl Iterator for CsvRows {
+    /// The line number (1 is the header) and the fields.
+    type Item = Result<(usize, Vec<String>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        for (i, line) in self.lines.by_ref() {
+            let line = match line {
+                Ok(l) if l.is_empty() => continue,
+                Ok(l) => l,
+                Err(e) => return Some(Err(DataError::io(&self.path, e))),
+            };
+            let fields = parse_csv_line(&line);
+            if fields.len() != self.header.len() {
+                let problem = format!("line {}: {} fields, the header has {}", i + 2, fields.len(), self.header.len());
+                return Some(Err(DataError::input(&self.path, problem)));
+            }
+            return Some(Ok((i + 2, fields)));
+        }
+        None
+    }
 }
 
 /// A CSV column as codes into its distinct values (`u32::MAX`: no row for that cell).
@@ -129,15 +167,8 @@ pub fn parse_csv_line(line: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::select::tests::obs;
     use crate::select::apply_keep;
-
-    fn obs() -> Frame {
-        Frame {
-            index_name: "_index".into(),
-            index: vec!["c0".into(), "c1".into(), "c2".into()],
-            columns: vec![("t".into(), Column::categorical_from_text(vec!["a".into(), "b".into(), "a".into()]))],
-        }
-    }
 
     #[test]
     fn metadata_csv_integer_ids_stay_integers() {

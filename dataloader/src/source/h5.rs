@@ -54,30 +54,36 @@ pub fn attr_u64_list(loc: &Location, name: &str) -> Option<Vec<u64>> {
     loc.attr(name).ok()?.read_raw::<i64>().ok().map(|v| v.into_iter().map(|x| x.max(0) as u64).collect())
 }
 
+/// `Some($read)` as `Vec<String>`, with `$t` the Rust type for the HDF5 string type `$desc`:
+/// variable-length as stored, fixed-length into one buffer width per size class (HDF5 converts
+/// fixed strings between lengths); `None` when `$desc` is not a string type.
+macro_rules! read_as_strings {
+    ($desc:expr, |$t:ident| $read:expr) => {{
+        fn text<S: ToString>(v: Vec<S>) -> Vec<String> {
+            v.into_iter().map(|s| s.to_string()).collect()
+        }
+        match $desc {
+            TypeDescriptor::VarLenUnicode => Some({ type $t = VarLenUnicode; $read.map(text) }),
+            TypeDescriptor::VarLenAscii => Some({ type $t = VarLenAscii; $read.map(text) }),
+            TypeDescriptor::FixedAscii(0..=32) => Some({ type $t = FixedAscii<32>; $read.map(text) }),
+            TypeDescriptor::FixedAscii(33..=256) => Some({ type $t = FixedAscii<256>; $read.map(text) }),
+            TypeDescriptor::FixedAscii(_) => Some({ type $t = FixedAscii<4096>; $read.map(text) }),
+            TypeDescriptor::FixedUnicode(0..=32) => Some({ type $t = FixedUnicode<32>; $read.map(text) }),
+            TypeDescriptor::FixedUnicode(33..=256) => Some({ type $t = FixedUnicode<256>; $read.map(text) }),
+            TypeDescriptor::FixedUnicode(_) => Some({ type $t = FixedUnicode<4096>; $read.map(text) }),
+            _ => None,
+        }
+    }};
+}
+
 /// Reads a 1-D dataset of strings, whatever the HDF5 string flavour.
 pub fn read_strings(ds: &Dataset, path: &Path, field: &str) -> Result<Vec<String>> {
     let err = h5err(path, field);
     let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(&err)?;
-    macro_rules! fixed {
-        ($ty:ident, $n:expr) => {{
-            // HDF5 converts fixed strings between lengths, so one buffer width per size class.
-            if $n <= 32 {
-                ds.read_raw::<$ty<32>>().map(|v| v.into_iter().map(|s| s.to_string()).collect())
-            } else if $n <= 256 {
-                ds.read_raw::<$ty<256>>().map(|v| v.into_iter().map(|s| s.to_string()).collect())
-            } else {
-                ds.read_raw::<$ty<4096>>().map(|v| v.into_iter().map(|s| s.to_string()).collect())
-            }
-        }};
+    match read_as_strings!(desc.clone(), |T| ds.read_raw::<T>()) {
+        Some(out) => out.map_err(err),
+        None => Err(DataError::field(path, field, format!("expected strings, found {desc:?}"))),
     }
-    let out: hdf5::Result<Vec<String>> = match desc {
-        TypeDescriptor::VarLenUnicode => ds.read_raw::<VarLenUnicode>().map(|v| v.into_iter().map(|s| s.to_string()).collect()),
-        TypeDescriptor::VarLenAscii => ds.read_raw::<VarLenAscii>().map(|v| v.into_iter().map(|s| s.to_string()).collect()),
-        TypeDescriptor::FixedAscii(n) => fixed!(FixedAscii, n),
-        TypeDescriptor::FixedUnicode(n) => fixed!(FixedUnicode, n),
-        other => return Err(DataError::field(path, field, format!("expected strings, found {other:?}"))),
-    };
-    out.map_err(err)
 }
 
 /// The fields of a compound (record) dataset, in order: anndata < 0.7 stored obs and var so.
@@ -114,27 +120,8 @@ pub fn read_compound_field<T: H5Type>(ds: &Dataset, member: &str, path: &Path, f
 
 /// Reads a string member of a compound dataset, whatever its HDF5 string flavour.
 pub fn read_compound_strings(ds: &Dataset, member: &str, ty: &TypeDescriptor, path: &Path, field: &str) -> Result<Vec<String>> {
-    fn text<T: H5Type + ToString>(v: Vec<T>) -> Vec<String> {
-        v.into_iter().map(|s| s.to_string()).collect()
-    }
-    let read = |n: usize, unicode: bool| -> Result<Vec<String>> {
-        // HDF5 converts fixed strings between lengths, so one buffer width per size class.
-        Ok(match (n, unicode) {
-            (0..=32, false) => text(read_compound_field::<FixedAscii<32>>(ds, member, path, field)?),
-            (33..=256, false) => text(read_compound_field::<FixedAscii<256>>(ds, member, path, field)?),
-            (_, false) => text(read_compound_field::<FixedAscii<4096>>(ds, member, path, field)?),
-            (0..=32, true) => text(read_compound_field::<FixedUnicode<32>>(ds, member, path, field)?),
-            (33..=256, true) => text(read_compound_field::<FixedUnicode<256>>(ds, member, path, field)?),
-            (_, true) => text(read_compound_field::<FixedUnicode<4096>>(ds, member, path, field)?),
-        })
-    };
-    match ty {
-        TypeDescriptor::VarLenUnicode => Ok(text(read_compound_field::<VarLenUnicode>(ds, member, path, field)?)),
-        TypeDescriptor::VarLenAscii => Ok(text(read_compound_field::<VarLenAscii>(ds, member, path, field)?)),
-        TypeDescriptor::FixedAscii(n) => read(*n, false),
-        TypeDescriptor::FixedUnicode(n) => read(*n, true),
-        other => Err(DataError::field(path, field, format!("expected strings, found {other:?}"))),
-    }
+    read_as_strings!(ty.clone(), |T| read_compound_field::<T>(ds, member, path, field))
+        .unwrap_or_else(|| Err(DataError::field(path, field, format!("expected strings, found {ty:?}"))))
 }
 
 /// What kind of values a dataset holds, for choosing how to read it.
