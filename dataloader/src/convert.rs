@@ -2,8 +2,11 @@
 //!
 //! Pipeline: a reader thread pulls blocks of selected cells from the source (HDF5 decoding is
 //! single-threaded) while this thread validates, shuffles and hands full shards to zarrs, which
-//! compresses their chunks on all cores. The store is built in a temp directory beside the
-//! output and renamed into place only when complete; `uns/neurofm` is written last.
+//! compresses their chunks on all cores. The stored order is planned first, so obs is written
+//! and dropped before any count is read, and per-cell tables are streamed into the store as
+//! cells are written: memory is bounded by the read and shard buffers, not by the number of
+//! cells. The store is built in a temp directory beside the output and renamed into place only
+//! when complete; `uns/neurofm/provenance` is written last.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
@@ -19,7 +22,7 @@ use crate::error::{DataError, Result};
 use crate::rng::{rng_for, Purpose};
 use crate::select::{self, GeneScan, GeneSelection, KeepFilter};
 use crate::source::{self, CountsLocation, MatrixInfo, SourceFile};
-use crate::store::write::{MatrixCodec, StoreWriter};
+use crate::store::write::{ColumnWriter, MatrixCodec, StoreWriter};
 use crate::store::{Provenance, STORE_FORMAT_VERSION};
 
 /// Largest integer a `float32` holds exactly; counts above it would be silently rounded.
@@ -155,13 +158,34 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let tmp = common::atomic::temp_beside(output);
     let _ = std::fs::remove_dir_all(&tmp);
     let mut guard = TempDir(tmp.clone(), false);
+    let writer = StoreWriter::create(&tmp, opts.zstd_level, opts.matrix_codec)?.with_chunk_entries(opts.chunk_entries);
+    for d in ["layers", "obsm", "obsp", "varm", "varp", "uns", "uns/neurofm"] {
+        writer.dict(d)?;
+    }
+
+    // The stored order is settled before any count is read, so obs (the largest per-cell
+    // table: every cell's name) is written and dropped first and the matrix pass holds no
+    // per-cell state.
+    let mut blocks = plan_blocks(&rows, opts.block_cells);
+    if let Some(seed) = opts.shuffle_seed {
+        blocks.shuffle(&mut rng_for(&[seed, Purpose::ConvertBlocks as u64]));
+    }
+    let source_rows = stored_order(&rows, &blocks, opts);
+    let mut obs_out = obs.into_take(&source_rows);
+    let renamed_cells = obs_out.make_index_unique();
+    writer.frame("obs", &obs_out)?;
+    drop(obs_out);
+    let src_rows: Vec<i64> = source_rows.iter().map(|&r| r as i64).collect();
+    writer.array("uns/neurofm/cell_source_row", &src_rows)?;
+    drop((src_rows, source_rows));
+    return_freed_memory();
+
     let scratch = tmp.join("_scratch");
     let mut rowsrc = src.open_rows(&loc, Some(&scratch))?;
-
     let scan = if opts.genes.needs_scan() {
         let mut scan = GeneScan::new(info.n_genes);
         for block in plan_blocks(&rows, opts.block_cells) {
-            scan.add(&source::read_selected(rowsrc.as_mut(), &block)?);
+            scan.add(&source::read_selected(rowsrc.as_mut(), &rows[block])?);
         }
         Some(scan)
     } else {
@@ -173,28 +197,23 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         gene_map[g] = Some(j as u32);
     }
 
-    let mut blocks = plan_blocks(&rows, opts.block_cells);
-    if let Some(seed) = opts.shuffle_seed {
-        blocks.shuffle(&mut rng_for(&[seed, Purpose::ConvertBlocks as u64]));
-    }
-
-    let writer = StoreWriter::create(&tmp, opts.zstd_level, opts.matrix_codec)?.with_chunk_entries(opts.chunk_entries);
-    let ctx = WriteContext { path: input, loc: loc.clone(), obs_names: &obs.index, allow_non_integer: opts.allow_non_integer };
+    let ctx = WriteContext { path: input, loc: loc.clone(), allow_non_integer: opts.allow_non_integer };
     let all_genes = kept_genes.len() == info.n_genes;
     let bar = if opts.progress { common::progress::bar(rows.len() as u64, "cells") } else { indicatif::ProgressBar::hidden() };
 
     let (written, sha) = std::thread::scope(|scope| -> Result<(Written, String)> {
         let sha = scope.spawn(|| sha256_file(input));
         // The reader thread reads, selects genes and validates; this thread shuffles and writes.
-        let (tx, rx) = sync_channel::<Result<Block>>(2);
-        let (blocks_ref, ctx_ref, gene_map_ref) = (&blocks, &ctx, &gene_map);
+        let (tx, rx) = sync_channel::<Result<CsrRows>>(2);
+        let (blocks_ref, rows_ref, ctx_ref, gene_map_ref) = (&blocks, &rows, &ctx, &gene_map);
         let reader = scope.spawn(move || {
             let mut seen = ValueCounts::default();
-            for rows in blocks_ref {
+            for block in blocks_ref {
+                let rows = &rows_ref[block.clone()];
                 let read = source::read_selected(rowsrc.as_mut(), rows).and_then(|counts| {
                     let counts = if all_genes { counts } else { counts.select_genes(gene_map_ref) };
                     validate(&counts, rows, ctx_ref, &mut seen)?;
-                    Ok(Block { rows: rows.clone(), counts })
+                    Ok(counts)
                 });
                 let failed = read.is_err();
                 if tx.send(read).is_err() || failed {
@@ -203,7 +222,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             }
             seen.non_integer
         });
-        let written = write_matrix(&writer, rx, kept_genes.len(), opts, &bar);
+        let written = write_matrix(&writer, rx, rows.len(), kept_genes.len(), opts, &bar);
         let non_integer = reader.join().map_err(|_| DataError::Internal("reader thread panicked".into()))?;
         let written = written.map(|w| Written { non_integer, ..w });
         let sha = sha.join().map_err(|_| DataError::Internal("sha256 thread panicked".into()))??;
@@ -211,18 +230,12 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     })?;
     bar.finish_and_clear();
 
-    let mut obs_out = obs.into_take(&written.source_rows);
-    let renamed_cells = obs_out.make_index_unique();
     let mut var_out = var.take(&kept_genes);
     if let Some(col) = &opts.var_names {
         rename_genes(&mut var_out, col, input)?;
     }
     let renamed_genes = var_out.make_index_unique();
-    writer.frame("obs", &obs_out)?;
     writer.frame("var", &var_out)?;
-    for d in ["layers", "obsm", "obsp", "varm", "varp", "uns"] {
-        writer.dict(d)?;
-    }
     let provenance = Provenance {
         format_version: STORE_FORMAT_VERSION,
         created_by: format!("neurofm-data {}", env!("CARGO_PKG_VERSION")),
@@ -237,7 +250,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         shuffle_seed: opts.shuffle_seed,
         allow_non_integer: opts.allow_non_integer,
         non_integer_values: written.non_integer,
-        n_cells: written.source_rows.len(),
+        n_cells: rows.len(),
         n_genes: kept_genes.len(),
         nnz: written.nnz,
         renamed_duplicate_cells: renamed_cells,
@@ -331,34 +344,62 @@ fn non_integer_error(path: &Path, loc: &CountsLocation, frac: f64) -> DataError 
     )
 }
 
-/// Groups selected rows into read blocks of `block_cells` cells.
-fn plan_blocks(rows: &[usize], block_cells: usize) -> Vec<Vec<usize>> {
-    rows.chunks(block_cells.max(1)).map(<[usize]>::to_vec).collect()
+/// Groups selected rows into read blocks of `block_cells` cells (ranges of positions in `rows`,
+/// so the plan holds no second copy of the rows).
+fn plan_blocks(rows: &[usize], block_cells: usize) -> Vec<std::ops::Range<usize>> {
+    let n = block_cells.max(1);
+    (0..rows.len()).step_by(n).map(|start| start..(start + n).min(rows.len())).collect()
+}
+
+/// Gives the heap freed by obs back to the system: glibc keeps freed small allocations (every
+/// cell's name) for reuse, and the matrix pass allocates outside that heap.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free pages of the allocator's own heap.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The order cells are stored in: blocks in plan order, and within each window of
+/// `window_blocks` blocks the (block, row) pairs shuffled. Shared by obs and the matrix pass.
+fn window_order(block_sizes: &[usize], opts: &ConvertOptions, window_index: u64) -> Vec<(u32, u32)> {
+    let mut order: Vec<(u32, u32)> = block_sizes.iter().enumerate().flat_map(|(b, &n)| (0..n as u32).map(move |r| (b as u32, r))).collect();
+    if let Some(seed) = opts.shuffle_seed {
+        order.shuffle(&mut rng_for(&[seed, Purpose::ConvertWindow as u64, window_index]));
+    }
+    order
+}
+
+/// Source rows in stored order.
+fn stored_order(rows: &[usize], blocks: &[std::ops::Range<usize>], opts: &ConvertOptions) -> Vec<usize> {
+    let mut stored = Vec::with_capacity(rows.len());
+    for (w, window) in blocks.chunks(opts.window_blocks.max(1)).enumerate() {
+        let sizes: Vec<usize> = window.iter().map(ExactSizeIterator::len).collect();
+        stored.extend(window_order(&sizes, opts, w as u64).into_iter().map(|(b, r)| rows[window[b as usize].start + r as usize]));
+    }
+    stored
 }
 
 struct WriteContext<'a> {
     path: &'a Path,
     loc: CountsLocation,
-    obs_names: &'a [String],
     allow_non_integer: bool,
 }
 
-/// What writing the matrix produced, per stored cell and gene.
+/// The name of source cell `row`, for an error message: obs is reread rather than held
+/// through the matrix pass.
+fn cell_name(path: &Path, row: usize) -> String {
+    SourceFile::open(path).and_then(|s| s.obs()).ok().and_then(|obs| obs.index.get(row).cloned()).unwrap_or_else(|| "?".into())
+}
+
+/// What writing the matrix produced, per gene (per-cell tables went to the store as they came).
 struct Written {
-    source_rows: Vec<usize>,
-    cell_total: Vec<f64>,
-    cell_nnz: Vec<i64>,
     gene_nnz: Vec<i64>,
     gene_sum: Vec<f64>,
     gene_sum_sq: Vec<f64>,
     non_integer: u64,
     nnz: u64,
-}
-
-/// A block of validated cells and their source rows, from the reader thread.
-struct Block {
-    rows: Vec<usize>,
-    counts: CsrRows,
 }
 
 /// Values validated so far, for the non-integer share.
@@ -370,23 +411,25 @@ struct ValueCounts {
 
 fn write_matrix(
     writer: &StoreWriter,
-    rx: std::sync::mpsc::Receiver<Result<Block>>,
+    rx: std::sync::mpsc::Receiver<Result<CsrRows>>,
+    n_cells: usize,
     n_genes: usize,
     opts: &ConvertOptions,
     bar: &indicatif::ProgressBar,
 ) -> Result<Written> {
-    let mut csr = writer.csr("X")?;
+    let mut csr = writer.csr("X", n_cells)?;
+    let mut cells = CellTables {
+        total: writer.column("uns/neurofm/cell_total", n_cells as u64)?,
+        nnz: writer.column("uns/neurofm/cell_nnz", n_cells as u64)?,
+    };
     let mut w = Written {
-        source_rows: Vec::new(),
-        cell_total: Vec::new(),
-        cell_nnz: Vec::new(),
         gene_nnz: vec![0; n_genes],
         gene_sum: vec![0.0; n_genes],
         gene_sum_sq: vec![0.0; n_genes],
         non_integer: 0,
         nnz: 0,
     };
-    let mut window: Vec<Block> = Vec::new();
+    let mut window: Vec<CsrRows> = Vec::new();
     let mut window_index = 0u64;
     let mut received = rx.iter().peekable();
     while let Some(msg) = received.next() {
@@ -394,17 +437,12 @@ fn write_matrix(
         if window.len() < opts.window_blocks.max(1) && received.peek().is_some() {
             continue;
         }
-        // Shuffle (block, row) pairs, then copy each row once, straight into the shard buffers.
-        let mut order: Vec<(u32, u32)> =
-            window.iter().enumerate().flat_map(|(b, blk)| (0..blk.counts.n_rows() as u32).map(move |r| (b as u32, r))).collect();
-        if let Some(seed) = opts.shuffle_seed {
-            order.shuffle(&mut rng_for(&[seed, Purpose::ConvertWindow as u64, window_index]));
-        }
+        // Copy each row once, in stored order, straight into the shard buffers.
+        let sizes: Vec<usize> = window.iter().map(CsrRows::n_rows).collect();
+        let order = window_order(&sizes, opts, window_index);
         for &(b, r) in &order {
-            let blk = &window[b as usize];
-            let (idx, vals) = blk.counts.row(r as usize);
-            accumulate(idx, vals, &mut w);
-            w.source_rows.push(blk.rows[r as usize]);
+            let (idx, vals) = window[b as usize].row(r as usize);
+            accumulate(idx, vals, &mut w, &mut cells)?;
             csr.push_row(idx, vals)?;
         }
         bar.inc(order.len() as u64);
@@ -412,7 +450,15 @@ fn write_matrix(
         window_index += 1;
     }
     w.nnz = writer.finish_csr(csr, n_genes)?;
+    cells.total.finish()?;
+    cells.nnz.finish()?;
     Ok(w)
+}
+
+/// Per-cell statistics, streamed into `uns/neurofm` as cells are written.
+struct CellTables {
+    total: ColumnWriter<f64>,
+    nnz: ColumnWriter<i64>,
 }
 
 /// Refuses negative, NaN, infinite and (unless allowed) non-integer counts, naming the cell.
@@ -433,7 +479,7 @@ fn validate(block: &CsrRows, rows: &[usize], ctx: &WriteContext, w: &mut ValueCo
                 return Err(DataError::field(
                     ctx.path,
                     ctx.loc.to_string(),
-                    format!("{p} in cell `{}` (row {row}); counts must be finite and non-negative", ctx.obs_names[row]),
+                    format!("{p} in cell `{}` (row {row}); counts must be finite and non-negative", cell_name(ctx.path, row)),
                 ));
             }
             // Exact: v is finite and below 2^24 here, so the cast cannot overflow.
@@ -447,7 +493,7 @@ fn validate(block: &CsrRows, rows: &[usize], ctx: &WriteContext, w: &mut ValueCo
     Ok(())
 }
 
-fn accumulate(idx: &[u32], vals: &[f32], w: &mut Written) {
+fn accumulate(idx: &[u32], vals: &[f32], w: &mut Written, cells: &mut CellTables) -> Result<()> {
     let mut total = 0.0;
     for (&g, &v) in idx.iter().zip(vals) {
         let (g, v) = (g as usize, v as f64);
@@ -456,19 +502,14 @@ fn accumulate(idx: &[u32], vals: &[f32], w: &mut Written) {
         w.gene_sum[g] += v;
         w.gene_sum_sq[g] += v * v;
     }
-    w.cell_total.push(total);
-    w.cell_nnz.push(idx.len() as i64);
+    cells.total.push(total)?;
+    cells.nnz.push(idx.len() as i64)
 }
 
 fn write_uns_neurofm(writer: &StoreWriter, w: &Written, provenance: &Provenance) -> Result<()> {
-    writer.dict("uns/neurofm")?;
     writer.array("uns/neurofm/gene_nnz", &w.gene_nnz)?;
     writer.array("uns/neurofm/gene_sum", &w.gene_sum)?;
     writer.array("uns/neurofm/gene_sum_sq", &w.gene_sum_sq)?;
-    writer.array("uns/neurofm/cell_total", &w.cell_total)?;
-    writer.array("uns/neurofm/cell_nnz", &w.cell_nnz)?;
-    let src_rows: Vec<i64> = w.source_rows.iter().map(|&r| r as i64).collect();
-    writer.array("uns/neurofm/cell_source_row", &src_rows)?;
     let json = serde_json::to_string_pretty(provenance).map_err(|e| DataError::Internal(e.to_string()))?;
     // Last: its presence is what marks the store complete.
     writer.string_scalar("uns/neurofm/provenance", &json)
@@ -510,4 +551,3 @@ pub fn dir_size(path: &Path) -> u64 {
     let Ok(rd) = std::fs::read_dir(path) else { return std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) };
     rd.flatten().map(|e| if e.path().is_dir() { dir_size(&e.path()) } else { e.metadata().map(|m| m.len()).unwrap_or(0) }).sum()
 }
-

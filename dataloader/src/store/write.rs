@@ -124,9 +124,22 @@ impl StoreWriter {
     }
 
     /// A 1-D numeric or bool array (`encoding-type: array`).
-    pub fn array<T: Element + ArrayDtype>(&self, path: &str, values: &[T]) -> Result<()> {
-        let b = self.builder(values.len() as u64, TABLE_CHUNK.min(values.len() as u64), T::data_type(), T::fill());
-        self.finish_array(b, path, values, json!({"encoding-type": "array", "encoding-version": "0.2.0"}))
+    pub fn array<T: Element + ArrayDtype + Copy>(&self, path: &str, values: &[T]) -> Result<()> {
+        let mut column = self.column(path, values.len() as u64)?;
+        column.extend(values)?;
+        column.finish()
+    }
+
+    /// A 1-D array of `len` values written a chunk at a time as they are pushed, so per-cell
+    /// tables of an atlas are never held whole.
+    pub fn column<T: Element + ArrayDtype + Copy>(&self, path: &str, len: u64) -> Result<ColumnWriter<T>> {
+        let chunk = TABLE_CHUNK.min(len).max(1);
+        let mut b = self.builder(len, chunk, T::data_type(), T::fill());
+        b.attributes(attrs(json!({"encoding-type": "array", "encoding-version": "0.2.0"})));
+        let err = |e: &dyn std::fmt::Display| DataError::zarr(&self.root, path, e);
+        let array = b.build(self.storage.clone(), &node(path)).map_err(|e| err(&e))?;
+        array.store_metadata().map_err(|e| err(&e))?;
+        Ok(ColumnWriter { array, root: self.root.clone(), path: path.to_string(), buf: Vec::with_capacity(chunk as usize), chunk, written: 0, len })
     }
 
     /// A 1-D string array (`encoding-type: string-array`, vlen-utf8 like anndata writes).
@@ -175,8 +188,8 @@ impl StoreWriter {
         Ok(())
     }
 
-    /// Starts a streamed CSR matrix group at `path` (e.g. `X`).
-    pub fn csr(&self, path: &str) -> Result<CsrWriter> {
+    /// Starts a streamed CSR matrix group at `path` (e.g. `X`) of `n_cells` rows.
+    pub fn csr(&self, path: &str, n_cells: usize) -> Result<CsrWriter> {
         let shard = self.chunk_entries * CHUNKS_PER_SHARD;
         let make = |name: &str, dt: DataType, fill: zarrs::array::builder::ArrayBuilderFillValue| -> Result<Array<FilesystemStore>> {
             let p = format!("{path}/{name}");
@@ -207,7 +220,12 @@ impl StoreWriter {
             indices_buf: Vec::with_capacity(shard as usize),
             shard_len: shard,
             shards_written: 0,
-            indptr: vec![0],
+            indptr: {
+                let mut indptr = self.column(&format!("{path}/indptr"), n_cells as u64 + 1)?;
+                indptr.push(0)?;
+                indptr
+            },
+            nnz: 0,
             jobs: Some(jobs),
             spare,
             worker: Some(worker),
@@ -218,8 +236,8 @@ impl StoreWriter {
     pub fn finish_csr(&self, mut w: CsrWriter, n_genes: usize) -> Result<u64> {
         w.flush_shard(true)?;
         let (mut data, mut indices) = w.join()?;
-        let nnz = *w.indptr.last().unwrap_or(&0) as u64;
-        let n_cells = w.indptr.len() - 1;
+        let (nnz, n_cells) = (w.nnz as u64, w.n_cells());
+        w.indptr.finish()?;
         for (name, a) in [("data", &mut data), ("indices", &mut indices)] {
             let p = format!("{}/{name}", w.path);
             a.set_shape(vec![nnz]).map_err(|e| DataError::zarr(&self.root, &p, e))?;
@@ -229,7 +247,6 @@ impl StoreWriter {
             *a.attributes_mut() = m;
             a.store_metadata().map_err(|e| DataError::zarr(&self.root, &p, e))?;
         }
-        self.array(&format!("{}/indptr", w.path), &w.indptr)?;
         self.group(
             &w.path,
             json!({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_genes]}),
@@ -247,15 +264,17 @@ struct ShardJob {
 
 type ArrayPair = (Array<FilesystemStore>, Array<FilesystemStore>);
 
-/// Appends cells to a CSR matrix; full shards go to a writer thread (one in flight), whose
-/// emptied buffers come back for reuse.
+/// Appends cells to a CSR matrix; full shards go to a writer thread, whose emptied buffers come
+/// back for reuse (two buffer pairs in all).
 pub struct CsrWriter {
     path: String,
     values_buf: Vec<f32>,
     indices_buf: Vec<i32>,
     shard_len: u64,
     shards_written: u64,
-    indptr: Vec<i64>,
+    /// Row offsets, streamed; `nnz` is the last one.
+    indptr: ColumnWriter<i64>,
+    nnz: i64,
     jobs: Option<std::sync::mpsc::SyncSender<ShardJob>>,
     spare: std::sync::mpsc::Receiver<(Vec<f32>, Vec<i32>)>,
     worker: Option<std::thread::JoinHandle<Result<ArrayPair>>>,
@@ -274,14 +293,13 @@ impl CsrWriter {
                 self.flush_shard(false)?;
             }
         }
-        let last = *self.indptr.last().unwrap_or(&0);
-        self.indptr.push(last + indices.len() as i64);
-        Ok(())
+        self.nnz += indices.len() as i64;
+        self.indptr.push(self.nnz)
     }
 
     /// Cells written so far.
     pub fn n_cells(&self) -> usize {
-        self.indptr.len() - 1
+        self.indptr.written as usize - 1
     }
 
     fn flush_shard(&mut self, last: bool) -> Result<()> {
@@ -293,10 +311,20 @@ impl CsrWriter {
             self.values_buf.resize(self.shard_len as usize, 0.0);
             self.indices_buf.resize(self.shard_len as usize, 0);
         }
-        let (values, indices) = self
-            .spare
-            .try_recv()
-            .unwrap_or_else(|_| (Vec::with_capacity(self.shard_len as usize), Vec::with_capacity(self.shard_len as usize)));
+        // Two buffer pairs in all: one filling while the other is written. Waiting here, not
+        // allocating a third, is what bounds conversion memory when the disk or the encoder
+        // is slower than the reader.
+        let (values, indices) = match self.spare.try_recv() {
+            Ok(pair) => pair,
+            Err(_) if self.shards_written == 0 => (Vec::with_capacity(self.shard_len as usize), Vec::with_capacity(self.shard_len as usize)),
+            Err(_) => match self.spare.recv() {
+                Ok(pair) => pair,
+                Err(_) => {
+                    self.join()?;
+                    return Err(DataError::Internal(format!("{}: shard writer stopped", self.path)));
+                }
+            },
+        };
         let job = ShardJob {
             index: self.shards_written,
             values: std::mem::replace(&mut self.values_buf, values),
@@ -320,6 +348,56 @@ impl CsrWriter {
             Some(Err(_)) => Err(DataError::Internal(format!("{}: shard writer panicked", self.path))),
             None => Err(DataError::Internal(format!("{}: shard writer already finished", self.path))),
         }
+    }
+}
+
+/// A 1-D array of known length being filled in order (`StoreWriter::column`).
+pub struct ColumnWriter<T> {
+    array: Array<FilesystemStore>,
+    root: PathBuf,
+    path: String,
+    buf: Vec<T>,
+    chunk: u64,
+    written: u64,
+    len: u64,
+}
+
+impl<T: Element + Copy> ColumnWriter<T> {
+    /// Appends one value; a full chunk is written at once.
+    pub fn push(&mut self, v: T) -> Result<()> {
+        if self.written == self.len {
+            return Err(DataError::Internal(format!("{}: more than the {} values declared", self.path, self.len)));
+        }
+        self.buf.push(v);
+        self.written += 1;
+        if self.buf.len() as u64 == self.chunk {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Appends values in order.
+    pub fn extend(&mut self, values: &[T]) -> Result<()> {
+        values.iter().try_for_each(|&v| self.push(v))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let start = self.written - self.buf.len() as u64;
+        if !self.buf.is_empty() {
+            self.array
+                .store_array_subset(&[start..self.written], &self.buf[..])
+                .map_err(|e| DataError::zarr(&self.root, &self.path, e))?;
+        }
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Writes the last partial chunk; refuses a column shorter than declared.
+    pub fn finish(mut self) -> Result<()> {
+        if self.written != self.len {
+            return Err(DataError::Internal(format!("{}: {} of {} values written", self.path, self.written, self.len)));
+        }
+        self.flush()
     }
 }
 
