@@ -5,6 +5,8 @@
 # from throughput.json, and the simulated read plans of 1 … 64 ranks (examples/reader_bench).
 #
 #   benches/scale.sh [CELLS ...]      # default: 250000 1000000; release binaries in target/release
+#   TAG=-raw SYNTH_ARGS="--seed 3 --depth 2000 --compression none" benches/scale.sh 3000000
+#                                     # the ≥ 20 GB atlas: uncompressed, as anndata writes by default
 set -euo pipefail
 sizes=("$@"); [ ${#sizes[@]} -gt 0 ] || sizes=(250000 1000000)
 bin=${BIN:-target/release}
@@ -46,18 +48,19 @@ threads = 1
 EOF
 
 for n in "${sizes[@]}"; do
-  h5="$dir/atlas-$n.h5ad" store="$dir/atlas-$n.zarr"
-  [ -f "$h5" ] || "$bin/neurofm-data" -q synth --cells "$n" --genes 2000 --types 8 --seed 1 "$h5"
+  h5="$dir/atlas-$n${TAG:-}.h5ad" store="$dir/atlas-$n${TAG:-}.zarr"
+  # shellcheck disable=SC2086 # SYNTH_ARGS is a list of options
+  [ -f "$h5" ] || "$bin/neurofm-data" -q synth --cells "$n" --genes 2000 --types 8 ${SYNTH_ARGS:---seed 1} "$h5"
   if [ ! -d "$store" ]; then
-    /usr/bin/time -v "$bin/neurofm-data" convert -q --json "$h5" "$store" > "$dir/convert-$n.json" 2> "$dir/convert-$n.time"
+    /usr/bin/time -v "$bin/neurofm-data" convert -q --json "$h5" "$store" > "$dir/convert-$n${TAG:-}.json" 2> "$dir/convert-$n${TAG:-}.time"
   fi
-  python3 - "$dir/convert-$n.json" "$(rss "$dir/convert-$n.time")" "$n" <<'EOF'
+  python3 - "$dir/convert-$n${TAG:-}.json" "$(rss "$dir/convert-$n${TAG:-}.time")" "$n" <<'EOF'
 import json, sys
 s = json.load(open(sys.argv[1]))
 print(f"atlas {sys.argv[3]} cells: {s['input_bytes']/1e9:.2f} GB h5ad, {s['nnz']:.3g} non-zeros, converted in {s['seconds']:.0f} s "
       f"({s['input_bytes']/1e6/s['seconds']:.1f} MB/s), peak RSS {sys.argv[2]} MB")
 EOF
-  run="$dir/run-$n"
+  run="$dir/run-$n${TAG:-}"
   "$bin/neurofm-launch" --backend mpi --nproc-per-node 2 -- "$bin/neurofm-train" --config "$dir/train.toml" \
     --data "$store" --data "$dir/second.zarr" --run-dir "$run" --force --device cpu --no-progress > "$run.out" 2>&1 \
     || { tail -20 "$run.out"; exit 1; }
@@ -65,10 +68,11 @@ EOF
 import json, sys
 t = json.load(open(sys.argv[1]))
 ra = t["read_amplification"]
-print(f"  2-rank training ({sys.argv[2]} + 20000 cells): start-up {t['startup_s']:.1f} s, {t['cells_per_s']:.0f} cells/s, "
+print(f"  2-rank training ({sys.argv[2]} + 20000 cells): start-up {t['startup_s']:.1f} s decoding "
+      f"{', '.join(f'{100 * x:.1f} %' for x in t['startup_read_share_per_rank'])} of the cells, {t['cells_per_s']:.0f} cells/s, "
       f"read_amplification per rank {', '.join(f'{x:.3f}' for x in ra['per_rank'])}, peak RSS per rank "
       f"{', '.join(f'{x:.0f}' for x in t['max_rss_mb_per_rank'])} MB")
 EOF
 done
 # Simulated read plans of 1 … 64 ranks over the largest atlas.
-NEUROFM_BENCH_PLANS_ONLY=1 cargo run -q --release -p neurofm-dataloader --example reader_bench -- "$dir/atlas-${sizes[-1]}.zarr" | grep -A9 "read plans"
+NEUROFM_BENCH_PLANS_ONLY=1 cargo run -q --release -p neurofm-dataloader --example reader_bench -- "$dir/atlas-${sizes[-1]}${TAG:-}.zarr" | grep -A9 "read plans"

@@ -172,12 +172,12 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     }
     let source_rows = stored_order(&rows, &blocks, opts);
     let mut obs_out = obs.into_take(&source_rows);
+    let mut column = writer.column("uns/neurofm/cell_source_row", source_rows.len() as u64)?;
+    source_rows.into_iter().try_for_each(|r| column.push(r as i64))?;
+    column.finish()?;
     let renamed_cells = obs_out.make_index_unique();
     writer.frame("obs", &obs_out)?;
     drop(obs_out);
-    let src_rows: Vec<i64> = source_rows.iter().map(|&r| r as i64).collect();
-    writer.array("uns/neurofm/cell_source_row", &src_rows)?;
-    drop((src_rows, source_rows));
     return_freed_memory();
 
     let scratch = tmp.join("_scratch");

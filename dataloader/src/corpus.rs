@@ -56,6 +56,9 @@ pub struct Corpus {
     starts: Vec<u32>,
     pub vocabulary: Vec<String>,
     pub case: GeneCase,
+    /// Cells in the chunks `read_cells` decoded (the sampled reads: tokenizer fit, baselines,
+    /// validation), so start-up can say how much of the store it read.
+    sampled_decoded: std::sync::atomic::AtomicU64,
 }
 
 /// Bits of a block key below the member index: block indices stay far below 2⁴⁰.
@@ -94,7 +97,7 @@ impl Corpus {
             starts.push(total);
             members.push(Member { spec: spec.clone(), store: Arc::new(store), genes: map });
         }
-        Ok(Corpus { members, starts, vocabulary: vocab, case })
+        Ok(Corpus { members, starts, vocabulary: vocab, case, sampled_decoded: Default::default() })
     }
 
     /// One store as a corpus whose vocabulary is its var names.
@@ -136,7 +139,14 @@ impl Corpus {
 
     /// Counts of `cells` (corpus ids, ascending) in vocabulary gene order.
     pub fn read_cells(&self, cells: &[u32]) -> Result<CsrRows> {
-        Ok(self.read_cells_costed(cells)?.0)
+        let (counts, decoded) = self.read_cells_costed(cells)?;
+        self.sampled_decoded.fetch_add(decoded, std::sync::atomic::Ordering::Relaxed);
+        Ok(counts)
+    }
+
+    /// Cells decoded by `read_cells` so far.
+    pub fn sampled_decoded(&self) -> u64 {
+        self.sampled_decoded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The cells in the chunks `read_cells(cells)` decodes, without reading.

@@ -202,7 +202,12 @@ fn train_loop(cfg: TrainConfig, run: &RunDir, opts: &RunOptions, comm: &dyn Comm
     let begun = Instant::now();
     let mut s = Session::start(cfg, run, opts, comm)?;
     s.startup_s = begun.elapsed().as_secs_f64();
-    info!("start-up took {:.1} s (corpus, split, tokenizer, baselines, model)", s.startup_s);
+    s.startup_read_share = s.data.corpus.sampled_decoded() as f64 / s.data.corpus.n_cells().max(1) as f64;
+    info!(
+        "start-up took {:.1} s (corpus, split, tokenizer, baselines, model), decoding {:.2} % of the corpus's cells",
+        s.startup_s,
+        100.0 * s.startup_read_share
+    );
     let started = Instant::now();
     let (mut window, mut overall) = (Window::default(), Window::default());
     let mut last_val = None;
@@ -300,6 +305,8 @@ struct Session<'c> {
     run_path: PathBuf,
     /// Seconds from the start to the first step (`throughput.json`).
     startup_s: f64,
+    /// Cells this rank decoded during start-up, over the corpus's cells.
+    startup_read_share: f64,
 }
 
 impl<'c> Session<'c> {
@@ -451,6 +458,7 @@ impl<'c> Session<'c> {
             first_step,
             run_path: run.path.clone(),
             startup_s: 0.0,
+            startup_read_share: 0.0,
         })
     }
 
@@ -556,15 +564,17 @@ impl<'c> Session<'c> {
         let lead = self.rank.rank() == 0;
         // Every rank's training reads and peak memory, gathered by a sum over rank slots.
         let (r, world) = (self.rank.rank(), self.rank.world());
-        let mut per_rank = vec![0.0; 3 * world];
+        const SLOTS: usize = 4;
+        let mut per_rank = vec![0.0; SLOTS * world];
         let reads = &self.data.train_reads;
-        per_rank[3 * r] = reads.decoded.load(std::sync::atomic::Ordering::Relaxed) as f64;
-        per_rank[3 * r + 1] = reads.wanted.load(std::sync::atomic::Ordering::Relaxed) as f64;
-        per_rank[3 * r + 2] = crate::logging::max_rss_mb().unwrap_or(0.0);
+        per_rank[SLOTS * r] = reads.decoded.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        per_rank[SLOTS * r + 1] = reads.wanted.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        per_rank[SLOTS * r + 2] = crate::logging::max_rss_mb().unwrap_or(0.0);
+        per_rank[SLOTS * r + 3] = self.startup_read_share;
         self.ddp.sum(&mut per_rank)?;
         if overall.steps > 0 && lead {
             let mut summary = overall.summary(&self.peak, &self.ddp.take_cost(), world, self.trainer.device.is_cuda());
-            let amplification: Vec<f64> = per_rank.chunks(3).map(|x| x[0] / x[1].max(1.0)).collect();
+            let amplification: Vec<f64> = per_rank.chunks(SLOTS).map(|x| x[0] / x[1].max(1.0)).collect();
             summary["read_amplification"] = serde_json::json!({
                 "per_rank": amplification,
                 "max": amplification.iter().copied().fold(0.0, f64::max),
@@ -572,7 +582,8 @@ impl<'c> Session<'c> {
                 "note": "cells in the store chunks a rank decoded for training batches, over the cells those reads were for",
             });
             summary["startup_s"] = serde_json::json!(self.startup_s);
-            summary["max_rss_mb_per_rank"] = serde_json::json!(per_rank.chunks(3).map(|x| x[2]).collect::<Vec<f64>>());
+            summary["startup_read_share_per_rank"] = serde_json::json!(per_rank.chunks(SLOTS).map(|x| x[3]).collect::<Vec<f64>>());
+            summary["max_rss_mb_per_rank"] = serde_json::json!(per_rank.chunks(SLOTS).map(|x| x[2]).collect::<Vec<f64>>());
             info!("throughput: {summary}");
             let json = serde_json::to_vec_pretty(&summary).map_err(|e| TrainError::Internal(e.to_string()))?;
             dataloader::write_atomic(&self.run_path.join("throughput.json"), &json)?;

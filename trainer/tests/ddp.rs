@@ -303,12 +303,24 @@ fn local_read_plans_decode_a_ranks_share_and_reproduce() {
         let t: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("throughput.json")).unwrap()).unwrap();
         t["read_amplification"]["max"].as_f64().expect("read_amplification in throughput.json")
     };
-    let local = ["--data", &store, "--set", "data.read_plan=\"local\"", "--set", "train.max_steps=6", "--set", "train.grad_accum=1", "--set", "split.val_fraction=0.02"];
+    let local = [
+        "--data", &store, "--set", "data.read_plan=\"local\"", "--set", "train.max_steps=6", "--set", "train.grad_accum=1",
+        "--set", "split.val_fraction=0.02", "--set", "tokenizer.max_fit_cells=300",
+    ];
+    // Start-up (a 300-cell tokenizer fit, 60 validation cells) decodes a part of the store,
+    // whole chunks at a time: more than nothing, far less than all of it.
+    let startup_share = |run: &Path| -> Vec<f64> {
+        let t: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("throughput.json")).unwrap()).unwrap();
+        t["startup_read_share_per_rank"].as_array().expect("startup_read_share_per_rank").iter().filter_map(|x| x.as_f64()).collect()
+    };
     for world in ["2", "4"] {
         let run = root.join(format!("local-{world}"));
         ok(&format!("{world} ranks, local"), &launch(&["--backend", "mpi", "--nproc-per-node", world], &run, &local, &[]));
         let a = amplification(&run);
         assert!(a <= 1.25, "{world} ranks: read amplification {a:.3}");
+        let shares = startup_share(&run);
+        eprintln!("start-up read shares at {world} ranks: {shares:?}");
+        assert!(shares.len() == world.parse::<usize>().unwrap() && shares.iter().all(|&x| x > 0.05 && x < 0.6), "start-up read shares {shares:?}");
         if world == "2" {
             let again = root.join("local-2-again");
             ok("2 ranks, local, again", &launch(&["--backend", "mpi", "--nproc-per-node", "2"], &again, &local, &[]));

@@ -117,8 +117,11 @@ impl StoreWriter {
         let err = |e: &dyn std::fmt::Display| DataError::zarr(&self.root, path, e);
         let array = b.build(self.storage.clone(), &node(path)).map_err(|e| err(&e))?;
         array.store_metadata().map_err(|e| err(&e))?;
-        if !values.is_empty() {
-            array.store_array_subset(&[0..values.len() as u64], values).map_err(|e| err(&e))?;
+        // A chunk at a time: encoding a whole column of strings at once would hold a second,
+        // encoded copy of every cell's name.
+        for (i, part) in values.chunks(TABLE_CHUNK as usize).enumerate() {
+            let start = i as u64 * TABLE_CHUNK;
+            array.store_array_subset(&[start..start + part.len() as u64], part).map_err(|e| err(&e))?;
         }
         Ok(())
     }
