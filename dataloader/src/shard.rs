@@ -168,6 +168,11 @@ impl ShardReader {
         Ok(reader)
     }
 
+    /// The cells this reader serves, in the order given to `new`.
+    pub fn cells(&self) -> &[u32] {
+        &self.cells
+    }
+
     /// Weights blocks by group: `group_of(c)` names the group of cell c's block (its store) and
     /// `weight_of(group)` its sampling weight.
     pub fn weighted(mut self, group_of: impl Fn(u32) -> u64, weight_of: impl Fn(u64) -> f64) -> Result<Self> {

@@ -18,7 +18,6 @@ use crate::error::{Result, TrainError};
 pub struct RunData {
     pub corpus: Arc<Corpus>,
     pub tokenizer: Arc<Tokenizer>,
-    pub train_cells: Vec<u32>,
     pub val_cells: Vec<u32>,
     reader: ShardReader,
     /// Training batches: the run's views and masks.
@@ -65,16 +64,15 @@ impl RunData {
         };
         let tokenizer = Arc::new(tokenizer);
         let shard = ShardConfig { batch_size: cfg.train.batch_size, seed: cfg.seed, window_blocks: 2, plan: cfg.data.read_plan };
-        let reader = ShardReader::new(split.train.clone(), |c| corpus.block_of(c), rank, shard)?.weighted(|c| corpus.member_of(c), |m| corpus.weight(m))?;
-        let mask = MaskConfig { ratio: cfg.mask.ratio, nonzero_fraction: cfg.mask.nonzero_fraction, seed: cfg.seed };
         let median_depth = median_total(&corpus, &split.train)?;
+        let reader = ShardReader::new(split.train, |c| corpus.block_of(c), rank, shard)?.weighted(|c| corpus.member_of(c), |m| corpus.weight(m))?;
+        let mask = MaskConfig { ratio: cfg.mask.ratio, nonzero_fraction: cfg.mask.nonzero_fraction, seed: cfg.seed };
         let panels = Arc::new(corpus.panels());
         let batcher = Batcher::new(tokenizer.clone(), cfg.sequence, Some(mask), cfg.views)?.with_median_depth(median_depth).with_panels(panels.clone());
         let val_batcher = Batcher::new(tokenizer.clone(), cfg.sequence, Some(mask), ViewConfig::SINGLE)?.with_panels(panels);
         Ok(RunData {
             corpus: Arc::new(corpus),
             tokenizer,
-            train_cells: split.train,
             val_cells,
             reader,
             batcher,
@@ -85,6 +83,12 @@ impl RunData {
             prefetch: cfg.data.prefetch,
             batch_size: cfg.train.batch_size,
         })
+    }
+
+    /// This rank's view of the training cells (all of them, in split order; held once, by
+    /// the reader).
+    pub fn train_cells(&self) -> &[u32] {
+        self.reader.cells()
     }
 
     pub fn batches_per_epoch(&self) -> usize {
@@ -189,10 +193,17 @@ fn log_overlaps(corpus: &Corpus) {
     }
 }
 
+/// Cells whose totals give the median depth: all of them up to this, evenly spaced above it
+/// (a median of a million is within 0.1 percentile of the whole), so start-up memory does not
+/// grow with an atlas.
+const MEDIAN_SAMPLE: usize = 1 << 20;
+
 /// The median total counts of `cells` (from the stores' statistics, no matrix read).
 fn median_total(corpus: &Corpus, cells: &[u32]) -> Result<f64> {
     let totals = corpus.cell_totals()?;
-    let mut t: Vec<f64> = cells.iter().map(|&c| totals[c as usize]).collect();
+    let step = cells.len().div_ceil(MEDIAN_SAMPLE).max(1);
+    let mut t: Vec<f64> = cells.iter().step_by(step).map(|&c| totals[c as usize]).collect();
+    drop(totals);
     if t.is_empty() {
         return Ok(0.0);
     }

@@ -358,7 +358,7 @@ impl<'c> Session<'c> {
                 "train.grad_accum = {} exceeds the {} batches per epoch of {} training cells; lower train.grad_accum or train.batch_size",
                 cfg.train.grad_accum,
                 data.batches_per_epoch(),
-                data.train_cells.len()
+                data.train_cells().len()
             )));
         }
         let total_steps = if cfg.train.max_steps > 0 { cfg.train.max_steps } else { cfg.train.epochs * per_epoch };
@@ -421,7 +421,7 @@ impl<'c> Session<'c> {
         );
         info!(
             "data: {} training / {} validation cells, {} genes, sequence length {}, {per_epoch} steps per epoch, {total_steps} steps in all",
-            data.train_cells.len(),
+            data.train_cells().len(),
             data.val_cells.len(),
             data.tokenizer.genes.len(),
             data.seq_len()
@@ -601,7 +601,7 @@ impl<'c> Session<'c> {
 /// Perplexities of the two context-free predictors on this run's validation masks, summed
 /// over ranks: (per-gene table, global frequencies).
 fn context_free_baselines(cfg: &TrainConfig, data: &RunData, rank: Rank, ddp: &mut Ddp) -> Result<(f64, f64)> {
-    let fit_cells = sample_blocks(&data.train_cells, cfg.tokenizer.max_fit_cells, |c| data.corpus.block_of(c), cfg.seed, Purpose::BaselineSample);
+    let fit_cells = sample_blocks(data.train_cells(), cfg.tokenizer.max_fit_cells, |c| data.corpus.block_of(c), cfg.seed, Purpose::BaselineSample);
     let frequencies = BinFrequencies::fit(&data.corpus, &data.unmasked()?, data.mask, &fit_cells)?;
     let mut baseline = BaselineScore::default();
     for b in data.val_stream(rank) {
