@@ -70,6 +70,17 @@ impl Column {
         }
     }
 
+    /// Reorders the column in place so row i becomes row `order[i]` (a permutation).
+    fn permute(&mut self, order: &[usize]) {
+        match self {
+            Column::Categorical { codes, .. } => permute(codes, order),
+            Column::Strings(v) => permute(v, order),
+            Column::Float(v) => permute(v, order),
+            Column::Int(v) => permute(v, order),
+            Column::Bool(v) => permute(v, order),
+        }
+    }
+
     /// `take` that moves strings out of `self` instead of copying them; `rows` must be distinct.
     fn take_moving(&mut self, rows: &[usize]) -> Column {
         match self {
@@ -160,6 +171,13 @@ impl Frame {
         if rows.iter().any(|&r| std::mem::replace(&mut seen[r], true)) {
             return self.take(rows);
         }
+        if rows.len() == self.len() {
+            // A reordering of every row (conversion's shuffle): in place, so an atlas's obs
+            // is never held in two vectors at once.
+            permute(&mut self.index, rows);
+            self.columns.iter_mut().for_each(|(_, c)| c.permute(rows));
+            return self;
+        }
         Frame {
             index: rows.iter().map(|&r| std::mem::take(&mut self.index[r])).collect(),
             columns: self.columns.iter_mut().map(|(n, c)| (std::mem::take(n), c.take_moving(rows))).collect(),
@@ -201,6 +219,29 @@ impl Frame {
     }
 }
 
+/// Reorders `v` in place so that `v[i]` becomes the old `v[order[i]]`, following each cycle of
+/// the permutation `order` once.
+fn permute<T: Default>(v: &mut [T], order: &[usize]) {
+    let mut done = vec![false; v.len()];
+    for start in 0..v.len() {
+        if done[start] {
+            continue;
+        }
+        let first = std::mem::take(&mut v[start]);
+        let mut j = start;
+        loop {
+            done[j] = true;
+            let k = order[j];
+            if k == start {
+                v[j] = first;
+                break;
+            }
+            v[j] = std::mem::take(&mut v[k]);
+            j = k;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,7 +266,7 @@ mod tests {
                 ("n".into(), Column::Int(vec![0, 1, 2, 3])),
             ],
         };
-        for rows in [vec![2, 0, 3], vec![1, 1]] {
+        for rows in [vec![2, 0, 3], vec![1, 1], vec![3, 0, 2, 1], vec![1, 0, 3, 2], vec![0, 1, 2, 3]] {
             let want = f.take(&rows);
             let got = f.clone().into_take(&rows);
             assert_eq!((got.index_name.as_str(), &got.index), (want.index_name.as_str(), &want.index), "{rows:?}");
