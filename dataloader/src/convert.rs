@@ -4,8 +4,8 @@
 //! single-threaded) while this thread validates, shuffles and hands full shards to zarrs, which
 //! compresses their chunks on all cores. The stored order is planned first, so obs is written
 //! and dropped before any count is read, and per-cell tables are streamed into the store as
-//! cells are written: memory is bounded by the read and shard buffers, not by the number of
-//! cells. The store is built in a temp directory beside the output and renamed into place only
+//! cells are written: memory is the read and shard buffers plus ~40 bytes a cell (the selected
+//! rows and the source's row offsets), not the file's size. The store is built in a temp directory beside the output and renamed into place only
 //! when complete; `uns/neurofm/provenance` is written last.
 
 use std::path::{Path, PathBuf};
@@ -164,8 +164,8 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     }
 
     // The stored order is settled before any count is read, so obs (the largest per-cell
-    // table: every cell's name) is written and dropped first and the matrix pass holds no
-    // per-cell state.
+    // table: every cell's name) is written and dropped first; the matrix pass then holds only
+    // the selected rows per cell.
     let mut blocks = plan_blocks(&rows, opts.block_cells);
     if let Some(seed) = opts.shuffle_seed {
         blocks.shuffle(&mut rng_for(&[seed, Purpose::ConvertBlocks as u64]));

@@ -3,13 +3,37 @@
 //! Decided by hashing the cell's name (or its group's value), not its row, so the split of a
 //! cell never changes when the store is re-converted with another shuffle or cell selection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
+use crate::frame::Column;
 use crate::rng::{hash_keys, hash_str, unit};
 use crate::store::Store;
+
+/// Each cell's group (an index into the returned names) under an obs column: categorical
+/// codes are used as they are, other columns' values interned; equal texts are one group
+/// (a missing category is the empty text).
+fn group_ids(column: &Column, n: usize) -> (Vec<u32>, Vec<String>) {
+    let mut names: Vec<String> = Vec::new();
+    let mut index: HashMap<String, u32> = HashMap::new();
+    let mut intern = |text: String| -> u32 {
+        *index.entry(text).or_insert_with_key(|t| {
+            names.push(t.clone());
+            names.len() as u32 - 1
+        })
+    };
+    let group = match column {
+        Column::Categorical { codes, categories, .. } => {
+            let of_code: Vec<u32> = categories.iter().map(|c| intern(c.clone())).collect();
+            let missing = intern(String::new());
+            codes.iter().map(|&c| usize::try_from(c).ok().and_then(|c| of_code.get(c).copied()).unwrap_or(missing)).collect()
+        }
+        other => (0..n).map(|i| intern(other.text(i))).collect(),
+    };
+    (group, names)
+}
 
 /// How to choose validation cells.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,22 +77,27 @@ impl SplitSpec {
             return Err(DataError::Config(format!("split.val_fraction = {} must be in [0, 1)", self.val_fraction)));
         }
         let n = store.n_cells();
+        // One byte a cell: group keys are counted, not materialized per cell, so an atlas's
+        // split needs no string per cell.
         let is_val: Vec<bool> = match (&self.by, self.unit) {
             (Some(_), SplitUnit::Block) => return Err(DataError::Config("split.by and split.unit = \"block\" exclude each other; choose one".into())),
             (None, SplitUnit::Block) => {
-                let blocks: Vec<String> = (0..n).map(|i| (store.chunk_of(i as u32) / crate::corpus::CHUNKS_PER_BLOCK).to_string()).collect();
-                let val_blocks = self.choose_groups(&blocks);
-                blocks.iter().map(|b| val_blocks.contains(b.as_str())).collect()
+                let block_of = |i: usize| store.chunk_of(i as u32) / crate::corpus::CHUNKS_PER_BLOCK;
+                let mut sizes: BTreeMap<u64, usize> = BTreeMap::new();
+                (0..n).for_each(|i| *sizes.entry(block_of(i)).or_default() += 1);
+                let groups: Vec<(String, usize)> = sizes.iter().map(|(b, &c)| (b.to_string(), c)).collect();
+                let val: std::collections::HashSet<u64> =
+                    sizes.keys().zip(self.choose_groups(&groups, n)).filter_map(|(&b, chosen)| chosen.then_some(b)).collect();
+                (0..n).map(|i| val.contains(&block_of(i))).collect()
             }
-            (None, SplitUnit::Cell) => {
-                let names = store.obs_names()?;
-                names.iter().map(|name| unit(hash_keys(&[self.seed, hash_str(name)])) < self.val_fraction).collect()
-            }
+            (None, SplitUnit::Cell) => store.map_obs_names(|name| unit(hash_keys(&[self.seed, hash_str(name)])) < self.val_fraction)?,
             (Some(col), SplitUnit::Cell) => {
-                let column = store.column("obs", col)?;
-                let values: Vec<String> = (0..n).map(|i| column.text(i)).collect();
-                let val_groups = self.choose_groups(&values);
-                values.iter().map(|v| val_groups.contains(v.as_str())).collect()
+                let (group, names) = group_ids(&store.column("obs", col)?, n);
+                let mut sizes = vec![0usize; names.len()];
+                group.iter().for_each(|&g| sizes[g as usize] += 1);
+                let groups: Vec<(String, usize)> = names.into_iter().zip(sizes).collect();
+                let chosen = self.choose_groups(&groups, n);
+                group.iter().map(|&g| chosen[g as usize]).collect()
             }
         };
         let mut split = Split { train: Vec::new(), val: Vec::new() };
@@ -90,24 +119,50 @@ impl SplitSpec {
         Ok(split)
     }
 
-    /// Groups in hash order until they hold `val_fraction` of the cells.
-    fn choose_groups<'a>(&self, values: &'a [String]) -> std::collections::HashSet<&'a str> {
-        let mut sizes: BTreeMap<&str, usize> = BTreeMap::new();
-        for v in values {
-            *sizes.entry(v.as_str()).or_default() += 1;
-        }
-        let mut groups: Vec<(&str, usize)> = sizes.into_iter().collect();
-        groups.sort_by_key(|(g, _)| hash_keys(&[self.seed, hash_str(g)]));
-        let target = (self.val_fraction * values.len() as f64).round() as usize;
-        let mut chosen = std::collections::HashSet::new();
+    /// Of `groups` (a name and its cells), those taken in hash order of their names until
+    /// they hold `val_fraction` of the `n` cells.
+    fn choose_groups(&self, groups: &[(String, usize)], n: usize) -> Vec<bool> {
+        let mut order: Vec<usize> = (0..groups.len()).filter(|&g| groups[g].1 > 0).collect();
+        order.sort_by_key(|&g| hash_keys(&[self.seed, hash_str(&groups[g].0)]));
+        let target = (self.val_fraction * n as f64).round() as usize;
+        let mut chosen = vec![false; groups.len()];
         let mut taken = 0;
-        for (g, size) in groups {
+        for g in order {
             if taken >= target {
                 break;
             }
-            chosen.insert(g);
-            taken += size;
+            chosen[g] = true;
+            taken += groups[g].1;
         }
         chosen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_are_texts_whatever_the_column_type() {
+        // Codes 0 and 2 name the same text; -1 (missing) is the empty text, like "".
+        let cat = Column::Categorical { codes: vec![0, 1, 2, -1, 3, 0], categories: ["a", "b", "a", ""].map(String::from).to_vec(), ordered: false };
+        let (group, names) = group_ids(&cat, 6);
+        let text: Vec<&str> = group.iter().map(|&g| names[g as usize].as_str()).collect();
+        assert_eq!(text, ["a", "b", "a", "", "", "a"]);
+        assert_eq!(names.iter().collect::<std::collections::HashSet<_>>().len(), names.len(), "one group per text");
+        let (group, names) = group_ids(&Column::Int(vec![3, 1, 3]), 3);
+        assert_eq!((group[0] == group[2], group[0] != group[1], names.len()), (true, true, 2));
+    }
+
+    #[test]
+    fn groups_are_taken_in_hash_order_until_the_share_is_reached() {
+        let spec = SplitSpec { val_fraction: 0.5, seed: 3, by: None, unit: SplitUnit::Cell };
+        let groups: Vec<(String, usize)> = (0..20).map(|g| (format!("g{g}"), 10)).chain([("empty".to_string(), 0)]).collect();
+        let chosen = spec.choose_groups(&groups, 200);
+        assert_eq!(chosen.iter().filter(|&&c| c).count(), 10);
+        assert!(!chosen[20], "a group without cells is never chosen");
+        let mut by_hash: Vec<usize> = (0..20).collect();
+        by_hash.sort_by_key(|&g| hash_keys(&[3, hash_str(&groups[g].0)]));
+        assert!(by_hash[..10].iter().all(|&g| chosen[g]));
     }
 }

@@ -202,9 +202,11 @@ fn train_loop(cfg: TrainConfig, run: &RunDir, opts: &RunOptions, comm: &dyn Comm
     let begun = Instant::now();
     let mut s = Session::start(cfg, run, opts, comm)?;
     s.startup_s = begun.elapsed().as_secs_f64();
-    s.startup_read_share = s.data.corpus.sampled_decoded() as f64 / s.data.corpus.n_cells().max(1) as f64;
+    let (decoded, cells) = (s.data.corpus.sampled_decoded(), s.data.corpus.n_cells());
+    s.startup_read_share = decoded as f64 / cells.max(1) as f64;
     info!(
-        "start-up took {:.1} s (corpus, split, tokenizer, baselines, model), decoding {:.2} % of the corpus's cells",
+        "start-up took {:.1} s (corpus, split, tokenizer, baselines, model); its reads decoded chunks holding {decoded} cells, \
+         {:.2} % of the corpus's {cells} (a chunk read twice counts twice)",
         s.startup_s,
         100.0 * s.startup_read_share
     );

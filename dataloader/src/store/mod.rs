@@ -244,6 +244,22 @@ impl Store {
         self.index_of("obs")
     }
 
+    /// `f` of every cell's name in store order, reading the names a chunk at a time (an
+    /// atlas's names are never all in memory).
+    pub fn map_obs_names<T>(&self, mut f: impl FnMut(&str) -> T) -> Result<Vec<T>> {
+        const SLICE: u64 = 1 << 20;
+        let key = self.attributes("obs")?.get("_index").and_then(|v| v.as_str()).unwrap_or("_index").to_string();
+        let p = format!("obs/{key}");
+        let array = Array::open(self.storage.clone(), &format!("/{p}")).map_err(|e| DataError::zarr(&self.path, &p, e))?;
+        let len = array.shape().first().copied().unwrap_or(0);
+        let mut out = Vec::with_capacity(len as usize);
+        for start in (0..len).step_by(SLICE as usize) {
+            let names = array.retrieve_array_subset::<Vec<String>>(&[start..(start + SLICE).min(len)]).map_err(|e| DataError::zarr(&self.path, &p, e))?;
+            out.extend(names.iter().map(|n| f(n)));
+        }
+        Ok(out)
+    }
+
     /// Gene names in store order (the tokenizer's gene order).
     pub fn var_names(&self) -> Result<Vec<String>> {
         self.index_of("var")
