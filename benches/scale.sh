@@ -11,6 +11,7 @@ set -euo pipefail
 sizes=("$@"); [ ${#sizes[@]} -gt 0 ] || sizes=(250000 1000000)
 bin=${BIN:-target/release}
 dir=${SCALE_DIR:-runs/scale}
+tag=${TAG:-}   # a suffix of the atlas's files, for variants made with SYNTH_ARGS
 mkdir -p "$dir"
 rss() { awk '/Maximum resident/ {printf "%.0f", $6 / 1024}' "$1"; }
 
@@ -48,19 +49,19 @@ threads = 1
 EOF
 
 for n in "${sizes[@]}"; do
-  h5="$dir/atlas-$n${TAG:-}.h5ad" store="$dir/atlas-$n${TAG:-}.zarr"
+  h5="$dir/atlas-$n$tag.h5ad" store="$dir/atlas-$n$tag.zarr"
   # shellcheck disable=SC2086 # SYNTH_ARGS is a list of options
   [ -f "$h5" ] || "$bin/neurofm-data" -q synth --cells "$n" --genes 2000 --types 8 ${SYNTH_ARGS:---seed 1} "$h5"
   if [ ! -d "$store" ]; then
-    /usr/bin/time -v "$bin/neurofm-data" convert -q --json "$h5" "$store" > "$dir/convert-$n${TAG:-}.json" 2> "$dir/convert-$n${TAG:-}.time"
+    /usr/bin/time -v "$bin/neurofm-data" convert -q --json "$h5" "$store" > "$dir/convert-$n$tag.json" 2> "$dir/convert-$n$tag.time"
   fi
-  python3 - "$dir/convert-$n${TAG:-}.json" "$(rss "$dir/convert-$n${TAG:-}.time")" "$n" <<'EOF'
+  python3 - "$dir/convert-$n$tag.json" "$(rss "$dir/convert-$n$tag.time")" "$n" <<'EOF'
 import json, sys
 s = json.load(open(sys.argv[1]))
 print(f"atlas {sys.argv[3]} cells: {s['input_bytes']/1e9:.2f} GB h5ad, {s['nnz']:.3g} non-zeros, converted in {s['seconds']:.0f} s "
       f"({s['input_bytes']/1e6/s['seconds']:.1f} MB/s), peak RSS {sys.argv[2]} MB")
 EOF
-  run="$dir/run-$n${TAG:-}"
+  run="$dir/run-$n$tag"
   "$bin/neurofm-launch" --backend mpi --nproc-per-node 2 -- "$bin/neurofm-train" --config "$dir/train.toml" \
     --data "$store" --data "$dir/second.zarr" --run-dir "$run" --force --device cpu --no-progress > "$run.out" 2>&1 \
     || { tail -20 "$run.out"; exit 1; }
@@ -75,4 +76,4 @@ print(f"  2-rank training ({sys.argv[2]} + 20000 cells): start-up {t['startup_s'
 EOF
 done
 # Simulated read plans of 1 … 64 ranks over the largest atlas.
-NEUROFM_BENCH_PLANS_ONLY=1 cargo run -q --release -p neurofm-dataloader --example reader_bench -- "$dir/atlas-${sizes[-1]}${TAG:-}.zarr" | grep -A9 "read plans"
+NEUROFM_BENCH_PLANS_ONLY=1 cargo run -q --release -p neurofm-dataloader --example reader_bench -- "$dir/atlas-${sizes[-1]}$tag.zarr" | grep -A9 "read plans"

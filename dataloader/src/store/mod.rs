@@ -248,8 +248,7 @@ impl Store {
     /// atlas's names are never all in memory).
     pub fn map_obs_names<T>(&self, mut f: impl FnMut(&str) -> T) -> Result<Vec<T>> {
         const SLICE: u64 = 1 << 20;
-        let key = self.attributes("obs")?.get("_index").and_then(|v| v.as_str()).unwrap_or("_index").to_string();
-        let p = format!("obs/{key}");
+        let p = self.index_path("obs")?;
         let array = Array::open(self.storage.clone(), &format!("/{p}")).map_err(|e| DataError::zarr(&self.path, &p, e))?;
         let len = array.shape().first().copied().unwrap_or(0);
         let mut out = Vec::with_capacity(len as usize);
@@ -266,8 +265,13 @@ impl Store {
     }
 
     fn index_of(&self, frame: &str) -> Result<Vec<String>> {
+        self.read_vec::<String>(&self.index_path(frame)?)
+    }
+
+    /// Where a dataframe keeps its index (`_index` unless its attributes name another array).
+    fn index_path(&self, frame: &str) -> Result<String> {
         let key = self.attributes(frame)?.get("_index").and_then(|v| v.as_str()).unwrap_or("_index").to_string();
-        self.read_vec::<String>(&format!("{frame}/{key}"))
+        Ok(format!("{frame}/{key}"))
     }
 
     /// The whole `obs` (or `var`) dataframe.
