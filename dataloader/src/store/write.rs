@@ -112,18 +112,13 @@ impl StoreWriter {
         b
     }
 
-    fn finish_array<T: Element>(&self, mut b: ArrayBuilder, path: &str, values: &[T], attributes: Value) -> Result<()> {
+    /// Creates the array `b` describes at `path` with AnnData `attributes`, metadata written.
+    fn new_array(&self, mut b: ArrayBuilder, path: &str, attributes: Value) -> Result<Array<FilesystemStore>> {
         b.attributes(attrs(attributes));
         let err = |e: &dyn std::fmt::Display| DataError::zarr(&self.root, path, e);
         let array = b.build(self.storage.clone(), &node(path)).map_err(|e| err(&e))?;
         array.store_metadata().map_err(|e| err(&e))?;
-        // A chunk at a time: encoding a whole column of strings at once would hold a second,
-        // encoded copy of every cell's name.
-        for (i, part) in values.chunks(TABLE_CHUNK as usize).enumerate() {
-            let start = i as u64 * TABLE_CHUNK;
-            array.store_array_subset(&[start..start + part.len() as u64], part).map_err(|e| err(&e))?;
-        }
-        Ok(())
+        Ok(array)
     }
 
     /// A 1-D numeric or bool array (`encoding-type: array`).
@@ -137,28 +132,29 @@ impl StoreWriter {
     /// tables of an atlas are never held whole.
     pub fn column<T: Element + ArrayDtype + Copy>(&self, path: &str, len: u64) -> Result<ColumnWriter<T>> {
         let chunk = TABLE_CHUNK.min(len).max(1);
-        let mut b = self.builder(len, chunk, T::data_type(), T::fill());
-        b.attributes(attrs(json!({"encoding-type": "array", "encoding-version": "0.2.0"})));
-        let err = |e: &dyn std::fmt::Display| DataError::zarr(&self.root, path, e);
-        let array = b.build(self.storage.clone(), &node(path)).map_err(|e| err(&e))?;
-        array.store_metadata().map_err(|e| err(&e))?;
+        let b = self.builder(len, chunk, T::data_type(), T::fill());
+        let array = self.new_array(b, path, json!({"encoding-type": "array", "encoding-version": "0.2.0"}))?;
         Ok(ColumnWriter { array, root: self.root.clone(), path: path.to_string(), buf: Vec::with_capacity(chunk as usize), chunk, written: 0, len })
     }
 
     /// A 1-D string array (`encoding-type: string-array`, vlen-utf8 like anndata writes).
     pub fn strings(&self, path: &str, values: &[String]) -> Result<()> {
         let b = self.builder(values.len() as u64, TABLE_CHUNK.min(values.len() as u64), data_type::string(), "");
-        self.finish_array(b, path, values, json!({"encoding-type": "string-array", "encoding-version": "0.2.0"}))
+        let array = self.new_array(b, path, json!({"encoding-type": "string-array", "encoding-version": "0.2.0"}))?;
+        // A chunk at a time: encoding a whole column of strings at once would hold a second,
+        // encoded copy of every cell's name.
+        for (i, part) in values.chunks(TABLE_CHUNK as usize).enumerate() {
+            let start = i as u64 * TABLE_CHUNK;
+            array.store_array_subset(&[start..start + part.len() as u64], part).map_err(|e| DataError::zarr(&self.root, path, e))?;
+        }
+        Ok(())
     }
 
     /// A string scalar (`encoding-type: string`), e.g. provenance JSON in `uns`.
     pub fn string_scalar(&self, path: &str, value: &str) -> Result<()> {
-        let mut b = ArrayBuilder::new(Vec::<u64>::new(), Vec::<u64>::new(), data_type::string(), "");
-        b.attributes(attrs(json!({"encoding-type": "string", "encoding-version": "0.2.0"})));
-        let err = |e: &dyn std::fmt::Display| DataError::zarr(&self.root, path, e);
-        let array = b.build(self.storage.clone(), &node(path)).map_err(|e| err(&e))?;
-        array.store_metadata().map_err(|e| err(&e))?;
-        array.store_chunk(&[], &[value.to_string()][..]).map_err(|e| err(&e))
+        let b = ArrayBuilder::new(Vec::<u64>::new(), Vec::<u64>::new(), data_type::string(), "");
+        let array = self.new_array(b, path, json!({"encoding-type": "string", "encoding-version": "0.2.0"}))?;
+        array.store_chunk(&[], &[value.to_string()][..]).map_err(|e| DataError::zarr(&self.root, path, e))
     }
 
     /// A dataframe group with its index and columns (`encoding-type: dataframe`).
