@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use rand::seq::index::sample;
 use rand::Rng;
-use rand_distr::{Binomial, Distribution};
+use rand_distr::{Binomial, Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::Panels;
@@ -77,6 +77,12 @@ pub struct ViewConfig {
     /// Thin only the second view: the first stays the cell as measured (masked only), the
     /// distribution validation and embeddings see.
     pub keep_first: bool,
+    /// Standard deviation of the log of a random factor on each gene's counts, drawn anew
+    /// for every view (0: none). Per-gene multiplicative effects are how batches, libraries
+    /// and labs differ (ComBat's model): cells seen under them teach invariance to such shifts
+    /// (fine-tuning's `[augment]` uses it; for pretraining views it did not help, see
+    /// `benches/README.md`).
+    pub gene_scale: f64,
 }
 
 impl Default for ViewConfig {
@@ -87,7 +93,7 @@ impl Default for ViewConfig {
 
 impl ViewConfig {
     /// One view, the cell as measured: evaluation, validation and the original recipe.
-    pub const SINGLE: ViewConfig = ViewConfig { count: 1, thinning: Thinning::Rate, thin_min: 1.0, predict_full: false, keep_first: false };
+    pub const SINGLE: ViewConfig = ViewConfig { count: 1, thinning: Thinning::Rate, thin_min: 1.0, predict_full: false, keep_first: false, gene_scale: 0.0 };
 
     pub fn validate(&self) -> Result<()> {
         if !(1..=2).contains(&self.count) {
@@ -96,11 +102,19 @@ impl ViewConfig {
         if !(self.thin_min > 0.0 && self.thin_min <= 1.0) {
             return Err(DataError::Config(format!("views.thin_min = {}: must be in (0, 1]", self.thin_min)));
         }
+        if !(0.0..=3.0).contains(&self.gene_scale) {
+            return Err(DataError::Config(format!("views.gene_scale = {}: must be a standard deviation in [0, 3]", self.gene_scale)));
+        }
         Ok(())
     }
 
     fn thins(&self) -> bool {
         self.thin_min < 1.0
+    }
+
+    /// Whether views differ from the cell as measured (beyond masking).
+    fn perturbs(&self) -> bool {
+        self.thins() || self.gene_scale > 0.0
     }
 }
 
@@ -276,26 +290,37 @@ impl Batcher {
         out
     }
 
-    /// The counts of view `v` of a cell: thinned into `buf`, or the measured ones.
+    /// The counts of view `v` of a cell: thinned and gene-scaled into `buf`, or the measured ones.
     fn view_counts<'a>(&self, counts: &'a [f32], cell: u32, epoch: u64, v: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
-        if !self.views.thins() || epoch == VALIDATION_EPOCH || (v == 0 && self.views.keep_first) {
+        if !self.views.perturbs() || epoch == VALIDATION_EPOCH || (v == 0 && self.views.keep_first) {
             return counts;
         }
         let seed = self.mask.map(|m| m.seed).unwrap_or(0);
-        let mut rng = rng_for(&[seed, Purpose::ViewThinning as u64, epoch, cell as u64, v as u64]);
-        let rate: f64 = match self.views.thinning {
-            Thinning::Rate => rng.random_range(self.views.thin_min..=1.0),
-            Thinning::Depth => {
-                let target = self.median_depth * rng.random_range(self.views.thin_min.ln()..=0.0).exp();
-                let total: f64 = counts.iter().map(|&c| c as f64).sum();
-                if total > 0.0 { (target / total).min(1.0) } else { 1.0 }
-            }
-        };
         buf.clear();
-        buf.extend(counts.iter().map(|&c| {
-            let n = c.max(0.0).round() as u64;
-            Binomial::new(n, rate).map(|d| d.sample(&mut rng) as f32).unwrap_or(c)
-        }));
+        if self.views.thins() {
+            let mut rng = rng_for(&[seed, Purpose::ViewThinning as u64, epoch, cell as u64, v as u64]);
+            let rate: f64 = match self.views.thinning {
+                Thinning::Rate => rng.random_range(self.views.thin_min..=1.0),
+                Thinning::Depth => {
+                    let target = self.median_depth * rng.random_range(self.views.thin_min.ln()..=0.0).exp();
+                    let total: f64 = counts.iter().map(|&c| c as f64).sum();
+                    if total > 0.0 { (target / total).min(1.0) } else { 1.0 }
+                }
+            };
+            buf.extend(counts.iter().map(|&c| {
+                let n = c.max(0.0).round() as u64;
+                Binomial::new(n, rate).map(|d| d.sample(&mut rng) as f32).unwrap_or(c)
+            }));
+        } else {
+            buf.extend_from_slice(counts);
+        }
+        if self.views.gene_scale > 0.0 {
+            let mut rng = rng_for(&[seed, Purpose::ViewGeneScale as u64, epoch, cell as u64, v as u64]);
+            let log_factor = Normal::new(0.0, self.views.gene_scale).unwrap_or_else(|_| unreachable!("validated: a finite sigma ≥ 0"));
+            for c in buf.iter_mut() {
+                *c *= log_factor.sample(&mut rng).exp() as f32;
+            }
+        }
         buf
     }
 
@@ -555,7 +580,7 @@ mod tests {
     fn thinned_views_share_positions_and_lose_depth() {
         let n = 50;
         let dense: Vec<f32> = (0..n).map(|g| 20.0 + g as f32).collect();
-        let views = ViewConfig { count: 2, thinning: Thinning::Rate, thin_min: 0.2, predict_full: false, keep_first: false };
+        let views = ViewConfig { count: 2, thinning: Thinning::Rate, thin_min: 0.2, predict_full: false, keep_first: false, gene_scale: 0.0 };
         let bt = Batcher::new(tokenizer(n, Binning::CellQuantile, 8), SequenceMode::FullPanel, Some(M), views).unwrap();
         let b = bt.build(&cells(&dense, n), 0);
         let full_depth = (1.0 + dense.iter().sum::<f32>()).log10();
@@ -587,12 +612,34 @@ mod tests {
         assert!((kept.views[0].depth[0] - full_depth).abs() < 1e-5 && kept.views[1].depth[0] < full_depth);
     }
 
+    /// Gene-scaled views: every gene's counts carry their own log-normal factor of the
+    /// configured spread, drawn anew per view and epoch; validation sees the cell as measured.
+    #[test]
+    fn gene_scaled_views_multiply_each_gene_by_its_own_factor() {
+        let n = 4000;
+        let dense = vec![100.0f32; n];
+        let views = ViewConfig { count: 2, gene_scale: 0.5, ..ViewConfig::SINGLE };
+        let bt = Batcher::new(tokenizer(n, Binning::CellQuantile, 8), SequenceMode::FullPanel, Some(M), views).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let log_ratio = |v: &[f32]| v.iter().map(|&c| (c as f64 / 100.0).ln()).collect::<Vec<_>>();
+        let first = log_ratio(bt.view_counts(&dense, 9, 0, 0, &mut a));
+        let mean = first.iter().sum::<f64>() / n as f64;
+        let sd = (first.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+        assert!(mean.abs() < 0.05 && (sd - 0.5).abs() < 0.05, "log factors: mean {mean}, sd {sd}");
+        assert_ne!(bt.view_counts(&dense, 9, 0, 1, &mut b), a.as_slice(), "each view draws its own factors");
+        assert_ne!(bt.view_counts(&dense, 9, 1, 0, &mut b), a.as_slice(), "and each epoch");
+        assert_eq!(bt.view_counts(&dense, 9, VALIDATION_EPOCH, 0, &mut b), dense.as_slice(), "validation is not perturbed");
+        let plain = Batcher::new(bt.tokenizer.clone(), SequenceMode::FullPanel, Some(M), ViewConfig::SINGLE).unwrap();
+        assert_eq!(plain.view_counts(&dense, 9, 0, 0, &mut b), dense.as_slice());
+        assert!(ViewConfig { gene_scale: -0.1, ..ViewConfig::SINGLE }.validate().unwrap_err().to_string().contains("views.gene_scale"));
+    }
+
     /// Thinning to a depth: a deep and a deeper cell end up in the same range of depths, a cell
     /// shallower than the range keeps its own.
     #[test]
     fn depth_thinning_makes_view_depth_independent_of_the_cell() {
         let n = 20;
-        let views = ViewConfig { count: 2, thinning: Thinning::Depth, thin_min: 0.5, predict_full: false, keep_first: false };
+        let views = ViewConfig { count: 2, thinning: Thinning::Depth, thin_min: 0.5, predict_full: false, keep_first: false, gene_scale: 0.0 };
         let bt = Batcher::new(tokenizer(n, Binning::CellQuantile, 8), SequenceMode::FullPanel, Some(M), views).unwrap().with_median_depth(1000.0);
         let mut dense = vec![2500.0f32; n]; // 50,000 counts
         dense.extend(vec![100.0f32; n]); // 2,000

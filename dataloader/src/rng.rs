@@ -28,6 +28,8 @@ pub enum Purpose {
     Mask = 31,
     /// The thinning rate and draws of a view.
     ViewThinning = 32,
+    /// The per-gene factors of a view.
+    ViewGeneScale = 33,
     /// Dropout of one optimizer step.
     Dropout = 40,
     /// The validation cells kept under `data.val_max_cells`.

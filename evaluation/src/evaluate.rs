@@ -120,6 +120,8 @@ pub struct RepresentationScores {
     pub cluster_ari: f64,
     pub cluster_nmi: f64,
     pub silhouette: Option<f64>,
+    /// Directions the representation uses (`linalg::participation_ratio`).
+    pub effective_dims: f64,
     /// How much of the representation is sequencing depth (`depth`).
     pub depth_r2: DepthR2,
 }
@@ -349,6 +351,7 @@ fn score_representation(name: &str, x: &ArrayView2<f64>, labels: &Labels, split:
         cluster_ari: adjusted_rand_index(&labels.y, &clusters),
         cluster_nmi: normalized_mutual_info(&labels.y, &clusters),
         silhouette: silhouette(x, &labels.y, SILHOUETTE_CELLS, seed),
+        effective_dims: crate::linalg::participation_ratio(x),
         depth_r2: depth_r2(x, qc),
     };
     Ok((s, probe, clusters, nb))

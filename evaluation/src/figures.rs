@@ -70,6 +70,7 @@ pub(crate) fn write_figures(out: &Path, model: &TrainedModel, labels: &Labels, s
                     ("validation (masked)".into(), series("val", Column::Loss)),
                     ("train (bottleneck)".into(), series("train", Column::BottleneckLoss)),
                     ("train (contrastive)".into(), series("train", Column::ContrastiveLoss)),
+                    ("train (decorrelation)".into(), series("train", Column::DecorrelationLoss)),
                 ]
                 .into_iter()
                 .filter(|(_, s)| s.iter().any(|&(_, v)| v > 0.0))

@@ -131,8 +131,8 @@ pub(crate) fn write_eval_report(out: &Path, m: &EvalMetrics, figures: &[(String,
         b.push(Block::Paragraph(format!("Classes dropped as too small: {}.", d.join(", "))));
     }
     b.push(Block::Heading("Model vs baselines".into()));
-    b.push(Block::Paragraph("Logistic regression on standardized features (C by 5-fold CV on the training cells), scored on the test cells; kNN: 15 cosine neighbours among training cells; clusters: Louvain on the 15-NN fuzzy graph of all cells, compared with the labels. Depth R²: how well a linear regression on the representation predicts each cell's log total counts and log genes detected (5-fold cross-validated); high values mean the representation encodes sequencing depth.".into()));
-    let head = ["representation", "dim", "accuracy", "balanced acc.", "macro F1", "F1 (class 1)", "ROC-AUC", "kNN acc.", "clusters", "ARI", "NMI", "silhouette", "depth R² (counts)", "depth R² (genes)"];
+    b.push(Block::Paragraph("Logistic regression on standardized features (C by 5-fold CV on the training cells), scored on the test cells; kNN: 15 cosine neighbours among training cells; clusters: Louvain on the 15-NN fuzzy graph of all cells, compared with the labels. Eff. dims: the participation ratio of the representation's covariance spectrum, how many directions it really uses. Depth R²: how well a linear regression on the representation predicts each cell's log total counts and log genes detected (5-fold cross-validated); high values mean the representation encodes sequencing depth.".into()));
+    let head = ["representation", "dim", "accuracy", "balanced acc.", "macro F1", "F1 (class 1)", "ROC-AUC", "kNN acc.", "clusters", "ARI", "NMI", "silhouette", "eff. dims", "depth R² (counts)", "depth R² (genes)"];
     let rows = m
         .representations
         .iter()
@@ -150,6 +150,7 @@ pub(crate) fn write_eval_report(out: &Path, m: &EvalMetrics, figures: &[(String,
                 num(Some(r.cluster_ari)),
                 num(Some(r.cluster_nmi)),
                 num(r.silhouette),
+                format!("{:.1}", r.effective_dims),
                 num(Some(r.depth_r2.log_total_counts)),
                 num(Some(r.depth_r2.log_genes_detected)),
             ]

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use dataloader::frame::Frame;
-use dataloader::mask::{Batcher, MaskedBatch};
+use dataloader::mask::{Batcher, MaskedBatch, VALIDATION_EPOCH};
 use dataloader::rng::hash_keys;
 use dataloader::shard::{eval_plan, BatchFn, BatchStream, CellBatch, EpochPlan, Rank, ReadPlan, ReaderPosition, ShardConfig, ShardReader};
 use dataloader::store::Store;
@@ -124,7 +124,7 @@ impl Task {
     /// Batches of every cell of `positions`, in store order, this rank's contiguous part.
     pub fn predict_stream(&self, batcher: &Batcher, positions: &[usize], rank: Rank, batch_size: usize, workers: usize) -> BatchStream<LabelledBatch> {
         let plan = eval_plan(&self.rows(positions), rank, batch_size);
-        self.stream(batcher, plan, ReaderPosition::default(), 0, workers, 4)
+        self.stream(batcher, plan, ReaderPosition::default(), VALIDATION_EPOCH, workers, 4)
     }
 }
 

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use dataloader::mask::{Batcher, ViewConfig};
+use dataloader::mask::Batcher;
 use dataloader::rng::{hash_keys, Purpose};
 use dataloader::shard::{BatchStream, Rank, ReaderPosition, ShardReader};
 use tch::{Device, Kind, Tensor};
@@ -401,13 +401,14 @@ impl<'a> Session<'a> {
         let reader = plan.task.reader(rank, cfg.train.batch_size, cfg.seed)?;
         let per_epoch = plan.steps_per_epoch(&reader)?;
         let total_steps = if cfg.train.max_steps > 0 { cfg.train.max_steps } else { cfg.train.epochs * per_epoch };
-        let batcher = Batcher::new(plan.pretrained.tokenizer.clone(), plan.arch.sequence, None, ViewConfig::SINGLE)?;
+        // Training batches are perturbed as `[augment]` says; predictions (VALIDATION_EPOCH) never are.
+        let batcher = Batcher::new(plan.pretrained.tokenizer.clone(), plan.arch.sequence, None, cfg.augment.view())?;
         let weights = plan.task.class_weights(cfg.loss.balance);
         let weights_t = Tensor::f_from_slice(&weights.iter().map(|&w| w as f32).collect::<Vec<_>>())?.f_to_device(device)?;
         let (all, trained) = model.param_counts();
         let t = &plan.task;
         info!(
-            "{}: {all} parameters, {trained} trained ({}; layer-wise lr decay {}); {} pooling of layer {} → MLP ({} hidden) → {} classes; on {}",
+            "{}: {all} parameters, {trained} trained ({}; layer-wise lr decay {}); {} pooling of layer {} → MLP ({} hidden) → {} classes; training cells augmented (gene scale {}, thinning to ≥ {}); on {}",
             phase.name(),
             if cfg.encoder.freeze { "encoder frozen" } else { "encoder and head" },
             cfg.encoder.layer_decay,
@@ -415,6 +416,8 @@ impl<'a> Session<'a> {
             plan.arch.choice.layer,
             plan.arch.head_hidden,
             t.n_classes(),
+            cfg.augment.gene_scale,
+            cfg.augment.thin_min,
             describe(device)
         );
         info!(

@@ -66,7 +66,7 @@ def check_metrics(out, m):
         raise AssertionError(f"confusion matrix differs:\n{cm}\nvs {m['representations'][0]['confusion']}")
 
 
-@check("clustering agreement and silhouette equal scikit-learn's")
+@check("clustering agreement, silhouette and participation ratio equal scikit-learn's and numpy's")
 def check_clustering(out, m):
     cells = np.genfromtxt(os.path.join(out, "cells.tsv"), delimiter="\t", names=True, dtype=None, encoding="utf-8")
     r = m["representations"][0]
@@ -74,6 +74,8 @@ def check_clustering(out, m):
     close(r["cluster_nmi"], skm.normalized_mutual_info_score(cells["label"], cells["cluster"]), "NMI")
     emb = np.load(os.path.join(out, "embeddings.npy")).astype(np.float64)
     close(r["silhouette"], skm.silhouette_score(emb, cells["label"]), "silhouette", tol=1e-6)
+    ev = np.linalg.eigvalsh(np.cov(emb, rowvar=False))
+    close(r["effective_dims"], ev.sum() ** 2 / (ev ** 2).sum(), "participation ratio", tol=1e-6)
 
 
 @check("depth R² of every representation equals scikit-learn's cross-validated ridge")

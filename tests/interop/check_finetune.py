@@ -1,7 +1,7 @@
 """Interop check of `neurofm-finetune` and `neurofm-annotate` against the Python stack, on
 generated data with a condition shift (`neurofm-data synth --conditions 2`): the fine-tune is
-trained on one condition and tested on the other; its scores equal scikit-learn's on its own
-predictions; our random forest and logistic baselines score within a stated margin of
+trained on one condition (with per-gene augmentation) and tested on the other; it stays close
+to logistic regression there; its scores equal scikit-learn's on its own predictions; our random forest and logistic baselines score within a stated margin of
 scikit-learn's on the same features and cells; the TensorBoard events hold the fine-tuning
 tags; and the annotated .h5ad opens in anndata with the input's obs, the labels, confidences,
 probabilities (class names in uns) and embeddings, agreeing with the fine-tune's predictions.
@@ -34,8 +34,14 @@ warnings.filterwarnings("ignore")
 # Our baselines may trail scikit-learn's by at most this much macro F1 on the same cells.
 BASELINE_MARGIN = 0.05
 
+# With per-gene augmentation (`augment.gene_scale`) the fine-tune carries its labels to the
+# other condition at most this far below logistic regression (issue 15's goal is 0.02; measured
+# 0.97 vs 0.99 here, and 0.67 without the augmentation: benches/README.md, "Fine-tuning").
+TRANSFER_MARGIN = 0.1
+
 # The default recipe of configs/demo.toml (rank-value sequences, masked genes + contrastive
-# views, [CLS]), shorter.
+# views, [CLS]), shorter and without its decorrelation term (the transfer numbers of
+# benches/README.md were measured with this pretraining).
 PRETRAIN = """
 seed = 1
 [data]
@@ -111,6 +117,13 @@ def expression(h5ad_path, cells, genes):
     x = a.X.toarray().astype(np.float64)
     totals = x.sum(axis=1, keepdims=True)
     return np.log1p(x / np.maximum(totals, 1e-12) * 1e4)
+
+
+@check("the augmented fine-tune carries its labels across the condition")
+def check_transfer(m):
+    ours, lr = m["model"]["macro_f1"], m["baselines"]["logistic_expression"]["macro_f1"]
+    if ours < lr - TRANSFER_MARGIN:
+        raise AssertionError(f"held-out condition macro F1 {ours:.3f}, logistic regression {lr:.3f}")
 
 
 @check("our baselines score within the margin of scikit-learn's on the same cells")
@@ -197,13 +210,15 @@ def main():
         run([f"{b}/neurofm-train", "--config", cfg, "--data", store, "--run-dir", pre, "--device", "cpu", "--no-progress"])
         ft = os.path.join(tmp, "ft")
         run([f"{b}/neurofm-finetune", "--pretrained", pre, "--data", store, "--label-col", "cell_type", "--split", "group:condition", "--test-frac", "0.5",
-             "--run-dir", ft, "--device", "cpu", "--no-progress", "--set", "train.epochs=8", "--set", "train.batch_size=16", "--set", "head.hidden=64"])
+             "--run-dir", ft, "--device", "cpu", "--no-progress", "--set", "train.epochs=40", "--set", "train.patience=0", "--set", "augment.gene_scale=1",
+             "--set", "train.batch_size=16", "--set", "head.hidden=64"])
         m = json.load(open(os.path.join(ft, "metrics.json")))
         print(f"      fine-tuned macro F1 {m['model']['macro_f1']:.3f} on the held-out condition; "
               + ", ".join(f"{k} {v['macro_f1']:.3f}" for k, v in m["baselines"].items()))
         out = os.path.join(tmp, "annotated.h5ad")
         run([f"{b}/neurofm-annotate", "--model", ft, "--data", h5ad, "--out", out, "--device", "cpu"])
         check_scores(ft, m)
+        check_transfer(m)
         check_baselines(ft, m, h5ad)
         check_events(ft)
         check_annotation(ft, m, h5ad, out)

@@ -367,7 +367,7 @@ impl TrainConfig {
         }
         self.views.validate()?;
         let ranked = self.tokenizer.kind == BinningKind::RankValue;
-        self.objectives.validate(self.views.count, ranked)?;
+        self.objectives.validate(self.views.count)?;
         if self.model.depth_tokens && ranked {
             return bad("model.depth_tokens", "is for binned sequences; ranked (rank-value) sequences are depth-robust by construction".into());
         }

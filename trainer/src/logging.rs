@@ -77,6 +77,7 @@ pub struct StepStats {
     pub masked_loss: f64,
     pub bottleneck_loss: f64,
     pub contrastive_loss: f64,
+    pub decorrelation_loss: f64,
     pub grad_norm: f64,
     pub lr: f64,
 }
@@ -104,6 +105,7 @@ impl Window {
         t.masked_loss += s.masked_loss;
         t.bottleneck_loss += s.bottleneck_loss;
         t.contrastive_loss += s.contrastive_loss;
+        t.decorrelation_loss += s.decorrelation_loss;
         (t.grad_norm, t.lr) = (s.grad_norm, s.lr);
     }
 
@@ -124,6 +126,7 @@ impl Window {
             .with(Column::MaskedLoss, t.masked_loss / n)
             .with(Column::BottleneckLoss, t.bottleneck_loss / n)
             .with(Column::ContrastiveLoss, t.contrastive_loss / n)
+            .with(Column::DecorrelationLoss, t.decorrelation_loss / n)
             .with(Column::Lr, t.lr)
             .with(Column::GradNorm, t.grad_norm)
             .with(Column::CellsPerS, t.cells as f64 / secs)

@@ -36,11 +36,12 @@ pub enum Column {
     Accuracy,
     BalancedAccuracy,
     MacroF1,
+    DecorrelationLoss,
 }
 
 impl Column {
     /// Every column in file order (new columns go last, so positional readers keep working).
-    pub const ALL: [Column; 19] = [
+    pub const ALL: [Column; 20] = [
         Column::Loss,
         Column::Perplexity,
         Column::MaskedAcc,
@@ -60,6 +61,7 @@ impl Column {
         Column::Accuracy,
         Column::BalancedAccuracy,
         Column::MacroF1,
+        Column::DecorrelationLoss,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +85,7 @@ impl Column {
             Column::Accuracy => "accuracy",
             Column::BalancedAccuracy => "balanced_accuracy",
             Column::MacroF1 => "macro_f1",
+            Column::DecorrelationLoss => "decorrelation_loss",
         }
     }
 

@@ -69,6 +69,7 @@ pub struct StepOutcome {
     pub masked_acc: f64,
     pub bottleneck_loss: f64,
     pub contrastive_loss: f64,
+    pub decorrelation_loss: f64,
     pub grad_norm: f64,
     pub lr: f64,
     /// Seconds in clipping, the step's read and the update.
@@ -98,14 +99,15 @@ impl Trainer {
         let vocab = Vocabulary { n_genes: tokenizer.genes.len(), n_bins: tokenizer.vocab.n_bins, ranked: tokenizer.is_ranked() };
         let (vs, mut model) = model::build(&cfg.model, vocab, device, init_seed)?;
         model.compute = cfg.train.precision.compute_kind(device);
-        let heads = Heads::new(&(vs.root() / "objectives"), &cfg.objectives, cfg.model.d_model, vocab.n_bins)?;
+        let keys = if vocab.ranked { 1 } else { vocab.n_bins };
+        let heads = Heads::new(&(vs.root() / "objectives"), &cfg.objectives, cfg.model.d_model, keys)?;
         let opt = AdamW::new(&vs, &cfg.optim)?;
         Ok(Trainer { cfg: cfg.clone(), device, vs, model, heads, opt, step: 0, total_steps, rank, gene_pad: tokenizer.gene_pad() })
     }
 
     /// Uploads a micro-batch (with the full cell's bins when the bottleneck needs them).
     pub fn upload(&self, b: &MaskedBatch) -> Result<DeviceBatch> {
-        DeviceBatch::new(b, self.device, self.gene_pad, self.cfg.objectives.bottleneck > 0.0)
+        DeviceBatch::new(b, self.device, self.gene_pad, self.cfg.objectives.bottleneck > 0.0 && !self.model.vocab.ranked)
     }
 
     /// The objectives' sums of one micro-batch (every view through the encoder).
@@ -126,11 +128,11 @@ impl Trainer {
     pub fn train_step(&mut self, batches: &[DeviceBatch], n: TermCounts, ddp: &mut Ddp, last_good: impl FnOnce() -> String) -> Result<StepOutcome> {
         self.opt.zero_grad()?;
         tch::manual_seed(hash_keys(&[self.cfg.seed, Purpose::Dropout as u64, self.step, self.rank as u64]) as i64 >> 1);
-        let mut sums = Tensor::f_zeros([4], (Kind::Float, self.device))?;
+        let mut sums = Tensor::f_zeros([5], (Kind::Float, self.device))?;
         for b in batches {
             let t = self.terms(b, true)?;
             Heads::loss(&self.cfg.objectives, &t, &n)?.f_backward()?;
-            sums = sums.f_add(&Tensor::f_stack(&[t.masked.f_detach()?, t.correct, t.bottleneck.f_detach()?, t.contrastive.f_detach()?], 0)?)?;
+            sums = sums.f_add(&Tensor::f_stack(&[t.masked.f_detach()?, t.correct, t.bottleneck.f_detach()?, t.contrastive.f_detach()?, t.decorrelation.f_detach()?], 0)?)?;
         }
         ddp.all_reduce_gradients()?;
         ddp.sum_tensor(&mut sums)?;
@@ -140,9 +142,9 @@ impl Trainer {
         let host = Vec::<f64>::try_from(Tensor::f_cat(&[sums, norm.f_view([1])?], 0)?.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
         let o = &self.cfg.objectives;
         let mean = |sum: f64, units: f64| sum / units.max(1.0);
-        let (masked, bottleneck, contrastive) = (mean(host[0], n.masked), mean(host[2], n.bottleneck), mean(host[3], n.cells));
-        let loss = o.masked * masked + o.bottleneck * bottleneck + o.contrastive * contrastive;
-        let grad_norm = host[4];
+        let (masked, bottleneck, contrastive, decorrelation) = (mean(host[0], n.masked), mean(host[2], n.bottleneck), mean(host[3], n.cells), mean(host[4], n.cells));
+        let loss = o.masked * masked + o.bottleneck * bottleneck + o.contrastive * contrastive + o.decorrelation * decorrelation;
+        let grad_norm = host[5];
         if !loss.is_finite() || !grad_norm.is_finite() {
             let value = if loss.is_finite() { grad_norm } else { loss };
             return Err(TrainError::NonFinite { step: self.step + 1, value, last_good: last_good() });
@@ -151,7 +153,7 @@ impl Trainer {
         self.opt.apply(lr)?;
         self.step += 1;
         let optimizer_s = opt_start.elapsed().as_secs_f64();
-        Ok(StepOutcome { loss, masked_loss: masked, masked_acc: mean(host[1], n.masked), bottleneck_loss: bottleneck, contrastive_loss: contrastive, grad_norm, lr, optimizer_s })
+        Ok(StepOutcome { loss, masked_loss: masked, masked_acc: mean(host[1], n.masked), bottleneck_loss: bottleneck, contrastive_loss: contrastive, decorrelation_loss: decorrelation, grad_norm, lr, optimizer_s })
     }
 
     /// Sums over validation batches without dropout or gradients: masked loss, correct,
@@ -412,12 +414,13 @@ impl<'c> Session<'c> {
         );
         let o = &cfg.objectives;
         info!(
-            "objectives: masked {}, bottleneck {}{}, contrastive {} (τ {}); views {} (thinning to ≥ {})",
+            "objectives: masked {}, bottleneck {}{}, contrastive {} (τ {}), decorrelation {}; views {} (thinning to ≥ {})",
             o.masked,
             o.bottleneck,
             if o.bottleneck_depth { " (told the depth)" } else { "" },
             o.contrastive,
             o.temperature,
+            o.decorrelation,
             cfg.views.count,
             cfg.views.thin_min
         );
@@ -499,7 +502,7 @@ impl<'c> Session<'c> {
         let comm = self.ddp.take_cost().seconds;
         (stats.compute, stats.comm, stats.optimizer) = ((total - comm - outcome.optimizer_s).max(0.0), comm, outcome.optimizer_s);
         stats.loss = outcome.loss;
-        (stats.masked_loss, stats.bottleneck_loss, stats.contrastive_loss) = (outcome.masked_loss, outcome.bottleneck_loss, outcome.contrastive_loss);
+        (stats.masked_loss, stats.bottleneck_loss, stats.contrastive_loss, stats.decorrelation_loss) = (outcome.masked_loss, outcome.bottleneck_loss, outcome.contrastive_loss, outcome.decorrelation_loss);
         (stats.grad_norm, stats.lr) = (outcome.grad_norm, outcome.lr);
         self.state.step = self.trainer.step;
         self.state.position = self.cursor.resume_position();

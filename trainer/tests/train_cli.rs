@@ -18,9 +18,11 @@ n_bins = 8
 [views]
 count = 2
 thin_min = 0.5
+gene_scale = 0.3
 [objectives]
 bottleneck = 0.5
 contrastive = 0.5
+decorrelation = 1.0
 [model]
 d_model = 16
 n_heads = 2
@@ -138,6 +140,15 @@ fn stopping_and_resuming_reproduces_an_uninterrupted_run() {
     let cfg = std::fs::read_to_string(straight.join("config.toml")).unwrap();
     assert!(cfg.contains("grad_accum = 2") && cfg.contains("attention_dropout = 0.0"), "{cfg}");
     assert!(std::fs::read_to_string(straight.join("demo.tsv")).unwrap().lines().count() > 1);
+    // Each cell-level term is logged on its own, and the decorrelation term is trained down.
+    use trainer::metrics::Column;
+    let rows = trainer::metrics::read(&straight.join("metrics.csv")).unwrap();
+    let train: Vec<_> = rows.iter().filter(|r| r.split == "train").collect();
+    for c in [Column::BottleneckLoss, Column::ContrastiveLoss, Column::DecorrelationLoss] {
+        assert!(train.iter().all(|r| r.get(c).is_some_and(|v| v > 0.0)), "{} missing or 0", c.name());
+    }
+    let decor: Vec<f64> = train.iter().filter_map(|r| r.get(Column::DecorrelationLoss)).collect();
+    assert!(decor[decor.len() - 1] < decor[0], "decorrelation {decor:?}");
 }
 
 /// Two stores with partly overlapping panels train as one corpus: the union vocabulary is the
@@ -265,6 +276,7 @@ fn the_model_beats_the_context_free_baseline_on_data_with_structure() {
         "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=10",
         // The masked-bin objective alone: this test is about its use of context.
         "--set", "objectives.bottleneck=0", "--set", "objectives.contrastive=0", "--set", "views.count=1", "--set", "views.thin_min=1",
+        "--set", "objectives.decorrelation=0", "--set", "views.gene_scale=0",
     ]));
     let rows = trainer::metrics::read(&run.join("metrics.csv")).unwrap();
     let val = rows.iter().rev().find(|r| r.split == "val").unwrap();
@@ -313,6 +325,7 @@ fn rank_value_training_predicts_hidden_genes_from_context() {
     ok(&train(&run, &[
         "--data", &data, "--set", "tokenizer.kind=\"rank-value\"", "--set", "sequence.mode=\"nonzero-plus-zeros\"", "--set", "sequence.max_len=33",
         "--set", "objectives.bottleneck=0", "--set", "objectives.contrastive=0", "--set", "views.count=1", "--set", "views.thin_min=1",
+        "--set", "objectives.decorrelation=0", "--set", "views.gene_scale=0",
         "--set", "train.max_steps=2000", "--set", "train.val_every=2000", "--set", "train.log_every=500", "--set", "train.grad_accum=1",
         "--set", "model.dropout=0.0", "--set", "model.d_model=64", "--set", "model.n_heads=4", "--set", "model.d_ff=128", "--set", "optim.lr=1e-3",
     ]));
