@@ -120,8 +120,9 @@ pub struct RepresentationScores {
     pub cluster_ari: f64,
     pub cluster_nmi: f64,
     pub silhouette: Option<f64>,
-    /// Directions the representation uses (`linalg::participation_ratio`).
-    pub effective_dims: f64,
+    /// Directions the representation uses (`linalg::participation_ratio`); not measured for
+    /// representations wider than `EFFECTIVE_DIMS_MAX`.
+    pub effective_dims: Option<f64>,
     /// How much of the representation is sequencing depth (`depth`).
     pub depth_r2: DepthR2,
 }
@@ -189,6 +190,9 @@ const GRAPH_NEIGHBOURS: usize = 15;
 const EXPRESSION_PCS: usize = 50;
 /// Cells the silhouette is computed on (a seeded sample above).
 const SILHOUETTE_CELLS: usize = 5000;
+/// Cells and widest representation the effective dimensions are measured on.
+const EFFECTIVE_DIMS_CELLS: usize = 20_000;
+const EFFECTIVE_DIMS_MAX: usize = 512;
 
 /// Runs the whole evaluation and returns what `metrics.json` holds. Running out of GPU memory
 /// anywhere ends in the advice to embed smaller batches.
@@ -351,7 +355,7 @@ fn score_representation(name: &str, x: &ArrayView2<f64>, labels: &Labels, split:
         cluster_ari: adjusted_rand_index(&labels.y, &clusters),
         cluster_nmi: normalized_mutual_info(&labels.y, &clusters),
         silhouette: silhouette(x, &labels.y, SILHOUETTE_CELLS, seed),
-        effective_dims: crate::linalg::participation_ratio(x),
+        effective_dims: crate::linalg::participation_ratio(x, EFFECTIVE_DIMS_CELLS, EFFECTIVE_DIMS_MAX),
         depth_r2: depth_r2(x, qc),
     };
     Ok((s, probe, clusters, nb))

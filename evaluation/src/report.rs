@@ -150,7 +150,7 @@ pub(crate) fn write_eval_report(out: &Path, m: &EvalMetrics, figures: &[(String,
                 num(Some(r.cluster_ari)),
                 num(Some(r.cluster_nmi)),
                 num(r.silhouette),
-                format!("{:.1}", r.effective_dims),
+                r.effective_dims.map_or_else(|| "–".into(), |d| format!("{d:.1}")),
                 num(Some(r.depth_r2.log_total_counts)),
                 num(Some(r.depth_r2.log_genes_detected)),
             ]

@@ -175,7 +175,7 @@ impl Heads {
                 let l = match (enc.vocab.ranked, full_bins) {
                     (true, _) => head.genes_loss_sum(enc, v, depth)?,
                     (false, Some(full)) => head.bins_loss_sum(enc, v, full, depth)?,
-                    (false, None) => return Err(TrainError::Config("the cell bottleneck needs the full cell's bins in the batch".into())),
+                    (false, None) => return Err(TrainError::Internal("the cell bottleneck needs the full cell's bins in the batch".into())),
                 };
                 bottleneck = bottleneck.f_add(&l)?;
             }
