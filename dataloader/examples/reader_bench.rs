@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use dataloader::cells::CellSet;
 use dataloader::convert::{convert, ConvertOptions};
 use dataloader::corpus::Corpus;
 use dataloader::mask::{batch_fn, Batcher, MaskConfig, SequenceMode, ViewConfig};
@@ -38,7 +39,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let store = Arc::new(Store::open(&path)?);
-    let cells: Vec<u32> = (0..store.n_cells() as u32).collect();
+    let cells: CellSet = (0..store.n_cells() as u32).collect();
     println!(
         "store {}: {} cells × {} genes, {:.0} non-zeros per cell",
         path.display(),
@@ -57,9 +58,11 @@ fn main() -> anyhow::Result<()> {
             let (mut worst, mut share) = (0f64, 0f64);
             for r in [0, world / 2, world - 1] {
                 let Ok(rd) = ShardReader::new(cells.clone(), |c| corpus.block_of(c), Rank::new(r, world)?, shard(plan)) else { continue };
-                let reads = rd.plan(1).reads();
-                let wanted: usize = reads.iter().map(Vec::len).sum();
-                let decoded: u64 = reads.iter().map(|cells| corpus.read_cost(cells)).sum();
+                let (mut wanted, mut decoded) = (0usize, 0u64);
+                for cells in rd.plan(1).reads() {
+                    wanted += cells.len();
+                    decoded += corpus.read_cost(&cells)?;
+                }
                 worst = worst.max(decoded as f64 / wanted.max(1) as f64);
                 share = share.max(decoded as f64 / store.n_cells() as f64);
             }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cells::CellSet;
 use crate::csr::CsrRows;
 use crate::error::{DataError, Result};
 use crate::genes::{build_vocabulary, store_genes, GeneCase, GeneMap, Overlap, VocabularySpec};
@@ -60,6 +61,9 @@ pub struct Corpus {
     /// validation), so start-up can say how much of the store it read.
     sampled_decoded: std::sync::atomic::AtomicU64,
 }
+
+/// Cell totals read at a time by `Corpus::cell_totals`.
+const TOTALS_SLICE: u64 = 1 << 20;
 
 /// Bits of a block key below the member index: block indices stay far below 2⁴⁰.
 const MEMBER_SHIFT: u32 = 40;
@@ -150,7 +154,7 @@ impl Corpus {
     }
 
     /// The cells in the chunks `read_cells(cells)` decodes, without reading.
-    pub fn read_cost(&self, cells: &[u32]) -> u64 {
+    pub fn read_cost(&self, cells: &[u32]) -> Result<u64> {
         self.by_member(cells).map(|(m, rows)| self.members[m].store.read_cost(&rows)).sum()
     }
 
@@ -188,20 +192,31 @@ impl Corpus {
 
     /// Splits every member with `spec` (cells hashed by name within their store).
     pub fn split(&self, spec: &SplitSpec) -> Result<Split> {
-        let mut split = Split { train: Vec::new(), val: Vec::new() };
+        let mut split = Split { train: CellSet::new(), val: CellSet::new() };
         for (m, member) in self.members.iter().enumerate() {
             let s = spec.apply(&member.store)?;
-            split.train.extend(s.train.iter().map(|&r| r + self.starts[m]));
-            split.val.extend(s.val.iter().map(|&r| r + self.starts[m]));
+            split.train.extend_set(&s.train.shifted(self.starts[m]));
+            split.val.extend_set(&s.val.shifted(self.starts[m]));
         }
         Ok(split)
     }
 
-    /// Total counts of every corpus cell (from the stores' statistics, no matrix read).
-    pub fn cell_totals(&self) -> Result<Vec<f64>> {
-        let mut totals = Vec::with_capacity(self.n_cells());
-        for m in &self.members {
-            totals.extend(m.store.read_vec::<f64>("uns/neurofm/cell_total")?);
+    /// Total counts of `cells` (corpus ids, ascending) from the stores' statistics, read a
+    /// slice at a time (no matrix read, no table of every cell).
+    pub fn cell_totals(&self, cells: &[u32]) -> Result<Vec<f64>> {
+        let mut totals = Vec::with_capacity(cells.len());
+        for (m, rows) in self.by_member(cells) {
+            let store = &self.members[m].store;
+            let mut slice: (u64, Vec<f64>) = (0, Vec::new());
+            for r in rows {
+                let start = r as u64 / TOTALS_SLICE * TOTALS_SLICE;
+                if slice.0 != start || slice.1.is_empty() {
+                    let end = (start + TOTALS_SLICE).min(store.n_cells() as u64);
+                    slice = (start, store.read_slice::<f64>("uns/neurofm/cell_total", start..end)?);
+                }
+                let t = slice.1.get(r - start as usize).copied();
+                totals.push(t.ok_or_else(|| DataError::field(&store.path, "uns/neurofm/cell_total", "shorter than the store's cells; re-convert the store"))?);
+            }
         }
         Ok(totals)
     }
@@ -249,22 +264,28 @@ impl Panels {
     }
 }
 
-/// About `max` of `cells` (ascending), taken as whole blocks in the order of a hash of
-/// (seed, purpose, block), so a sample decodes ~max / cells-per-block chunks instead of one
-/// chunk per cell. The last block is cut by a hash of the cell. A cluster sample: as random
-/// as the stores' cell order (stores are shuffled at conversion unless `--no-shuffle`).
-pub fn sample_blocks(cells: &[u32], max: usize, block_of: impl Fn(u32) -> u64, seed: u64, purpose: Purpose) -> Vec<u32> {
+/// About `max` of `cells`, taken as whole blocks in the order of a hash of (seed, purpose,
+/// block), so a sample decodes ~max / cells-per-block chunks instead of one chunk per cell.
+/// The last block is cut by a hash of the cell. A cluster sample: as random as the stores'
+/// cell order (stores are shuffled at conversion unless `--no-shuffle`). `block_of` must not
+/// decrease along the cells (`Corpus::block_of` does not), so a block is a run of them.
+pub fn sample_blocks(cells: &CellSet, max: usize, block_of: impl Fn(u32) -> u64, seed: u64, purpose: Purpose) -> Vec<u32> {
     if cells.len() <= max {
         return cells.to_vec();
     }
-    let mut by_block: std::collections::BTreeMap<u64, Vec<u32>> = std::collections::BTreeMap::new();
-    for &c in cells {
-        by_block.entry(block_of(c)).or_default().push(c);
+    // Each block as its key and its positions in `cells`.
+    let mut blocks: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
+    for (i, c) in cells.iter().enumerate() {
+        let key = block_of(c);
+        match blocks.last_mut() {
+            Some((b, at)) if *b == key => at.end = i + 1,
+            _ => blocks.push((key, i..i + 1)),
+        }
     }
-    let mut blocks: Vec<(u64, Vec<u32>)> = by_block.into_iter().collect();
     blocks.sort_by_key(|(b, _)| hash_keys(&[seed, purpose as u64, *b]));
     let mut out = Vec::with_capacity(max);
-    for (_, mut block) in blocks {
+    for (_, at) in blocks {
+        let mut block: Vec<u32> = cells.slice(at).collect();
         let room = max - out.len();
         if block.len() > room {
             block.sort_by_key(|&c| hash_keys(&[seed, purpose as u64, u64::MAX, c as u64]));
@@ -285,14 +306,19 @@ mod tests {
 
     #[test]
     fn block_samples_take_whole_blocks_and_reproduce() {
-        let cells: Vec<u32> = (0..1000).collect();
+        let cells: CellSet = (0..1000).collect();
         let s = sample_blocks(&cells, 250, |c| c as u64 / 100, 3, Purpose::TokenizerSample);
         assert_eq!(s.len(), 250);
         let blocks: std::collections::BTreeSet<u32> = s.iter().map(|c| c / 100).collect();
         assert_eq!(blocks.len(), 3, "two whole blocks and part of a third");
         assert_eq!(s, sample_blocks(&cells, 250, |c| c as u64 / 100, 3, Purpose::TokenizerSample));
         assert_ne!(s, sample_blocks(&cells, 250, |c| c as u64 / 100, 4, Purpose::TokenizerSample));
-        assert_eq!(sample_blocks(&cells[..10], 250, |c| c as u64, 3, Purpose::TokenizerSample), cells[..10].to_vec());
+        let few: CellSet = (0..10).collect();
+        assert_eq!(sample_blocks(&few, 250, |c| c as u64, 3, Purpose::TokenizerSample), few.to_vec());
+        // Blocks with holes (a split's training cells) are sampled from the cells they hold.
+        let holed: CellSet = (0..1000).filter(|c| c % 7 != 0).collect();
+        let s = sample_blocks(&holed, 250, |c| c as u64 / 100, 3, Purpose::TokenizerSample);
+        assert!(s.len() == 250 && s.iter().all(|c| c % 7 != 0));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 // zarrs takes array subsets as one range per dimension: `&[a..b]` is a 1-D subset, not a mistake.
 #![allow(clippy::single_range_in_vec_init)]
 
+pub mod cells;
 pub mod convert;
 pub mod corpus;
 pub mod csr;

@@ -3,10 +3,12 @@
 //! Decided by hashing the cell's name (or its group's value), not its row, so the split of a
 //! cell never changes when the store is re-converted with another shuffle or cell selection.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cells::CellSet;
 use crate::error::{DataError, Result};
 use crate::frame::Column;
 use crate::rng::{hash_keys, hash_str, unit};
@@ -63,11 +65,17 @@ pub enum SplitUnit {
     Block,
 }
 
-/// Store rows of the training and validation cells, each ascending.
+/// Store rows of the training and validation cells.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Split {
-    pub train: Vec<u32>,
-    pub val: Vec<u32>,
+    pub train: CellSet,
+    pub val: CellSet,
+}
+
+impl Split {
+    fn assign(&mut self, row: usize, is_val: bool) {
+        if is_val { self.val.push(row as u32) } else { self.train.push(row as u32) }
+    }
 }
 
 impl SplitSpec {
@@ -77,32 +85,36 @@ impl SplitSpec {
             return Err(DataError::Config(format!("split.val_fraction = {} must be in [0, 1)", self.val_fraction)));
         }
         let n = store.n_cells();
-        // One byte a cell: group keys are counted, not materialized per cell, so an atlas's
-        // split needs no string per cell.
-        let is_val: Vec<bool> = match (&self.by, self.unit) {
+        let mut split = Split { train: CellSet::new(), val: CellSet::new() };
+        // Cells are assigned in store order into run-length sets: no per-cell table but the
+        // group codes of a `by` column.
+        match (&self.by, self.unit) {
             (Some(_), SplitUnit::Block) => return Err(DataError::Config("split.by and split.unit = \"block\" exclude each other; choose one".into())),
             (None, SplitUnit::Block) => {
                 let block_of = |i: usize| store.chunk_of(i as u32) / crate::corpus::CHUNKS_PER_BLOCK;
-                let mut sizes: BTreeMap<u64, usize> = BTreeMap::new();
-                (0..n).for_each(|i| *sizes.entry(block_of(i)).or_default() += 1);
-                let groups: Vec<(String, usize)> = sizes.iter().map(|(b, &c)| (b.to_string(), c)).collect();
-                let val: std::collections::HashSet<u64> =
-                    sizes.keys().zip(self.choose_groups(&groups, n)).filter_map(|(&b, chosen)| chosen.then_some(b)).collect();
-                (0..n).map(|i| val.contains(&block_of(i))).collect()
+                // A block is a run of rows: its first row and size, in store order.
+                let mut blocks: Vec<(u64, Range<usize>)> = Vec::new();
+                for i in 0..n {
+                    match blocks.last_mut() {
+                        Some((b, rows)) if *b == block_of(i) => rows.end = i + 1,
+                        _ => blocks.push((block_of(i), i..i + 1)),
+                    }
+                }
+                let groups: Vec<(String, usize)> = blocks.iter().map(|(b, rows)| (b.to_string(), rows.len())).collect();
+                for ((_, rows), chosen) in blocks.into_iter().zip(self.choose_groups(&groups, n)) {
+                    let set = if chosen { &mut split.val } else { &mut split.train };
+                    set.push_run(rows.start as u32..rows.end as u32);
+                }
             }
-            (None, SplitUnit::Cell) => store.map_obs_names(|name| unit(hash_keys(&[self.seed, hash_str(name)])) < self.val_fraction)?,
+            (None, SplitUnit::Cell) => store.for_each_obs_name(|i, name| split.assign(i, unit(hash_keys(&[self.seed, hash_str(name)])) < self.val_fraction))?,
             (Some(col), SplitUnit::Cell) => {
                 let (group, names) = group_ids(&store.column("obs", col)?, n);
                 let mut sizes = vec![0usize; names.len()];
                 group.iter().for_each(|&g| sizes[g as usize] += 1);
                 let groups: Vec<(String, usize)> = names.into_iter().zip(sizes).collect();
                 let chosen = self.choose_groups(&groups, n);
-                group.iter().map(|&g| chosen[g as usize]).collect()
+                group.iter().enumerate().for_each(|(i, &g)| split.assign(i, chosen[g as usize]));
             }
-        };
-        let mut split = Split { train: Vec::new(), val: Vec::new() };
-        for (i, v) in is_val.into_iter().enumerate() {
-            if v { split.val.push(i as u32) } else { split.train.push(i as u32) }
         }
         if split.train.is_empty() || (self.val_fraction > 0.0 && split.val.is_empty()) {
             return Err(DataError::input(

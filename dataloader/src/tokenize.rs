@@ -17,9 +17,10 @@ use std::path::Path;
 use common::norm::cp10k_scale_f32;
 use serde::{Deserialize, Serialize};
 
+use crate::cells::CellSet;
+use crate::corpus::{sample_blocks, Corpus};
 use crate::error::{DataError, Result};
 use crate::rng::Purpose;
-use crate::corpus::{sample_blocks, Corpus};
 
 /// Special tokens after the regular ones, in both token streams: bins are followed by `[MASK]`,
 /// padding and `[CLS]` (`Vocab`), genes by `[CLS]`, padding and `[MASK]` (`Tokenizer::gene_*`).
@@ -84,7 +85,7 @@ impl Tokenizer {
     /// Builds a tokenizer over the corpus vocabulary; `gene-quantile` edges and `rank-value`
     /// medians are fitted per gene on (a whole-chunk sample of at most `max_fit_cells` of)
     /// `train_cells`, over the cells whose store measures the gene.
-    pub fn fit(corpus: &Corpus, train_cells: &[u32], kind: BinningKind, n_bins: usize, max_fit_cells: usize, seed: u64) -> Result<Self> {
+    pub fn fit(corpus: &Corpus, train_cells: &CellSet, kind: BinningKind, n_bins: usize, max_fit_cells: usize, seed: u64) -> Result<Self> {
         if n_bins < 3 {
             return Err(DataError::Config(format!("tokenizer.n_bins = {n_bins}: need at least 3 (zero + two expression bins)")));
         }
@@ -205,7 +206,7 @@ impl Tokenizer {
 
 /// log1p(CP10k) values of the non-zero entries of (a deterministic whole-chunk sample of at
 /// most `max_cells` of) `cells`, per gene; and how many cells were read.
-fn nonzero_values(corpus: &Corpus, cells: &[u32], n_genes: usize, max_cells: usize, seed: u64) -> Result<(Vec<Vec<f32>>, usize)> {
+fn nonzero_values(corpus: &Corpus, cells: &CellSet, n_genes: usize, max_cells: usize, seed: u64) -> Result<(Vec<Vec<f32>>, usize)> {
     let sample = sample_blocks(cells, max_cells, |c| corpus.block_of(c), seed, Purpose::TokenizerSample);
     let mut values: Vec<Vec<f32>> = vec![Vec::new(); n_genes];
     for chunk in sample.chunks(4096) {

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
+use dataloader::cells::CellSet;
 use dataloader::convert::ConvertOptions;
 use dataloader::corpus::{Corpus, StoreSpec};
 use dataloader::genes::{GeneCase, VocabularySpec};
@@ -53,7 +54,7 @@ fn a_two_store_corpus_has_the_union_vocabulary_and_absent_genes_never_appear() {
     assert_eq!(via.row(0).0, oi.iter().map(|&g| g + 30).collect::<Vec<_>>().as_slice(), "b's gene k is vocabulary gene 30 + k");
     assert_eq!(via.row(0).1, ov);
 
-    let cells: Vec<u32> = (0..1200).collect();
+    let cells: CellSet = (0..1200).collect();
     let tok = Arc::new(Tokenizer::fit(&corpus, &cells, BinningKind::GeneQuantile, 9, 100_000, 0).unwrap());
     let panels = Arc::new(corpus.panels());
     let absent = |cell: u32| if cell < 600 { 60..80 } else { 0..30 };
@@ -78,7 +79,7 @@ fn a_two_store_corpus_has_the_union_vocabulary_and_absent_genes_never_appear() {
 
     // A gene measured only in store a is fitted on a's cells alone: the corpus's edges equal
     // those of store a by itself.
-    let alone = Tokenizer::fit(&Corpus::single(&a).unwrap(), &(0..600).collect::<Vec<u32>>(), BinningKind::GeneQuantile, 9, 100_000, 0).unwrap();
+    let alone = Tokenizer::fit(&Corpus::single(&a).unwrap(), &(0..600).collect::<CellSet>(), BinningKind::GeneQuantile, 9, 100_000, 0).unwrap();
     let (Binning::GeneQuantile { edges: both, .. }, Binning::GeneQuantile { edges: one, .. }) = (&tok.binning, &alone.binning) else { panic!("gene-quantile") };
     assert_eq!(both[5], one[5], "gene_5 (only in a)");
     assert_ne!(both[40], one[40], "gene_40 is measured in both stores");
@@ -106,16 +107,16 @@ fn local_read_plans_keep_read_amplification_low_at_two_and_four_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let a = panel_store(dir.path(), "a", 1, 0..80, 1024);
     let corpus = Corpus::single(&a).unwrap();
-    let cells: Vec<u32> = (0..600).collect();
+    let cells: CellSet = (0..600).collect();
     for world in [2usize, 4] {
         for plan in [ReadPlan::Local, ReadPlan::Global] {
             let mut worst: f64 = 0.0;
             for r in 0..world {
                 let cfg = ShardConfig { batch_size: 8, seed: 1, window_blocks: 2, plan };
                 let reader = ShardReader::new(cells.clone(), |c| corpus.block_of(c), Rank::new(r, world).unwrap(), cfg).unwrap();
-                let reads = reader.plan(2).reads();
+                let reads: Vec<Vec<u32>> = reader.plan(2).reads().collect();
                 let wanted: usize = reads.iter().map(Vec::len).sum();
-                let decoded: u64 = reads.iter().map(|c| corpus.read_cost(c)).sum();
+                let decoded: u64 = reads.iter().map(|c| corpus.read_cost(c).unwrap()).sum();
                 worst = worst.max(decoded as f64 / wanted as f64);
             }
             match plan {
@@ -152,14 +153,14 @@ fn a_block_split_keeps_validation_in_blocks_of_its_own() {
     let a = sized_store(dir.path(), "big", 4000, 1, 0..80, 1024);
     let corpus = Corpus::single(&a).unwrap();
     let split = corpus.split(&SplitSpec { val_fraction: 0.2, seed: 4, by: None, unit: SplitUnit::Block }).unwrap();
-    let val_blocks: HashSet<u64> = split.val.iter().map(|&c| corpus.block_of(c)).collect();
-    let train_blocks: HashSet<u64> = split.train.iter().map(|&c| corpus.block_of(c)).collect();
+    let val_blocks: HashSet<u64> = split.val.iter().map(|c| corpus.block_of(c)).collect();
+    let train_blocks: HashSet<u64> = split.train.iter().map(|c| corpus.block_of(c)).collect();
     assert!(val_blocks.len() >= 2 && train_blocks.len() >= 6, "{} / {} blocks", val_blocks.len(), train_blocks.len());
     assert!(val_blocks.is_disjoint(&train_blocks));
     let share = split.val.len() as f64 / 4000.0;
     assert!((0.15..0.35).contains(&share), "validation share {share}");
     let by_cell = corpus.split(&SplitSpec { val_fraction: 0.2, seed: 4, by: None, unit: SplitUnit::Cell }).unwrap();
-    let mixed: HashSet<u64> = by_cell.val.iter().map(|&c| corpus.block_of(c)).collect();
+    let mixed: HashSet<u64> = by_cell.val.iter().map(|c| corpus.block_of(c)).collect();
     assert!(mixed.len() > val_blocks.len(), "a cell split scatters validation over every block");
     assert!(corpus.split(&SplitSpec { val_fraction: 0.2, seed: 4, by: Some("library".into()), unit: SplitUnit::Block }).is_err());
 }

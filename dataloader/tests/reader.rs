@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use dataloader::cells::CellSet;
 use dataloader::convert::ConvertOptions;
 use dataloader::corpus::Corpus;
 use dataloader::mask::{batch_fn, Batcher, MaskConfig, SequenceMode, ViewConfig, VALIDATION_EPOCH};
@@ -39,8 +40,8 @@ fn streamed_batches_hold_the_stores_counts_in_plan_order() {
     let plan = reader.plan(0);
     let batches = raw(&s, ReaderPosition::default(), &reader, 0);
     assert_eq!(batches.len(), reader.batches_per_epoch());
-    let train: HashSet<u32> = split.train.iter().copied().collect();
-    for (b, planned) in batches.iter().zip(&plan.batches) {
+    let train: HashSet<u32> = split.train.iter().collect();
+    for (b, planned) in batches.iter().zip(&plan.batches()) {
         assert_eq!(&b.cells, planned);
         for (i, &c) in b.cells.iter().enumerate() {
             assert!(train.contains(&c), "validation cell {c} in a training batch");
@@ -54,9 +55,9 @@ fn streamed_batches_hold_the_stores_counts_in_plan_order() {
 fn resume_from_a_saved_position_continues_the_same_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
-    let cells: Vec<u32> = (0..s.n_cells() as u32).collect();
+    let cells: CellSet = (0..s.n_cells() as u32).collect();
     let reader = ShardReader::new(cells, |c| c as u64 / 50, Rank::single(), ShardConfig { batch_size: 16, seed: 2, window_blocks: 3, plan: Default::default() }).unwrap();
-    let tok = Arc::new(Tokenizer::fit(&corpus(&s), &(0..600).collect::<Vec<u32>>(), BinningKind::GeneQuantile, 11, 10_000, 0).unwrap());
+    let tok = Arc::new(Tokenizer::fit(&corpus(&s), &(0..600).collect::<CellSet>(), BinningKind::GeneQuantile, 11, 10_000, 0).unwrap());
     let batcher = Batcher::new(tok, SequenceMode::FullPanel, Some(MaskConfig { ratio: 0.15, nonzero_fraction: 0.5, seed: 5 }), ViewConfig::SINGLE).unwrap();
     let stream = |start: ReaderPosition| -> Vec<(ReaderPosition, Vec<i64>)> {
         BatchStream::new(s.clone(), reader.plan(start.epoch), start, 2, 2, batch_fn(batcher.clone(), start.epoch))
@@ -77,7 +78,7 @@ fn resume_from_a_saved_position_continues_the_same_sequence() {
 fn validation_masks_are_fixed_and_training_masks_move() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
-    let tok = Arc::new(Tokenizer::fit(&corpus(&s), &(0..900).collect::<Vec<u32>>(), BinningKind::CellQuantile, 7, 100, 0).unwrap());
+    let tok = Arc::new(Tokenizer::fit(&corpus(&s), &(0..900).collect::<CellSet>(), BinningKind::CellQuantile, 7, 100, 0).unwrap());
     let b = Batcher::new(tok, SequenceMode::NonzeroPlusZeros { max_len: 40 }, Some(MaskConfig { ratio: 0.2, nonzero_fraction: 0.5, seed: 1 }), ViewConfig::SINGLE).unwrap();
     let cells = CellBatch { cells: vec![0, 1, 2], counts: s.read_rows(0..3).unwrap() };
     assert_eq!(b.build(&cells, VALIDATION_EPOCH), b.build(&cells, VALIDATION_EPOCH));
@@ -89,7 +90,7 @@ fn validation_masks_are_fixed_and_training_masks_move() {
 fn gene_quantile_edges_come_from_training_cells_only() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
-    let train: Vec<u32> = (0..300).collect();
+    let train: CellSet = (0..300).collect();
     let tok = Tokenizer::fit(&corpus(&s), &train, BinningKind::GeneQuantile, 9, 100_000, 0).unwrap();
     let counts = s.read_rows(0..300).unwrap();
     let gene = 5u32;
@@ -104,7 +105,7 @@ fn gene_quantile_edges_come_from_training_cells_only() {
     let dataloader::tokenize::Binning::GeneQuantile { edges, fit_cells } = &tok.binning else { panic!("gene-quantile") };
     assert_eq!(*fit_cells, 300);
     assert_eq!(edges[gene as usize], expected);
-    let other = Tokenizer::fit(&corpus(&s), &(300..900).collect::<Vec<u32>>(), BinningKind::GeneQuantile, 9, 100_000, 0).unwrap();
+    let other = Tokenizer::fit(&corpus(&s), &(300..900).collect::<CellSet>(), BinningKind::GeneQuantile, 9, 100_000, 0).unwrap();
     assert_ne!(other.binning, tok.binning, "other cells give other edges");
     let path = dir.path().join("tokenizer.json");
     tok.save(&path).unwrap();
@@ -116,7 +117,7 @@ fn gene_quantile_edges_come_from_training_cells_only() {
 fn rank_value_medians_come_from_expressing_training_cells() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
-    let train: Vec<u32> = (0..301).collect();
+    let train: CellSet = (0..301).collect();
     let tok = Tokenizer::fit(&corpus(&s), &train, BinningKind::RankValue, 40, 100_000, 0).unwrap();
     let dataloader::tokenize::Binning::RankValue { medians, fit_cells } = &tok.binning else { panic!("rank-value") };
     assert_eq!(*fit_cells, 301);
@@ -142,8 +143,8 @@ fn group_split_keeps_every_library_on_one_side() {
     let s = store(dir.path());
     let split = SplitSpec { val_fraction: 0.25, seed: 3, by: Some("library".into()), unit: SplitUnit::Cell }.apply(&s).unwrap();
     let lib = s.column("obs", "library").unwrap();
-    let train: HashSet<String> = split.train.iter().map(|&c| lib.text(c as usize)).collect();
-    let val: HashSet<String> = split.val.iter().map(|&c| lib.text(c as usize)).collect();
+    let train: HashSet<String> = split.train.iter().map(|c| lib.text(c as usize)).collect();
+    let val: HashSet<String> = split.val.iter().map(|c| lib.text(c as usize)).collect();
     assert!(train.is_disjoint(&val) && !val.is_empty());
     let frac = split.val.len() as f64 / s.n_cells() as f64;
     assert!((0.1..0.45).contains(&frac), "val fraction {frac}");
@@ -163,7 +164,8 @@ fn real_whb_store_splits_by_library_and_tokenizes() {
     assert_eq!(split.train.len() + split.val.len(), 1152);
     let tok = Arc::new(Tokenizer::fit(&corpus(&s), &split.train, BinningKind::GeneQuantile, 20, 100_000, 0).unwrap());
     let b = Batcher::new(tok, SequenceMode::FullPanel, Some(MaskConfig { ratio: 0.15, nonzero_fraction: 0.5, seed: 42 }), ViewConfig::SINGLE).unwrap();
-    let cells = CellBatch { cells: split.val[..4].to_vec(), counts: s.read_cells(&split.val[..4].iter().map(|&c| c as usize).collect::<Vec<_>>()).unwrap() };
+    let val4: Vec<u32> = split.val.iter().take(4).collect();
+    let cells = CellBatch { cells: val4.clone(), counts: s.read_cells(&val4.iter().map(|&c| c as usize).collect::<Vec<_>>()).unwrap() };
     let batch = b.build(&cells, VALIDATION_EPOCH);
     assert_eq!(batch.seq_len, 2001);
     assert_eq!(batch.n_masked(), 4 * 300, "15% of 2000 genes");

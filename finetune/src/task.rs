@@ -111,7 +111,7 @@ impl Task {
     /// rank's batches of W·B; labelled sets are small, so reading them on every rank is cheap).
     pub fn reader(&self, rank: Rank, batch_size: usize, seed: u64) -> Result<ShardReader> {
         let store = self.store.clone();
-        Ok(ShardReader::new(self.rows(&self.fit), move |c| store.chunk_of(c), rank, ShardConfig { batch_size, seed, window_blocks: 4, plan: ReadPlan::Global })?)
+        Ok(ShardReader::new(self.rows(&self.fit).into_iter().collect(), move |c| store.chunk_of(c), rank, ShardConfig { batch_size, seed, window_blocks: 4, plan: ReadPlan::Global })?)
     }
 
     /// Batches of `plan` from `start`, read, tokenized and labelled by background workers;

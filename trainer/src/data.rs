@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use dataloader::cells::CellSet;
 use dataloader::corpus::{sample_blocks, Corpus};
 use dataloader::mask::{batch_fn, sequence_len, Batcher, MaskConfig, MaskedBatch, ViewConfig, VALIDATION_EPOCH};
 use dataloader::rng::Purpose;
@@ -48,7 +49,7 @@ impl RunData {
         let by = (!cfg.split.by.is_empty()).then(|| cfg.split.by.clone());
         let split = corpus.split(&SplitSpec { val_fraction: cfg.split.val_fraction, seed: cfg.seed, by, unit: cfg.split.unit })?;
         let val_cells = match cfg.data.val_max_cells {
-            0 => split.val,
+            0 => split.val.to_vec(),
             cap => sample_blocks(&split.val, cap, |c| corpus.block_of(c), cfg.seed, Purpose::ValidationSample),
         };
         let tokenizer = match tokenizer {
@@ -87,7 +88,7 @@ impl RunData {
 
     /// This rank's view of the training cells (all of them, in split order; held once, by
     /// the reader).
-    pub fn train_cells(&self) -> &[u32] {
+    pub fn train_cells(&self) -> &CellSet {
         self.reader.cells()
     }
 
@@ -199,11 +200,10 @@ fn log_overlaps(corpus: &Corpus) {
 const MEDIAN_SAMPLE: usize = 1 << 20;
 
 /// The median total counts of `cells` (from the stores' statistics, no matrix read).
-fn median_total(corpus: &Corpus, cells: &[u32]) -> Result<f64> {
-    let totals = corpus.cell_totals()?;
+fn median_total(corpus: &Corpus, cells: &CellSet) -> Result<f64> {
     let step = cells.len().div_ceil(MEDIAN_SAMPLE).max(1);
-    let mut t: Vec<f64> = cells.iter().step_by(step).map(|&c| totals[c as usize]).collect();
-    drop(totals);
+    let sample: Vec<u32> = cells.iter().step_by(step).collect();
+    let mut t = corpus.cell_totals(&sample)?;
     if t.is_empty() {
         return Ok(0.0);
     }

@@ -2,6 +2,7 @@
 //! `uns/neurofm` written last. `Store::open` refuses a store without it, so an opened store is
 //! always complete.
 
+mod indptr;
 pub mod write;
 
 use std::ops::Range;
@@ -16,6 +17,7 @@ use zarrs::filesystem::FilesystemStore;
 use crate::csr::CsrRows;
 use crate::error::{DataError, Result};
 use crate::frame::{Column, Frame};
+use indptr::Indptr;
 
 /// Version of the store layout this crate writes; readers refuse newer ones.
 pub const STORE_FORMAT_VERSION: u32 = 1;
@@ -59,7 +61,8 @@ pub struct StoreStats {
 pub struct Store {
     pub path: PathBuf,
     storage: Arc<FilesystemStore>,
-    indptr: Vec<u64>,
+    /// Row offsets, paged in as reads need them.
+    indptr: Indptr,
     data: Array<FilesystemStore>,
     indices: Array<FilesystemStore>,
     n_genes: usize,
@@ -91,29 +94,28 @@ impl Store {
                 format!("store format {} is newer than this neurofm ({STORE_FORMAT_VERSION}); upgrade neurofm", provenance.format_version),
             ));
         }
-        let mut store = Store {
-            path: path.to_path_buf(),
-            storage: storage.clone(),
-            indptr: Vec::new(),
-            data: Array::open(storage.clone(), "/X/data").map_err(|e| DataError::zarr(path, "X/data", e))?,
-            indices: Array::open(storage.clone(), "/X/indices").map_err(|e| DataError::zarr(path, "X/indices", e))?,
-            n_genes: 0,
-            chunk_entries: write::INNER_CHUNK,
-            provenance,
-        };
-        store.chunk_entries = store.inner_chunk_entries("X/data")?;
-        let shape = store.attributes("X")?.get("shape").cloned().unwrap_or(Value::Null);
+        let shape = attributes_of(path, "X")?.get("shape").cloned().unwrap_or(Value::Null);
         let shape: Vec<usize> = serde_json::from_value(shape).map_err(|_| DataError::field(path, "X.attrs['shape']", "missing"))?;
-        store.n_genes = shape.get(1).copied().unwrap_or(0);
-        store.indptr = store.read_vec::<i64>("X/indptr")?.into_iter().map(|x| x as u64).collect();
-        if store.indptr.len() != shape.first().copied().unwrap_or(0) + 1 {
+        let chunk_entries = inner_chunk_entries(path, "X/data")?;
+        let indptr_array = Array::open(storage.clone(), "/X/indptr").map_err(|e| DataError::zarr(path, "X/indptr", e))?;
+        let indptr = Indptr::open(indptr_array, dtype_of(path, "X/indptr")?, path, chunk_entries)?;
+        if indptr.n_cells() != shape.first().copied().unwrap_or(0) {
             return Err(DataError::field(path, "X/indptr", "length disagrees with X's shape"));
         }
-        Ok(store)
+        Ok(Store {
+            path: path.to_path_buf(),
+            storage: storage.clone(),
+            indptr,
+            data: Array::open(storage.clone(), "/X/data").map_err(|e| DataError::zarr(path, "X/data", e))?,
+            indices: Array::open(storage.clone(), "/X/indices").map_err(|e| DataError::zarr(path, "X/indices", e))?,
+            n_genes: shape.get(1).copied().unwrap_or(0),
+            chunk_entries,
+            provenance,
+        })
     }
 
     pub fn n_cells(&self) -> usize {
-        self.indptr.len() - 1
+        self.indptr.n_cells()
     }
 
     pub fn n_genes(&self) -> usize {
@@ -121,13 +123,13 @@ impl Store {
     }
 
     pub fn nnz(&self) -> u64 {
-        self.indptr[self.n_cells()]
+        self.indptr.nnz()
     }
 
     /// Index of the inner chunk of `X/data` holding the cell's first entry: cells with the same
     /// index are read with one decode, so the shard reader shuffles them as one block.
     pub fn chunk_of(&self, cell: u32) -> u64 {
-        self.indptr[cell as usize] / self.chunk_entries
+        self.indptr.chunk_of(cell)
     }
 
     /// Entries per decoded chunk of the matrix.
@@ -135,16 +137,12 @@ impl Store {
         self.chunk_entries
     }
 
-    /// Non-zeros of `rows`, for sizing reads.
-    pub fn entries_in(&self, rows: Range<usize>) -> u64 {
-        self.indptr[rows.end] - self.indptr[rows.start]
-    }
-
     /// Reads a contiguous range of cells.
     pub fn read_rows(&self, rows: Range<usize>) -> Result<CsrRows> {
-        let (lo, hi) = (self.indptr[rows.start], self.indptr[rows.end]);
+        let offsets = self.indptr.range(rows.start..rows.end + 1, &self.path)?;
+        let (lo, hi) = (offsets[0], offsets[offsets.len() - 1]);
         let mut out = CsrRows::new();
-        out.indptr = self.indptr[rows.start..=rows.end].iter().map(|&p| p - lo).collect();
+        out.indptr = offsets.iter().map(|&p| p - lo).collect();
         if hi > lo {
             out.values = self.data.retrieve_array_subset::<Vec<f32>>(&[lo..hi]).map_err(|e| DataError::zarr(&self.path, "X/data", e))?;
             let idx = self.indices.retrieve_array_subset::<Vec<i32>>(&[lo..hi]).map_err(|e| DataError::zarr(&self.path, "X/indices", e))?;
@@ -155,16 +153,16 @@ impl Store {
 
     /// Cells overlapping the chunks that hold entries `lo..hi`: what decoding them yields (a
     /// cell straddling two chunks counts in both).
-    fn cells_decoded(&self, lo: u64, hi: u64) -> u64 {
+    fn cells_decoded(&self, lo: u64, hi: u64) -> Result<u64> {
         if hi <= lo {
-            return 0;
+            return Ok(0);
         }
         let c = self.chunk_entries;
         let (start, end) = (lo / c * c, (hi - 1) / c * c + c);
         // Cells whose entries intersect [start, end): first cell ending after start, first starting at or after end.
-        let first = self.indptr.partition_point(|&p| p <= start).saturating_sub(1);
-        let last = self.indptr.partition_point(|&p| p < end).min(self.n_cells());
-        last.saturating_sub(first) as u64
+        let first = self.indptr.partition_point(|p| p <= start, &self.path)?.saturating_sub(1);
+        let last = self.indptr.partition_point(|p| p < end, &self.path)?.min(self.n_cells());
+        Ok(last.saturating_sub(first) as u64)
     }
 
     /// Reads the given cells (sorted ascending), in that order. Cells sharing a chunk are read
@@ -175,11 +173,12 @@ impl Store {
 
     /// `read_cells`, and the cells in the chunks it decoded (its cost, against `rows.len()`).
     pub fn read_cells_costed(&self, rows: &[usize]) -> Result<(CsrRows, u64)> {
-        let wanted: u64 = rows.iter().map(|&r| self.entries_in(r..r + 1)).sum();
-        let mut out = CsrRows::with_capacity(rows.len(), wanted as usize);
+        let spans = self.chunk_spans(rows)?;
+        let mut out = CsrRows::with_capacity(rows.len(), spans.iter().map(|s| s.entries).sum::<u64>() as usize);
         let mut decoded = 0;
-        for span in self.chunk_spans(rows) {
-            decoded += self.span_cost(rows, &span);
+        for span in spans {
+            decoded += self.cells_decoded(span.lo, span.hi)?;
+            let span = span.rows;
             let (first, last) = (rows[span.start], rows[span.end - 1]);
             let block = self.read_rows(first..last + 1)?;
             for &r in &rows[span] {
@@ -190,13 +189,8 @@ impl Store {
     }
 
     /// The cells in the chunks `read_cells(rows)` decodes, without reading (for read plans).
-    pub fn read_cost(&self, rows: &[usize]) -> u64 {
-        self.chunk_spans(rows).iter().map(|s| self.span_cost(rows, s)).sum()
-    }
-
-    /// The cells in the chunks one span of `chunk_spans(rows)` decodes.
-    fn span_cost(&self, rows: &[usize], span: &Range<usize>) -> u64 {
-        self.cells_decoded(self.indptr[rows[span.start]], self.indptr[rows[span.end - 1] + 1])
+    pub fn read_cost(&self, rows: &[usize]) -> Result<u64> {
+        self.chunk_spans(rows)?.iter().map(|s| self.cells_decoded(s.lo, s.hi)).sum()
     }
 
     /// Groups sorted `rows` into spans in which each cell starts in a chunk the span already
@@ -204,39 +198,31 @@ impl Store {
     /// A span stops at `MAX_SPAN_CHUNKS` chunks to bound memory (its last chunk may then be
     /// decoded again by the next span); a training read block (`corpus::CHUNKS_PER_BLOCK`
     /// chunks and the one its last cell runs into) fits in one span.
-    fn chunk_spans(&self, rows: &[usize]) -> Vec<Range<usize>> {
+    fn chunk_spans(&self, rows: &[usize]) -> Result<Vec<Span>> {
         const MAX_SPAN_CHUNKS: u64 = 24;
         let c = self.chunk_entries;
-        let mut spans: Vec<Range<usize>> = Vec::new();
+        let mut spans: Vec<Span> = Vec::new();
         let (mut span_first, mut span_last) = (0u64, 0u64);
         for (i, &r) in rows.iter().enumerate() {
-            let (lo, hi) = (self.indptr[r], self.indptr[r + 1]);
+            if r >= self.n_cells() {
+                return Err(DataError::Internal(format!("row {r} of a store with {} cells", self.n_cells())));
+            }
+            let (lo, hi) = (self.indptr.get(r, &self.path)?, self.indptr.get(r + 1, &self.path)?);
             let (first, last) = (lo / c, hi.saturating_sub(1).max(lo) / c);
             match spans.last_mut() {
                 Some(s) if first <= span_last && last < span_first + MAX_SPAN_CHUNKS => {
-                    s.end = i + 1;
+                    s.rows.end = i + 1;
+                    s.hi = hi;
+                    s.entries += hi - lo;
                     span_last = span_last.max(last);
                 }
                 _ => {
-                    spans.push(i..i + 1);
+                    spans.push(Span { rows: i..i + 1, lo, hi, entries: hi - lo });
                     (span_first, span_last) = (first, last);
                 }
             }
         }
-        spans
-    }
-
-    /// Inner chunk length of a sharded 1-D array (its chunk length when unsharded).
-    fn inner_chunk_entries(&self, p: &str) -> Result<u64> {
-        let meta = self.node_json(p)?;
-        let outer = meta.pointer("/chunk_grid/configuration/chunk_shape/0").and_then(Value::as_u64);
-        let inner = meta
-            .get("codecs")
-            .and_then(Value::as_array)
-            .and_then(|codecs| codecs.iter().find(|c| c.get("name").and_then(Value::as_str) == Some("sharding_indexed")))
-            .and_then(|c| c.pointer("/configuration/chunk_shape/0"))
-            .and_then(Value::as_u64);
-        inner.or(outer).filter(|&n| n > 0).ok_or_else(|| DataError::field(&self.path, p, "zarr.json has no chunk shape"))
+        Ok(spans)
     }
 
     /// Cell names in store order.
@@ -244,19 +230,18 @@ impl Store {
         self.index_of("obs")
     }
 
-    /// `f` of every cell's name in store order, reading the names a chunk at a time (an
-    /// atlas's names are never all in memory).
-    pub fn map_obs_names<T>(&self, mut f: impl FnMut(&str) -> T) -> Result<Vec<T>> {
+    /// Calls `f(row, name)` for every cell in store order, reading the names a chunk at a time
+    /// (an atlas's names are never all in memory).
+    pub fn for_each_obs_name(&self, mut f: impl FnMut(usize, &str)) -> Result<()> {
         const SLICE: u64 = 1 << 20;
         let p = self.index_path("obs")?;
         let array = Array::open(self.storage.clone(), &format!("/{p}")).map_err(|e| DataError::zarr(&self.path, &p, e))?;
         let len = array.shape().first().copied().unwrap_or(0);
-        let mut out = Vec::with_capacity(len as usize);
         for start in (0..len).step_by(SLICE as usize) {
             let names = array.retrieve_array_subset::<Vec<String>>(&[start..(start + SLICE).min(len)]).map_err(|e| DataError::zarr(&self.path, &p, e))?;
-            out.extend(names.iter().map(|n| f(n)));
+            names.iter().enumerate().for_each(|(i, n)| f(start as usize + i, n));
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Gene names in store order (the tokenizer's gene order).
@@ -322,54 +307,65 @@ impl Store {
         })
     }
 
-    fn node_json(&self, p: &str) -> Result<Value> {
-        let file = self.path.join(p).join("zarr.json");
-        let text = std::fs::read_to_string(&file).map_err(|_| DataError::field(&self.path, p, "missing"))?;
-        serde_json::from_str(&text).map_err(|e| DataError::field(&self.path, p, format!("bad zarr.json: {e}")))
-    }
-
     fn attributes(&self, p: &str) -> Result<serde_json::Map<String, Value>> {
-        Ok(self.node_json(p)?.get("attributes").and_then(|a| a.as_object()).cloned().unwrap_or_default())
+        attributes_of(&self.path, p)
     }
 
     fn dtype(&self, p: &str) -> Result<String> {
-        Ok(self.node_json(p)?.get("data_type").and_then(|d| d.as_str()).unwrap_or("").to_string())
+        dtype_of(&self.path, p)
+    }
+
+    /// Elements `at` of a 1-D array, converting widths like `read_vec`.
+    pub fn read_slice<T: StoredElement>(&self, p: &str, at: Range<u64>) -> Result<Vec<T>> {
+        let array = Array::open(self.storage.clone(), &format!("/{p}")).map_err(|e| DataError::zarr(&self.path, p, e))?;
+        let len = array.shape().first().copied().unwrap_or(0);
+        T::read_any(&array, at.start.min(len)..at.end.min(len), &self.dtype(p)?).map_err(|e| DataError::zarr(&self.path, p, e))
     }
 
     /// A whole 1-D array, converting integer and float widths to `T` where needed.
     pub fn read_vec<T: StoredElement>(&self, p: &str) -> Result<Vec<T>> {
         let array = Array::open(self.storage.clone(), &format!("/{p}")).map_err(|e| DataError::zarr(&self.path, p, e))?;
         let len = array.shape().first().copied().unwrap_or(0);
-        T::read_any(&array, len, &self.dtype(p)?).map_err(|e| DataError::zarr(&self.path, p, e))
+        T::read_any(&array, 0..len, &self.dtype(p)?).map_err(|e| DataError::zarr(&self.path, p, e))
     }
+}
+
+/// Sorted wanted rows `rows` (positions in the caller's list) read as one row range: entries
+/// `lo..hi` of the matrix, `entries` of them wanted.
+struct Span {
+    rows: Range<usize>,
+    lo: u64,
+    hi: u64,
+    entries: u64,
 }
 
 /// Array elements readable from whatever width the store holds (anndata writes int8 codes,
 /// we read them as i64).
 pub trait StoredElement: ElementOwned {
-    fn read_any(a: &Array<FilesystemStore>, len: u64, dtype: &str) -> std::result::Result<Vec<Self>, ArrayError>;
+    /// Elements `at` of a 1-D array stored as `dtype`.
+    fn read_any(a: &Array<FilesystemStore>, at: Range<u64>, dtype: &str) -> std::result::Result<Vec<Self>, ArrayError>;
 }
 
-fn widen<W: ElementOwned, T>(a: &Array<FilesystemStore>, len: u64, f: impl Fn(W) -> T) -> std::result::Result<Vec<T>, ArrayError> {
-    Ok(a.retrieve_array_subset::<Vec<W>>(&[0..len])?.into_iter().map(f).collect())
+fn widen<W: ElementOwned, T>(a: &Array<FilesystemStore>, at: Range<u64>, f: impl Fn(W) -> T) -> std::result::Result<Vec<T>, ArrayError> {
+    Ok(a.retrieve_array_subset::<Vec<W>>(&[at])?.into_iter().map(f).collect())
 }
 
 macro_rules! numeric_element {
     ($t:ty) => {
         impl StoredElement for $t {
-            fn read_any(a: &Array<FilesystemStore>, len: u64, dtype: &str) -> std::result::Result<Vec<Self>, ArrayError> {
+            fn read_any(a: &Array<FilesystemStore>, at: Range<u64>, dtype: &str) -> std::result::Result<Vec<Self>, ArrayError> {
                 match dtype {
-                    "int8" => widen(a, len, |x: i8| x as $t),
-                    "int16" => widen(a, len, |x: i16| x as $t),
-                    "int32" => widen(a, len, |x: i32| x as $t),
-                    "int64" => widen(a, len, |x: i64| x as $t),
-                    "uint8" => widen(a, len, |x: u8| x as $t),
-                    "uint16" => widen(a, len, |x: u16| x as $t),
-                    "uint32" => widen(a, len, |x: u32| x as $t),
-                    "uint64" => widen(a, len, |x: u64| x as $t),
-                    "float32" => widen(a, len, |x: f32| x as $t),
-                    "float64" => widen(a, len, |x: f64| x as $t),
-                    _ => a.retrieve_array_subset::<Vec<$t>>(&[0..len]),
+                    "int8" => widen(a, at.clone(), |x: i8| x as $t),
+                    "int16" => widen(a, at.clone(), |x: i16| x as $t),
+                    "int32" => widen(a, at.clone(), |x: i32| x as $t),
+                    "int64" => widen(a, at.clone(), |x: i64| x as $t),
+                    "uint8" => widen(a, at.clone(), |x: u8| x as $t),
+                    "uint16" => widen(a, at.clone(), |x: u16| x as $t),
+                    "uint32" => widen(a, at.clone(), |x: u32| x as $t),
+                    "uint64" => widen(a, at.clone(), |x: u64| x as $t),
+                    "float32" => widen(a, at.clone(), |x: f32| x as $t),
+                    "float64" => widen(a, at.clone(), |x: f64| x as $t),
+                    _ => a.retrieve_array_subset::<Vec<$t>>(&[at]),
                 }
             }
         }
@@ -381,15 +377,44 @@ numeric_element!(f64);
 numeric_element!(f32);
 
 impl StoredElement for String {
-    fn read_any(a: &Array<FilesystemStore>, len: u64, _: &str) -> std::result::Result<Vec<Self>, ArrayError> {
-        a.retrieve_array_subset::<Vec<String>>(&[0..len])
+    fn read_any(a: &Array<FilesystemStore>, at: Range<u64>, _: &str) -> std::result::Result<Vec<Self>, ArrayError> {
+        a.retrieve_array_subset::<Vec<String>>(&[at])
     }
 }
 
 impl StoredElement for bool {
-    fn read_any(a: &Array<FilesystemStore>, len: u64, _: &str) -> std::result::Result<Vec<Self>, ArrayError> {
-        a.retrieve_array_subset::<Vec<bool>>(&[0..len])
+    fn read_any(a: &Array<FilesystemStore>, at: Range<u64>, _: &str) -> std::result::Result<Vec<Self>, ArrayError> {
+        a.retrieve_array_subset::<Vec<bool>>(&[at])
     }
+}
+
+/// A store node's `zarr.json`.
+fn node_json(root: &Path, p: &str) -> Result<Value> {
+    let file = root.join(p).join("zarr.json");
+    let text = std::fs::read_to_string(&file).map_err(|_| DataError::field(root, p, "missing"))?;
+    serde_json::from_str(&text).map_err(|e| DataError::field(root, p, format!("bad zarr.json: {e}")))
+}
+
+fn attributes_of(root: &Path, p: &str) -> Result<serde_json::Map<String, Value>> {
+    Ok(node_json(root, p)?.get("attributes").and_then(|a| a.as_object()).cloned().unwrap_or_default())
+}
+
+fn dtype_of(root: &Path, p: &str) -> Result<String> {
+    Ok(node_json(root, p)?.get("data_type").and_then(|d| d.as_str()).unwrap_or("").to_string())
+}
+
+/// Inner chunk length of a sharded 1-D array (its chunk length when unsharded).
+fn inner_chunk_entries(root: &Path, p: &str) -> Result<u64> {
+    let meta = node_json(root, p)?;
+        let outer = meta.pointer("/chunk_grid/configuration/chunk_shape/0").and_then(Value::as_u64);
+        let inner = meta
+            .get("codecs")
+            .and_then(Value::as_array)
+            .and_then(|codecs| codecs.iter().find(|c| c.get("name").and_then(Value::as_str) == Some("sharding_indexed")))
+            .and_then(|c| c.pointer("/configuration/chunk_shape/0"))
+            .and_then(Value::as_u64);
+
+    inner.or(outer).filter(|&n| n > 0).ok_or_else(|| DataError::field(root, p, "zarr.json has no chunk shape"))
 }
 
 /// Reads a zero-dimensional string array (AnnData's `string` encoding).
