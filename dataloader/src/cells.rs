@@ -87,6 +87,19 @@ impl CellSet {
     }
 }
 
+/// Runs of equal consecutive keys, as (key, positions): how read blocks are found along cells
+/// in store order, where a block's key never recurs after it ends.
+pub fn runs_by_key<K: PartialEq>(keys: impl IntoIterator<Item = K>) -> Vec<(K, Range<usize>)> {
+    let mut runs: Vec<(K, Range<usize>)> = Vec::new();
+    for (i, key) in keys.into_iter().enumerate() {
+        match runs.last_mut() {
+            Some((k, at)) if *k == key => at.end = i + 1,
+            _ => runs.push((key, i..i + 1)),
+        }
+    }
+    runs
+}
+
 impl FromIterator<u32> for CellSet {
     /// Collects ascending, distinct ids.
     fn from_iter<I: IntoIterator<Item = u32>>(iter: I) -> CellSet {
@@ -117,5 +130,6 @@ mod tests {
         assert_eq!(joined.runs().last(), Some(&(20..30)));
         assert_eq!(joined.len(), 16);
         assert!(CellSet::new().slice(0..0).next().is_none());
+        assert_eq!(runs_by_key([3, 3, 5, 5, 5, 3]), [(3, 0..2), (5, 2..5), (3, 5..6)]);
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cells::CellSet;
+use crate::cells::{runs_by_key, CellSet};
 use crate::csr::CsrRows;
 use crate::error::{DataError, Result};
 use crate::genes::{build_vocabulary, store_genes, GeneCase, GeneMap, Overlap, VocabularySpec};
@@ -207,14 +207,13 @@ impl Corpus {
         let mut totals = Vec::with_capacity(cells.len());
         for (m, rows) in self.by_member(cells) {
             let store = &self.members[m].store;
-            let mut slice: (u64, Vec<f64>) = (0, Vec::new());
+            let mut slice: Option<(u64, Vec<f64>)> = None;
             for r in rows {
                 let start = r as u64 / TOTALS_SLICE * TOTALS_SLICE;
-                if slice.0 != start || slice.1.is_empty() {
-                    let end = (start + TOTALS_SLICE).min(store.n_cells() as u64);
-                    slice = (start, store.read_slice::<f64>("uns/neurofm/cell_total", start..end)?);
+                if slice.as_ref().is_none_or(|(s, _)| *s != start) {
+                    slice = Some((start, store.read_slice::<f64>("uns/neurofm/cell_total", start..start + TOTALS_SLICE)?));
                 }
-                let t = slice.1.get(r - start as usize).copied();
+                let t = slice.as_ref().and_then(|(_, v)| v.get(r - start as usize).copied());
                 totals.push(t.ok_or_else(|| DataError::field(&store.path, "uns/neurofm/cell_total", "shorter than the store's cells; re-convert the store"))?);
             }
         }
@@ -274,14 +273,7 @@ pub fn sample_blocks(cells: &CellSet, max: usize, block_of: impl Fn(u32) -> u64,
         return cells.to_vec();
     }
     // Each block as its key and its positions in `cells`.
-    let mut blocks: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
-    for (i, c) in cells.iter().enumerate() {
-        let key = block_of(c);
-        match blocks.last_mut() {
-            Some((b, at)) if *b == key => at.end = i + 1,
-            _ => blocks.push((key, i..i + 1)),
-        }
-    }
+    let mut blocks = runs_by_key(cells.iter().map(&block_of));
     blocks.sort_by_key(|(b, _)| hash_keys(&[seed, purpose as u64, *b]));
     let mut out = Vec::with_capacity(max);
     for (_, at) in blocks {

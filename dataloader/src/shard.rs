@@ -31,7 +31,7 @@ use std::thread::JoinHandle;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::cells::CellSet;
+use crate::cells::{runs_by_key, CellSet};
 use crate::corpus::Corpus;
 use crate::csr::CsrRows;
 use crate::error::{DataError, Result};
@@ -147,11 +147,9 @@ struct Drawn {
     /// Position in the epoch order of each block's first cell, then the epoch's length.
     starts: Vec<usize>,
     window_cells: usize,
-    seed: u64,
     epoch: u64,
     rank: Rank,
-    plan: ReadPlan,
-    batch_size: usize,
+    cfg: ShardConfig,
 }
 
 impl Drawn {
@@ -172,14 +170,14 @@ impl Drawn {
     fn global_window(&self, w: usize) -> Vec<u32> {
         let len = self.starts[self.blocks.len()];
         let mut cells = self.order(w * self.window_cells..((w + 1) * self.window_cells).min(len));
-        cells.shuffle(&mut rng_for(&[self.seed, Purpose::EpochWindow as u64, self.epoch, w as u64]));
+        cells.shuffle(&mut rng_for(&[self.cfg.seed, Purpose::EpochWindow as u64, self.epoch, w as u64]));
         cells
     }
 
     /// This rank's batches `batches` (all in read window `g`).
     fn window(&self, g: usize, batches: Range<usize>) -> Vec<Vec<u32>> {
-        let (b, world, rank) = (self.batch_size, self.rank.world(), self.rank.rank());
-        match self.plan {
+        let (b, world, rank) = (self.cfg.batch_size, self.rank.world(), self.rank.rank());
+        match self.cfg.plan {
             ReadPlan::Global => {
                 // Global batch k is positions k·W·B .. (k+1)·W·B of the window-shuffled order.
                 let global = b * world;
@@ -199,7 +197,7 @@ impl Drawn {
                 let first = g * window;
                 let share = (((g + 1) * window).min(self.starts[self.blocks.len()]) - first) / world / b * b;
                 let mut piece = self.order(first + rank * share..first + (rank + 1) * share);
-                piece.shuffle(&mut rng_for(&[self.seed, Purpose::EpochWindow as u64, self.epoch, g as u64, rank as u64]));
+                piece.shuffle(&mut rng_for(&[self.cfg.seed, Purpose::EpochWindow as u64, self.epoch, g as u64, rank as u64]));
                 let per = (self.window_cells / b).max(1);
                 piece.chunks_exact(b).skip(batches.start - g * per).take(batches.len()).map(<[u32]>::to_vec).collect()
             }
@@ -281,16 +279,7 @@ impl ShardReader {
         if cfg.batch_size == 0 || cfg.window_blocks == 0 {
             return Err(DataError::Config("batch_size and window_blocks must be ≥ 1".into()));
         }
-        let mut blocks: Vec<(Range<usize>, u64)> = Vec::new();
-        let mut last_key = None;
-        for (i, c) in cells.iter().enumerate() {
-            let key = block_key(c);
-            match blocks.last_mut() {
-                Some(b) if last_key == Some(key) => b.0.end = i + 1,
-                _ => blocks.push((i..i + 1, 0)),
-            }
-            last_key = Some(key);
-        }
+        let blocks = runs_by_key(cells.iter().map(block_key)).into_iter().map(|(_, at)| (at, 0)).collect();
         let reader = ShardReader { cells: Arc::new(cells), blocks, weights: Default::default(), rank, cfg };
         reader.check_size()?;
         Ok(reader)
@@ -397,7 +386,7 @@ impl ShardReader {
             ReadPlan::Global => (window_cells / (b * world)).max(1),
             ReadPlan::Local => (window_cells / b).max(1),
         };
-        let drawn = Drawn { cells: self.cells.clone(), blocks, starts, window_cells, seed: self.cfg.seed, epoch, rank: self.rank, plan: self.cfg.plan, batch_size: b };
+        let drawn = Drawn { cells: self.cells.clone(), blocks, starts, window_cells, epoch, rank: self.rank, cfg: self.cfg.clone() };
         EpochPlan { batches_per_window, n_batches: self.batches_per_epoch(), source: Batches::Drawn(drawn) }
     }
 

@@ -4,11 +4,10 @@
 //! cell never changes when the store is re-converted with another shuffle or cell selection.
 
 use std::collections::HashMap;
-use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cells::CellSet;
+use crate::cells::{runs_by_key, CellSet};
 use crate::error::{DataError, Result};
 use crate::frame::Column;
 use crate::rng::{hash_keys, hash_str, unit};
@@ -91,15 +90,8 @@ impl SplitSpec {
         match (&self.by, self.unit) {
             (Some(_), SplitUnit::Block) => return Err(DataError::Config("split.by and split.unit = \"block\" exclude each other; choose one".into())),
             (None, SplitUnit::Block) => {
-                let block_of = |i: usize| store.chunk_of(i as u32) / crate::corpus::CHUNKS_PER_BLOCK;
-                // A block is a run of rows: its first row and size, in store order.
-                let mut blocks: Vec<(u64, Range<usize>)> = Vec::new();
-                for i in 0..n {
-                    match blocks.last_mut() {
-                        Some((b, rows)) if *b == block_of(i) => rows.end = i + 1,
-                        _ => blocks.push((block_of(i), i..i + 1)),
-                    }
-                }
+                // A block is a run of rows in store order.
+                let blocks = runs_by_key((0..n as u32).map(|i| store.chunk_of(i) / crate::corpus::CHUNKS_PER_BLOCK));
                 let groups: Vec<(String, usize)> = blocks.iter().map(|(b, rows)| (b.to_string(), rows.len())).collect();
                 for ((_, rows), chosen) in blocks.into_iter().zip(self.choose_groups(&groups, n)) {
                     let set = if chosen { &mut split.val } else { &mut split.train };

@@ -7,7 +7,7 @@
 //! page is fetched about once per pass.
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use zarrs::array::Array;
@@ -25,6 +25,8 @@ const SWEEP: u64 = 1 << 20;
 
 /// A store's row offsets.
 pub(crate) struct Indptr {
+    /// The store, for errors.
+    root: PathBuf,
     array: Array<FilesystemStore>,
     dtype: String,
     /// Entries: cells + 1.
@@ -52,10 +54,10 @@ impl Indptr {
         if len == 0 {
             return Err(DataError::field(root, "X/indptr", "empty; a CSR matrix has cells + 1 offsets"));
         }
-        let mut me = Indptr { array, dtype, len, page, nnz: 0, chunk_first_row: Vec::new(), page_firsts: Vec::new(), cache: Mutex::default() };
+        let mut me = Indptr { root: root.to_path_buf(), array, dtype, len, page, nnz: 0, chunk_first_row: Vec::new(), page_firsts: Vec::new(), cache: Mutex::default() };
         let mut prev = 0u64;
         for start in (0..len).step_by(SWEEP as usize) {
-            let values = me.read(start..(start + SWEEP).min(len), root)?;
+            let values = me.read(start..(start + SWEEP).min(len))?;
             for (i, &v) in (start..).zip(&values) {
                 if v < prev || (i == 0 && v != 0) {
                     return Err(DataError::field(root, "X/indptr", format!("offset {i} is {v} after {prev}; offsets start at 0 and never decrease")));
@@ -88,18 +90,18 @@ impl Indptr {
     }
 
     /// Entry `i`.
-    pub fn get(&self, i: usize, root: &Path) -> Result<u64> {
-        let page = self.page(i as u64 / self.page, root)?;
+    pub fn get(&self, i: usize) -> Result<u64> {
+        let page = self.page(i as u64 / self.page)?;
         Ok(page[i % self.page as usize])
     }
 
     /// Entries `at` (a range of `0..cells + 1`).
-    pub fn range(&self, at: Range<usize>, root: &Path) -> Result<Vec<u64>> {
+    pub fn range(&self, at: Range<usize>) -> Result<Vec<u64>> {
         let mut out = Vec::with_capacity(at.len());
         let mut i = at.start;
         while i < at.end {
             let (p, off) = (i as u64 / self.page, i % self.page as usize);
-            let page = self.page(p, root)?;
+            let page = self.page(p)?;
             let take = (page.len() - off).min(at.end - i);
             out.extend_from_slice(&page[off..off + take]);
             i += take;
@@ -108,16 +110,16 @@ impl Indptr {
     }
 
     /// The number of leading entries satisfying `pred`, which holds for a prefix (`slice::partition_point`).
-    pub fn partition_point(&self, pred: impl Fn(u64) -> bool, root: &Path) -> Result<usize> {
+    pub fn partition_point(&self, pred: impl Fn(u64) -> bool) -> Result<usize> {
         let p = self.page_firsts.partition_point(|&v| pred(v));
         if p == 0 {
             return Ok(0);
         }
-        let page = self.page(p as u64 - 1, root)?;
+        let page = self.page(p as u64 - 1)?;
         Ok((p - 1) * self.page as usize + page.partition_point(|&v| pred(v)))
     }
 
-    fn page(&self, p: u64, root: &Path) -> Result<Arc<[u64]>> {
+    fn page(&self, p: u64) -> Result<Arc<[u64]>> {
         let mut cache = self.cache.lock().map_err(|_| DataError::Internal("a reader thread panicked holding the indptr cache".into()))?;
         if let Some(at) = cache.iter().position(|(q, _)| *q == p) {
             let hit = cache.remove(at);
@@ -128,14 +130,14 @@ impl Indptr {
         if start >= self.len {
             return Err(DataError::Internal(format!("indptr page {p} is past the store's {} offsets", self.len)));
         }
-        let page: Arc<[u64]> = self.read(start..(start + self.page).min(self.len), root)?.into();
+        let page: Arc<[u64]> = self.read(start..(start + self.page).min(self.len))?.into();
         cache.insert(0, (p, page.clone()));
         cache.truncate(CACHED_PAGES);
         Ok(page)
     }
 
-    fn read(&self, at: Range<u64>, root: &Path) -> Result<Vec<u64>> {
-        let values = i64::read_any(&self.array, at, &self.dtype).map_err(|e| DataError::zarr(root, "X/indptr", e))?;
+    fn read(&self, at: Range<u64>) -> Result<Vec<u64>> {
+        let values = i64::read_any(&self.array, at, &self.dtype).map_err(|e| DataError::zarr(&self.root, "X/indptr", e))?;
         Ok(values.into_iter().map(|v| v.max(0) as u64).collect())
     }
 }
@@ -159,13 +161,13 @@ mod tests {
         let ip = Indptr::open_paged(array, "int64".into(), &out, 4096, 64).unwrap();
         assert_eq!((ip.n_cells(), ip.nnz()), (700, whole[700]));
         for i in (0..=700).step_by(13) {
-            assert_eq!(ip.get(i, &out).unwrap(), whole[i]);
+            assert_eq!(ip.get(i).unwrap(), whole[i]);
         }
-        assert_eq!(ip.range(50..400, &out).unwrap(), whole[50..400]);
-        assert_eq!(ip.range(0..701, &out).unwrap(), whole);
+        assert_eq!(ip.range(50..400).unwrap(), whole[50..400]);
+        assert_eq!(ip.range(0..701).unwrap(), whole);
         for v in [0, 1, 4095, 4096, 4097, whole[333], whole[700], whole[700] + 1] {
-            assert_eq!(ip.partition_point(|p| p <= v, &out).unwrap(), whole.partition_point(|&p| p <= v), "≤ {v}");
-            assert_eq!(ip.partition_point(|p| p < v, &out).unwrap(), whole.partition_point(|&p| p < v), "< {v}");
+            assert_eq!(ip.partition_point(|p| p <= v).unwrap(), whole.partition_point(|&p| p <= v), "≤ {v}");
+            assert_eq!(ip.partition_point(|p| p < v).unwrap(), whole.partition_point(|&p| p < v), "< {v}");
         }
         for row in 0..700u32 {
             assert_eq!(ip.chunk_of(row), whole[row as usize] / 4096, "row {row}");

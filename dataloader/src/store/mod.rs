@@ -139,7 +139,7 @@ impl Store {
 
     /// Reads a contiguous range of cells.
     pub fn read_rows(&self, rows: Range<usize>) -> Result<CsrRows> {
-        let offsets = self.indptr.range(rows.start..rows.end + 1, &self.path)?;
+        let offsets = self.indptr.range(rows.start..rows.end + 1)?;
         let (lo, hi) = (offsets[0], offsets[offsets.len() - 1]);
         let mut out = CsrRows::new();
         out.indptr = offsets.iter().map(|&p| p - lo).collect();
@@ -160,8 +160,8 @@ impl Store {
         let c = self.chunk_entries;
         let (start, end) = (lo / c * c, (hi - 1) / c * c + c);
         // Cells whose entries intersect [start, end): first cell ending after start, first starting at or after end.
-        let first = self.indptr.partition_point(|p| p <= start, &self.path)?.saturating_sub(1);
-        let last = self.indptr.partition_point(|p| p < end, &self.path)?.min(self.n_cells());
+        let first = self.indptr.partition_point(|p| p <= start)?.saturating_sub(1);
+        let last = self.indptr.partition_point(|p| p < end)?.min(self.n_cells());
         Ok(last.saturating_sub(first) as u64)
     }
 
@@ -207,7 +207,7 @@ impl Store {
             if r >= self.n_cells() {
                 return Err(DataError::Internal(format!("row {r} of a store with {} cells", self.n_cells())));
             }
-            let (lo, hi) = (self.indptr.get(r, &self.path)?, self.indptr.get(r + 1, &self.path)?);
+            let (lo, hi) = (self.indptr.get(r)?, self.indptr.get(r + 1)?);
             let (first, last) = (lo / c, hi.saturating_sub(1).max(lo) / c);
             match spans.last_mut() {
                 Some(s) if first <= span_last && last < span_first + MAX_SPAN_CHUNKS => {
@@ -324,9 +324,7 @@ impl Store {
 
     /// A whole 1-D array, converting integer and float widths to `T` where needed.
     pub fn read_vec<T: StoredElement>(&self, p: &str) -> Result<Vec<T>> {
-        let array = Array::open(self.storage.clone(), &format!("/{p}")).map_err(|e| DataError::zarr(&self.path, p, e))?;
-        let len = array.shape().first().copied().unwrap_or(0);
-        T::read_any(&array, 0..len, &self.dtype(p)?).map_err(|e| DataError::zarr(&self.path, p, e))
+        self.read_slice(p, 0..u64::MAX)
     }
 }
 
