@@ -7,6 +7,8 @@
 #   benches/scale.sh [CELLS ...]      # default: 250000 1000000; release binaries in target/release
 #   TAG=-raw SYNTH_ARGS="--seed 3 --depth 2000 --compression none" benches/scale.sh 3000000
 #                                     # the ≥ 20 GB atlas: uncompressed, as anndata writes by default
+#   CONVERT_ONLY=1 GENES=20 TAG=-narrow SYNTH_ARGS="--seed 1 --depth 40" benches/scale.sh 16000000
+#                                     # conversion memory at many cells: few genes, no training
 set -euo pipefail
 sizes=("$@"); [ ${#sizes[@]} -gt 0 ] || sizes=(250000 1000000)
 bin=${BIN:-target/release}
@@ -51,7 +53,7 @@ EOF
 for n in "${sizes[@]}"; do
   h5="$dir/atlas-$n$tag.h5ad" store="$dir/atlas-$n$tag.zarr"
   # shellcheck disable=SC2086 # SYNTH_ARGS is a list of options
-  [ -f "$h5" ] || "$bin/neurofm-data" -q synth --cells "$n" --genes 2000 --types 8 ${SYNTH_ARGS:---seed 1} "$h5"
+  [ -f "$h5" ] || "$bin/neurofm-data" -q synth --cells "$n" --genes "${GENES:-2000}" --types 8 ${SYNTH_ARGS:---seed 1} "$h5"
   if [ ! -d "$store" ]; then
     /usr/bin/time -v "$bin/neurofm-data" convert -q --json "$h5" "$store" > "$dir/convert-$n$tag.json" 2> "$dir/convert-$n$tag.time"
   fi
@@ -61,6 +63,7 @@ s = json.load(open(sys.argv[1]))
 print(f"atlas {sys.argv[3]} cells: {s['input_bytes']/1e9:.2f} GB h5ad, {s['nnz']:.3g} non-zeros, converted in {s['seconds']:.0f} s "
       f"({s['input_bytes']/1e6/s['seconds']:.1f} MB/s), peak RSS {sys.argv[2]} MB")
 EOF
+  [ -z "${CONVERT_ONLY:-}" ] || continue
   run="$dir/run-$n$tag"
   "$bin/neurofm-launch" --backend mpi --nproc-per-node 2 -- "$bin/neurofm-train" --config "$dir/train.toml" \
     --data "$store" --data "$dir/second.zarr" --run-dir "$run" --force --device cpu --no-progress > "$run.out" 2>&1 \
@@ -76,4 +79,5 @@ print(f"  2-rank training ({sys.argv[2]} + 20000 cells): start-up {t['startup_s'
 EOF
 done
 # Simulated read plans of 1 … 64 ranks over the largest atlas.
+[ -z "${CONVERT_ONLY:-}" ] || exit 0
 NEUROFM_BENCH_PLANS_ONLY=1 cargo run -q --release -p neurofm-dataloader --example reader_bench -- "$dir/atlas-${sizes[-1]}$tag.zarr" | grep -A9 "read plans"

@@ -70,6 +70,13 @@ impl CellSet {
         head.into_iter().chain(runs).flatten().take(at.len())
     }
 
+    /// The cells of the set within `ids`, ascending (a sweep of a file's rows a slice at a
+    /// time visits the set's cells so).
+    pub fn within(&self, ids: Range<u32>) -> impl Iterator<Item = u32> + '_ {
+        let first = self.runs.partition_point(|r| r.end <= ids.start);
+        self.runs[first..].iter().take_while(move |r| r.start < ids.end).flat_map(move |r| r.start.max(ids.start)..r.end.min(ids.end))
+    }
+
     /// The cells as a vector (for sets known to be small: samples, validation caps).
     pub fn to_vec(&self) -> Vec<u32> {
         self.iter().collect()
@@ -122,6 +129,12 @@ mod tests {
         for a in 0..=cells.len() {
             for b in a..=cells.len() {
                 assert_eq!(set.slice(a..b).collect::<Vec<_>>(), cells[a..b], "slice {a}..{b}");
+            }
+        }
+        for a in 0..26u32 {
+            for b in a..26 {
+                let want: Vec<u32> = cells.iter().copied().filter(|c| (a..b).contains(c)).collect();
+                assert_eq!(set.within(a..b).collect::<Vec<_>>(), want, "within {a}..{b}");
             }
         }
         assert_eq!(set.shifted(100).to_vec(), cells.iter().map(|c| c + 100).collect::<Vec<_>>());

@@ -2,11 +2,14 @@
 //!
 //! Pipeline: a reader thread pulls blocks of selected cells from the source (HDF5 decoding is
 //! single-threaded) while this thread validates, shuffles and hands full shards to zarrs, which
-//! compresses their chunks on all cores. The stored order is planned first, so obs is written
-//! and dropped before any count is read, and per-cell tables are streamed into the store as
-//! cells are written: memory is the read and shard buffers plus ~40 bytes a cell (the selected
-//! rows and the source's row offsets), not the file's size. The store is built in a temp directory beside the output and renamed into place only
-//! when complete; `uns/neurofm/provenance` is written last.
+//! compresses their chunks on all cores. The stored order is planned first; obs is then read
+//! and written in it a window of blocks at a time, and per-cell tables are streamed into the
+//! store as cells are written. Memory is the read and shard buffers, not the file's size nor
+//! its number of cells: the selected rows are held as runs, the source's row offsets are read
+//! a block at a time, and the sweep for repeated cell names holds 8 bytes a cell before the
+//! matrix pass. (Loom and anndata < 0.7 obs, and `--cell-metadata` joins, hold obs whole.)
+//! The store is built in a temp directory beside the output and renamed into place only when
+//! complete; `uns/neurofm/provenance` is written last.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
@@ -16,12 +19,13 @@ use rand::seq::SliceRandom;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::cells::CellSet;
 use crate::csr::CsrRows;
-use crate::frame::{Column, Frame};
+use crate::frame::{Column, Frame, UniqueNames};
 use crate::error::{DataError, Result};
 use crate::rng::{rng_for, Purpose};
 use crate::select::{self, GeneScan, GeneSelection, KeepFilter};
-use crate::source::{self, CountsLocation, MatrixInfo, SourceFile};
+use crate::source::{self, CountsLocation, MatrixInfo, ObsReader, SourceFile};
 use crate::store::write::{ColumnWriter, MatrixCodec, StoreWriter};
 use crate::store::{Provenance, STORE_FORMAT_VERSION};
 
@@ -29,6 +33,11 @@ use crate::store::{Provenance, STORE_FORMAT_VERSION};
 const F32_EXACT_MAX: f32 = 16_777_216.0;
 /// Values examined per candidate matrix by `--counts auto`.
 const AUTO_SAMPLE: usize = 1 << 20;
+/// Cell names read at a time by the sweep for repeated names.
+const NAME_SLICE: usize = 1 << 20;
+/// Shuffle windows whose obs rows are read together (64 × 4 blocks of 1024 cells: ~13 MB of
+/// names and labels).
+const OBS_READ_WINDOWS: usize = 64;
 
 /// Where to take counts from.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,7 +145,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let (loc, info) = resolve_counts(&src, opts)?;
     tracing::info!("{}: counts from {loc} ({:?}, {}, {} cells × {} genes)", input.display(), info.layout, info.dtype, info.n_cells, info.n_genes);
 
-    let mut obs = src.obs()?;
+    let mut obs = src.obs_reader()?;
     let var = src.var(&loc)?;
     if obs.len() != info.n_cells {
         return Err(DataError::field(input, "obs", format!("has {} rows but {loc} has {} cells", obs.len(), info.n_cells)));
@@ -145,10 +154,13 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         return Err(DataError::field(input, "var", format!("has {} rows but {loc} has {} genes", var.len(), info.n_genes)));
     }
     if let Some((csv, key)) = &opts.cell_metadata {
-        let unmatched = select::join_cell_metadata(&mut obs, csv, key)?;
+        // The join matches every obs name against the CSV, so obs is held whole for it.
+        let mut frame = obs.into_frame()?;
+        let unmatched = select::join_cell_metadata(&mut frame, csv, key)?;
         if unmatched > 0 {
             tracing::warn!("{}: {unmatched} cells have no row in the metadata CSV", csv.display());
         }
+        obs = ObsReader::Held(frame);
     }
     let rows = select::apply_keep(&obs, &opts.keep, input)?;
     if rows.is_empty() {
@@ -163,29 +175,22 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         writer.dict(d)?;
     }
 
-    // The stored order is settled before any count is read, so obs (the largest per-cell
-    // table: every cell's name) is written and dropped first; the matrix pass then holds only
-    // the selected rows per cell.
-    let mut blocks = plan_blocks(&rows, opts.block_cells);
+    // The stored order is settled before any count is read, and obs is written in it a
+    // window at a time before the matrix pass, which then holds per block, not per cell.
+    let mut blocks = plan_blocks(rows.len(), opts.block_cells);
     if let Some(seed) = opts.shuffle_seed {
         blocks.shuffle(&mut rng_for(&[seed, Purpose::ConvertBlocks as u64]));
     }
-    let source_rows = stored_order(&rows, &blocks, opts);
-    let mut obs_out = obs.into_take(&source_rows);
-    let mut column = writer.column("uns/neurofm/cell_source_row", source_rows.len() as u64)?;
-    source_rows.into_iter().try_for_each(|r| column.push(r as i64))?;
-    column.finish()?;
-    let renamed_cells = obs_out.make_index_unique();
-    writer.frame("obs", &obs_out)?;
-    drop(obs_out);
+    let renamed_cells = write_obs(&writer, &obs, &rows, &blocks, opts)?;
+    drop(obs);
     return_freed_memory();
 
     let scratch = tmp.join("_scratch");
     let mut rowsrc = src.open_rows(&loc, Some(&scratch))?;
     let scan = if opts.genes.needs_scan() {
         let mut scan = GeneScan::new(info.n_genes);
-        for block in plan_blocks(&rows, opts.block_cells) {
-            scan.add(&source::read_selected(rowsrc.as_mut(), &rows[block])?);
+        for block in plan_blocks(rows.len(), opts.block_cells) {
+            scan.add(&source::read_selected(rowsrc.as_mut(), &block_rows(&rows, &block))?);
         }
         Some(scan)
     } else {
@@ -209,10 +214,10 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         let reader = scope.spawn(move || {
             let mut seen = ValueCounts::default();
             for block in blocks_ref {
-                let rows = &rows_ref[block.clone()];
-                let read = source::read_selected(rowsrc.as_mut(), rows).and_then(|counts| {
+                let rows = block_rows(rows_ref, block);
+                let read = source::read_selected(rowsrc.as_mut(), &rows).and_then(|counts| {
                     let counts = if all_genes { counts } else { counts.select_genes(gene_map_ref) };
-                    validate(&counts, rows, ctx_ref, &mut seen)?;
+                    validate(&counts, &rows, ctx_ref, &mut seen)?;
                     Ok(counts)
                 });
                 let failed = read.is_err();
@@ -344,11 +349,16 @@ fn non_integer_error(path: &Path, loc: &CountsLocation, frac: f64) -> DataError 
     )
 }
 
-/// Groups selected rows into read blocks of `block_cells` cells (ranges of positions in `rows`,
-/// so the plan holds no second copy of the rows).
-fn plan_blocks(rows: &[usize], block_cells: usize) -> Vec<std::ops::Range<usize>> {
+/// Groups the selected rows into read blocks of `block_cells` cells: ranges of positions in
+/// the selection, so the plan holds no copy of the rows.
+fn plan_blocks(n_selected: usize, block_cells: usize) -> Vec<std::ops::Range<usize>> {
     let n = block_cells.max(1);
-    (0..rows.len()).step_by(n).map(|start| start..(start + n).min(rows.len())).collect()
+    (0..n_selected).step_by(n).map(|start| start..(start + n).min(n_selected)).collect()
+}
+
+/// The source rows of one block (ascending).
+fn block_rows(rows: &CellSet, block: &std::ops::Range<usize>) -> Vec<usize> {
+    rows.slice(block.clone()).map(|r| r as usize).collect()
 }
 
 /// Gives the heap freed by obs back to the system: glibc keeps freed small allocations (every
@@ -371,14 +381,53 @@ fn window_order(block_sizes: &[usize], opts: &ConvertOptions, window_index: u64)
     order
 }
 
-/// Source rows in stored order.
-fn stored_order(rows: &[usize], blocks: &[std::ops::Range<usize>], opts: &ConvertOptions) -> Vec<usize> {
-    let mut stored = Vec::with_capacity(rows.len());
-    for (w, window) in blocks.chunks(opts.window_blocks.max(1)).enumerate() {
-        let sizes: Vec<usize> = window.iter().map(ExactSizeIterator::len).collect();
-        stored.extend(window_order(&sizes, opts, w as u64).into_iter().map(|(b, r)| rows[window[b as usize].start + r as usize]));
+/// Writes obs and `uns/neurofm/cell_source_row` in stored order, a window of blocks at a
+/// time: each block's rows are read from the source, gathered in the window's order, and
+/// repeated names renamed as AnnData does. Blocks are read `OBS_READ_WINDOWS` windows at a
+/// time in source order, so a file on disk is read forward, not by a seek per block. Returns
+/// how many names were renamed.
+fn write_obs(writer: &StoreWriter, obs: &ObsReader, rows: &CellSet, blocks: &[std::ops::Range<usize>], opts: &ConvertOptions) -> Result<usize> {
+    let mut names = UniqueNames::new(name_hashes(obs, rows)?);
+    let mut frame = writer.frame_writer("obs", &obs.read(0..1)?, rows.len() as u64)?;
+    let mut source_row = writer.column::<i64>("uns/neurofm/cell_source_row", rows.len() as u64)?;
+    let window_blocks = opts.window_blocks.max(1);
+    for (g, group) in blocks.chunks(window_blocks * OBS_READ_WINDOWS).enumerate() {
+        let mut by_position: Vec<usize> = (0..group.len()).collect();
+        by_position.sort_by_key(|&b| group[b].start);
+        let mut read: Vec<Option<(Frame, Vec<usize>)>> = (0..group.len()).map(|_| None).collect();
+        for b in by_position {
+            let block = block_rows(rows, &group[b]);
+            let span = block[0]..block[block.len() - 1] + 1;
+            let picked: Vec<usize> = block.iter().map(|r| r - span.start).collect();
+            read[b] = Some((obs.read(span)?.into_take(&picked), block));
+        }
+        for (i, parts) in read.chunks_mut(window_blocks).enumerate() {
+            let (parts, sources): (Vec<Frame>, Vec<Vec<usize>>) = parts.iter_mut().filter_map(Option::take).unzip();
+            let sizes: Vec<usize> = parts.iter().map(Frame::len).collect();
+            let offsets: Vec<usize> = sizes.iter().scan(0, |at, &n| Some(std::mem::replace(at, *at + n))).collect();
+            let window = (g * OBS_READ_WINDOWS + i) as u64;
+            let order: Vec<usize> = window_order(&sizes, opts, window).into_iter().map(|(b, r)| offsets[b as usize] + r as usize).collect();
+            let sources: Vec<usize> = sources.concat();
+            let mut cells = Frame::concat(parts).map_err(DataError::Internal)?.into_take(&order);
+            cells.index.iter_mut().for_each(|n| names.rename(n));
+            frame.push(&cells)?;
+            order.iter().try_for_each(|&i| source_row.push(sources[i] as i64))?;
+        }
     }
-    stored
+    frame.finish()?;
+    source_row.finish()?;
+    Ok(names.renamed())
+}
+
+/// Hashes of the selected cells' names, swept a slice of obs at a time: 8 bytes a cell,
+/// dropped before the matrix pass unless some name repeats.
+fn name_hashes(obs: &ObsReader, rows: &CellSet) -> Result<Vec<u64>> {
+    let mut hashes = Vec::with_capacity(rows.len());
+    for at in source::slices(obs.len(), NAME_SLICE) {
+        let names = obs.names(at.clone())?;
+        hashes.extend(rows.within(at.start as u32..at.end as u32).map(|r| crate::rng::hash_str(&names[r as usize - at.start])));
+    }
+    Ok(hashes)
 }
 
 struct WriteContext<'a> {
@@ -390,7 +439,8 @@ struct WriteContext<'a> {
 /// The name of source cell `row`, for an error message: obs is reread rather than held
 /// through the matrix pass.
 fn cell_name(path: &Path, row: usize) -> String {
-    SourceFile::open(path).and_then(|s| s.obs()).ok().and_then(|obs| obs.index.get(row).cloned()).unwrap_or_else(|| "?".into())
+    let name = SourceFile::open(path).and_then(|s| s.obs_reader()).and_then(|obs| obs.names(row..row + 1));
+    name.ok().and_then(|mut n| n.pop()).unwrap_or_else(|| "?".into())
 }
 
 /// What writing the matrix produced, per gene (per-cell tables went to the store as they came).

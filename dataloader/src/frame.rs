@@ -1,15 +1,18 @@
 //! `Frame`: AnnData's `obs`/`var` dataframes held in memory.
 //!
-//! Per-cell metadata is O(cells), not O(cells × genes), so holding it is fine even for atlases;
-//! the expression matrix is what must stream.
+//! var and the obs of one dataset are held whole; converting an atlas reads and writes obs a
+//! window of cells at a time instead (`source::ObsReader`, `store::write::FrameWriter`), with
+//! `UniqueNames` renaming repeated names as they pass.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 /// One dataframe column in AnnData's encodings.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Column {
-    /// Codes into `categories`; `-1` is missing (pandas' convention).
-    Categorical { codes: Vec<i32>, categories: Vec<String>, ordered: bool },
+    /// Codes into `categories`; `-1` is missing (pandas' convention). The categories are
+    /// shared, so slices of a column read a window at a time do not copy them.
+    Categorical { codes: Vec<i32>, categories: Arc<Vec<String>>, ordered: bool },
     Strings(Vec<String>),
     Float(Vec<f64>),
     Int(Vec<i64>),
@@ -70,6 +73,20 @@ impl Column {
         }
     }
 
+    /// Appends the rows of `other`, a column of the same kind (a slice of the same source
+    /// column: categoricals share their categories).
+    fn append(&mut self, other: Column) -> Result<(), String> {
+        match (self, other) {
+            (Column::Categorical { codes, .. }, Column::Categorical { codes: more, .. }) => codes.extend(more),
+            (Column::Strings(v), Column::Strings(more)) => v.extend(more),
+            (Column::Float(v), Column::Float(more)) => v.extend(more),
+            (Column::Int(v), Column::Int(more)) => v.extend(more),
+            (Column::Bool(v), Column::Bool(more)) => v.extend(more),
+            (this, other) => return Err(format!("a {} column cannot take {} rows", this.type_name(), other.type_name())),
+        }
+        Ok(())
+    }
+
     /// Reorders the column in place so row i becomes row `order[i]` (a permutation).
     fn permute(&mut self, order: &[usize]) {
         match self {
@@ -91,14 +108,16 @@ impl Column {
 
     /// Value counts, most frequent first (ties by value), for inspection.
     pub fn top_values(&self, k: usize) -> Vec<(String, usize)> {
-        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        let mut counts = BTreeMap::new();
+        self.count_values(&mut counts);
+        most_common(counts, k)
+    }
+
+    /// Adds this column's value counts to `counts` (columns swept a slice at a time).
+    pub fn count_values(&self, counts: &mut BTreeMap<String, usize>) {
         for i in 0..self.len() {
             *counts.entry(self.text(i)).or_default() += 1;
         }
-        let mut v: Vec<(String, usize)> = counts.into_iter().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        v.truncate(k);
-        v
     }
 
     /// Number of distinct values.
@@ -116,8 +135,16 @@ impl Column {
         categories.dedup();
         let lookup: HashMap<&str, i32> = categories.iter().enumerate().map(|(i, c)| (c.as_str(), i as i32)).collect();
         let codes = values.iter().map(|v| lookup[v.as_str()]).collect();
-        Column::Categorical { codes, categories, ordered: false }
+        Column::Categorical { codes, categories: Arc::new(categories), ordered: false }
     }
+}
+
+/// The `k` most frequent values of `counts`, most frequent first (ties by value).
+pub fn most_common(counts: BTreeMap<String, usize>, k: usize) -> Vec<(String, usize)> {
+    let mut v: Vec<(String, usize)> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v.truncate(k);
+    v
 }
 
 fn format_float(x: f64) -> String {
@@ -185,37 +212,81 @@ impl Frame {
         }
     }
 
+    /// The frames' rows one after another: slices read from one source, so of one schema.
+    pub fn concat(parts: Vec<Frame>) -> Result<Frame, String> {
+        let mut parts = parts.into_iter();
+        let mut out = parts.next().unwrap_or_default();
+        for part in parts {
+            if part.columns.len() != out.columns.len() {
+                return Err(format!("a frame of {} columns cannot take one of {}", out.columns.len(), part.columns.len()));
+            }
+            out.index.extend(part.index);
+            for ((_, col), (_, more)) in out.columns.iter_mut().zip(part.columns) {
+                col.append(more)?;
+            }
+        }
+        Ok(out)
+    }
+
     /// Makes index names unique the way AnnData's `obs_names_make_unique` does:
     /// the second `x` becomes `x-1`, the third `x-2`. Returns how many were renamed.
     pub fn make_index_unique(&mut self) -> usize {
-        // The usual case, no repeated name, is settled with 8 bytes per name (sorted hashes)
-        // rather than the two hashed copies of every name the renaming below needs.
-        let mut hashes: Vec<u64> = self.index.iter().map(|n| crate::rng::hash_str(n)).collect();
+        let mut names = UniqueNames::new(self.index.iter().map(|n| crate::rng::hash_str(n)).collect());
+        self.index.iter_mut().for_each(|n| names.rename(n));
+        names.renamed()
+    }
+}
+
+/// AnnData's `obs_names_make_unique` over names that arrive in order, a window at a time
+/// (conversion writes obs so): built from the hashes of every name, it holds 8 bytes a name
+/// while some name repeats, none when every name is unique (the usual case), and the text of
+/// repeated names only.
+pub struct UniqueNames {
+    /// Sorted hashes of every name; empty when no hash repeats.
+    hashes: Vec<u64>,
+    /// Occurrences so far of each repeated name, and the next suffix to try.
+    seen: HashMap<String, usize>,
+    renamed: usize,
+}
+
+impl UniqueNames {
+    /// From the hashes (`rng::hash_str`) of all the names, in any order.
+    pub fn new(mut hashes: Vec<u64>) -> UniqueNames {
         hashes.sort_unstable();
         if hashes.windows(2).all(|w| w[0] != w[1]) {
-            return 0;
+            hashes = Vec::new();
         }
-        drop(hashes);
-        let mut seen: HashMap<String, usize> = HashMap::new();
-        let all: std::collections::HashSet<String> = self.index.iter().cloned().collect();
-        let mut renamed = 0;
-        for name in self.index.iter_mut() {
-            let count = seen.entry(name.clone()).or_insert(0);
-            if *count > 0 {
-                let mut k = *count;
-                let mut candidate = format!("{name}-{k}");
-                while all.contains(&candidate) {
-                    k += 1;
-                    candidate = format!("{name}-{k}");
-                }
-                *count = k + 1;
-                *name = candidate;
-                renamed += 1;
-            } else {
-                *count = 1;
-            }
+        UniqueNames { hashes, seen: HashMap::new(), renamed: 0 }
+    }
+
+    fn count(&self, h: u64) -> usize {
+        self.hashes.partition_point(|&x| x <= h) - self.hashes.partition_point(|&x| x < h)
+    }
+
+    /// Renames `name` if an earlier name was the same: `x` → `x-k` with the smallest `k` not
+    /// taken by a name of the input. (Hashes stand for names in that check, so two names
+    /// colliding in 64 bits would only skip a suffix.)
+    pub fn rename(&mut self, name: &mut String) {
+        if self.hashes.is_empty() || self.count(crate::rng::hash_str(name)) < 2 {
+            return;
         }
-        renamed
+        let Some(count) = self.seen.get(name.as_str()).copied() else {
+            self.seen.insert(name.clone(), 1);
+            return;
+        };
+        let mut k = count;
+        let mut candidate = format!("{name}-{k}");
+        while self.count(crate::rng::hash_str(&candidate)) > 0 {
+            k += 1;
+            candidate = format!("{name}-{k}");
+        }
+        self.seen.insert(std::mem::replace(name, candidate), k + 1);
+        self.renamed += 1;
+    }
+
+    /// Names renamed so far.
+    pub fn renamed(&self) -> usize {
+        self.renamed
     }
 }
 
@@ -251,6 +322,9 @@ mod tests {
         let mut f = Frame { index: ["a", "b", "a", "a"].map(String::from).to_vec(), ..Default::default() };
         assert_eq!(f.make_index_unique(), 2);
         assert_eq!(f.index, vec!["a", "b", "a-1", "a-2"]);
+        let mut taken = Frame { index: ["x", "x-1", "x", "x"].map(String::from).to_vec(), ..Default::default() };
+        assert_eq!(taken.make_index_unique(), 2);
+        assert_eq!(taken.index, vec!["x", "x-1", "x-2", "x-3"], "a suffix already taken by a name is skipped");
         let mut unique = Frame { index: ["a", "b", "c"].map(String::from).to_vec(), ..Default::default() };
         assert_eq!(unique.make_index_unique(), 0);
         assert_eq!(unique.index, vec!["a", "b", "c"]);
@@ -276,7 +350,7 @@ mod tests {
 
     #[test]
     fn categorical_text_and_missing_code() {
-        let c = Column::Categorical { codes: vec![1, -1, 0], categories: vec!["x".into(), "y".into()], ordered: false };
+        let c = Column::Categorical { codes: vec![1, -1, 0], categories: Arc::new(vec!["x".into(), "y".into()]), ordered: false };
         assert_eq!((c.text(0), c.text(1), c.text(2)), ("y".to_string(), String::new(), "x".to_string()));
         assert_eq!(c.top_values(1), vec![(String::new(), 1)]);
     }

@@ -13,28 +13,38 @@ use crate::frame::Column;
 use crate::rng::{hash_keys, hash_str, unit};
 use crate::store::Store;
 
-/// Each cell's group (an index into the returned names) under an obs column: categorical
-/// codes are used as they are, other columns' values interned; equal texts are one group
-/// (a missing category is the empty text).
-fn group_ids(column: &Column, n: usize) -> (Vec<u32>, Vec<String>) {
-    let mut names: Vec<String> = Vec::new();
-    let mut index: HashMap<String, u32> = HashMap::new();
-    let mut intern = |text: String| -> u32 {
-        *index.entry(text).or_insert_with_key(|t| {
-            names.push(t.clone());
-            names.len() as u32 - 1
-        })
-    };
-    let group = match column {
-        Column::Categorical { codes, categories, .. } => {
-            let of_code: Vec<u32> = categories.iter().map(|c| intern(c.clone())).collect();
-            let missing = intern(String::new());
-            codes.iter().map(|&c| usize::try_from(c).ok().and_then(|c| of_code.get(c).copied()).unwrap_or(missing)).collect()
-        }
-        other => (0..n).map(|i| intern(other.text(i))).collect(),
-    };
-    (group, names)
+/// Groups of an obs column, numbered as their texts are first seen: equal texts are one group
+/// (a missing category is the empty text), whatever the column's type. One `Groups` numbers
+/// every slice of a column the same way, so the column is swept, never held.
+#[derive(Default)]
+struct Groups {
+    names: Vec<String>,
+    index: HashMap<String, u32>,
 }
+
+impl Groups {
+    fn intern(&mut self, text: String) -> u32 {
+        *self.index.entry(text).or_insert_with_key(|t| {
+            self.names.push(t.clone());
+            self.names.len() as u32 - 1
+        })
+    }
+
+    /// The group of each row of `column` (categorical codes looked up once per category).
+    fn ids(&mut self, column: &Column) -> Vec<u32> {
+        match column {
+            Column::Categorical { codes, categories, .. } => {
+                let of_code: Vec<u32> = categories.iter().map(|c| self.intern(c.clone())).collect();
+                let missing = self.intern(String::new());
+                codes.iter().map(|&c| usize::try_from(c).ok().and_then(|c| of_code.get(c).copied()).unwrap_or(missing)).collect()
+            }
+            other => (0..other.len()).map(|i| self.intern(other.text(i))).collect(),
+        }
+    }
+}
+
+/// Rows of a `by` column read at a time.
+const BY_SLICE: u64 = 1 << 20;
 
 /// How to choose validation cells.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,13 +90,17 @@ impl Split {
 impl SplitSpec {
     /// Splits the cells of `store`.
     pub fn apply(&self, store: &Store) -> Result<Split> {
+        self.apply_in_slices(store, BY_SLICE)
+    }
+
+    /// `apply`, sweeping a `by` column `slice` rows at a time.
+    fn apply_in_slices(&self, store: &Store, slice: u64) -> Result<Split> {
         if !(0.0..1.0).contains(&self.val_fraction) {
             return Err(DataError::Config(format!("split.val_fraction = {} must be in [0, 1)", self.val_fraction)));
         }
         let n = store.n_cells();
         let mut split = Split { train: CellSet::new(), val: CellSet::new() };
-        // Cells are assigned in store order into run-length sets: no per-cell table but the
-        // group codes of a `by` column.
+        // Cells are assigned in store order into run-length sets: no per-cell table.
         match (&self.by, self.unit) {
             (Some(_), SplitUnit::Block) => return Err(DataError::Config("split.by and split.unit = \"block\" exclude each other; choose one".into())),
             (None, SplitUnit::Block) => {
@@ -100,12 +114,22 @@ impl SplitSpec {
             }
             (None, SplitUnit::Cell) => store.for_each_obs_name(|i, name| split.assign(i, unit(hash_keys(&[self.seed, hash_str(name)])) < self.val_fraction))?,
             (Some(col), SplitUnit::Cell) => {
-                let (group, names) = group_ids(&store.column("obs", col)?, n);
-                let mut sizes = vec![0usize; names.len()];
-                group.iter().for_each(|&g| sizes[g as usize] += 1);
-                let groups: Vec<(String, usize)> = names.into_iter().zip(sizes).collect();
-                let chosen = self.choose_groups(&groups, n);
-                group.iter().enumerate().for_each(|(i, &g)| split.assign(i, chosen[g as usize]));
+                // Two sweeps of the column: the groups' sizes, then each cell's side.
+                let mut groups = Groups::default();
+                let mut sizes: Vec<usize> = Vec::new();
+                for start in (0..n as u64).step_by(slice as usize) {
+                    for g in groups.ids(&store.column_slice("obs", col, start..start + slice)?) {
+                        sizes.resize(sizes.len().max(g as usize + 1), 0);
+                        sizes[g as usize] += 1;
+                    }
+                }
+                sizes.resize(groups.names.len(), 0);
+                let named: Vec<(String, usize)> = groups.names.iter().cloned().zip(sizes).collect();
+                let chosen = self.choose_groups(&named, n);
+                for start in (0..n as u64).step_by(slice as usize) {
+                    let ids = groups.ids(&store.column_slice("obs", col, start..start + slice)?);
+                    ids.iter().enumerate().for_each(|(i, &g)| split.assign(start as usize + i, chosen[g as usize]));
+                }
             }
         }
         if split.train.is_empty() || (self.val_fraction > 0.0 && split.val.is_empty()) {
@@ -149,13 +173,31 @@ mod tests {
     #[test]
     fn groups_are_texts_whatever_the_column_type() {
         // Codes 0 and 2 name the same text; -1 (missing) is the empty text, like "".
-        let cat = Column::Categorical { codes: vec![0, 1, 2, -1, 3, 0], categories: ["a", "b", "a", ""].map(String::from).to_vec(), ordered: false };
-        let (group, names) = group_ids(&cat, 6);
-        let text: Vec<&str> = group.iter().map(|&g| names[g as usize].as_str()).collect();
+        let cat = Column::Categorical { codes: vec![0, 1, 2, -1, 3, 0], categories: ["a", "b", "a", ""].map(String::from).to_vec().into(), ordered: false };
+        let mut groups = Groups::default();
+        let group = groups.ids(&cat);
+        let text: Vec<&str> = group.iter().map(|&g| groups.names[g as usize].as_str()).collect();
         assert_eq!(text, ["a", "b", "a", "", "", "a"]);
-        assert_eq!(names.iter().collect::<std::collections::HashSet<_>>().len(), names.len(), "one group per text");
-        let (group, names) = group_ids(&Column::Int(vec![3, 1, 3]), 3);
-        assert_eq!((group[0] == group[2], group[0] != group[1], names.len()), (true, true, 2));
+        assert_eq!(groups.names.iter().collect::<std::collections::HashSet<_>>().len(), groups.names.len(), "one group per text");
+        assert_eq!(groups.ids(&cat), group, "a second slice is numbered the same way");
+        let mut groups = Groups::default();
+        let group = groups.ids(&Column::Int(vec![3, 1, 3]));
+        assert_eq!((group[0] == group[2], group[0] != group[1], groups.names.len()), (true, true, 2));
+    }
+
+    #[test]
+    fn a_column_swept_in_slices_splits_like_one_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, out) = (dir.path().join("s.h5ad"), dir.path().join("s.zarr"));
+        crate::synth::write(&crate::synth::SynthOptions::new(src.clone(), 300, 30, 3, 2)).unwrap();
+        crate::convert::convert(&src, &out, &Default::default()).unwrap();
+        let store = Store::open(&out).unwrap();
+        for by in ["library", "cell_type"] {
+            let spec = SplitSpec { val_fraction: 0.3, seed: 1, by: Some(by.into()), unit: SplitUnit::Cell };
+            let whole = spec.apply(&store).unwrap();
+            assert!(!whole.val.is_empty() && !whole.train.is_empty());
+            assert_eq!(spec.apply_in_slices(&store, 7).unwrap(), whole, "{by}");
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod common;
 
 use dataloader::convert::{ConvertOptions, CountsChoice};
+use dataloader::frame::{Column, Frame};
 use dataloader::store::Store;
 use dataloader::synth::{SynthCompression as C, SynthDtype as D, SynthLayout as L, SynthLocation as W, SynthOptions};
 
@@ -74,4 +75,47 @@ fn explicit_counts_source_is_honoured_and_shuffle_is_recorded() {
     assert_eq!(store.provenance.shuffle_seed, None);
     let rows = store.stats().unwrap().cell_source_row;
     assert_eq!(rows, (0..200).collect::<Vec<i64>>(), "--no-shuffle keeps source order");
+}
+
+#[test]
+fn obs_written_a_window_at_a_time_equals_the_source_in_stored_order() {
+    // A source whose names repeat (and one that a renaming would take), with a categorical and
+    // a string column, converted in many small windows (two groups of windows read together)
+    // with a filter: the store's obs must be the source's kept rows in stored order, renamed as
+    // AnnData does over the whole obs.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("dups.h5ad");
+    // Uncompressed: blocks of 8 cells would each inflate a whole gzip chunk of the matrix.
+    dataloader::synth::write(&SynthOptions { compression: C::None, ..SynthOptions::new(src.clone(), 3000, 20, 3, 4) }).expect("synth");
+    let names: Vec<String> = (0..3000).map(|i| if i == 7 { "c3-1".to_string() } else { format!("c{}", i % 1200) }).collect();
+    let kinds: Vec<String> = (0..3000).map(|i| ["x", "y", "z"][i % 3].to_string()).collect();
+    let source = Frame {
+        index_name: "_index".into(),
+        index: names,
+        columns: vec![
+            ("kind".into(), Column::categorical_from_text(kinds)),
+            ("tag".into(), Column::Strings((0..3000).map(|i| format!("t{i}")).collect())),
+        ],
+    };
+    {
+        let file = hdf5::File::open_rw(&src).expect("open");
+        file.unlink("obs").expect("unlink obs");
+        dataloader::h5write::frame(&file, "obs", &source, &src).expect("write obs");
+    }
+    let out = dir.path().join("dups.zarr");
+    let opts = ConvertOptions { keep: vec!["kind=x,z".parse().unwrap()], block_cells: 8, window_blocks: 2, ..ConvertOptions::default() };
+    dataloader::convert::convert(&src, &out, &opts).expect("convert");
+
+    let store = Store::open(&out).unwrap();
+    let rows: Vec<usize> = store.stats().unwrap().cell_source_row.iter().map(|&r| r as usize).collect();
+    let mut want = source.take(&rows);
+    let renamed = want.make_index_unique();
+    assert!(renamed > 0 && rows.iter().all(|r| r % 3 != 1), "the filter kept x and z; names repeat");
+    assert_eq!(store.provenance.renamed_duplicate_cells, renamed);
+    let got = store.frame("obs").unwrap();
+    assert_eq!(got.index, want.index, "names, renamed in stored order");
+    for col in ["kind", "tag"] {
+        let (g, w) = (got.column(col).unwrap(), want.column(col).unwrap());
+        assert_eq!((0..g.len()).map(|i| g.text(i)).collect::<Vec<_>>(), (0..w.len()).map(|i| w.text(i)).collect::<Vec<_>>(), "{col}");
+    }
 }

@@ -172,7 +172,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// A categorical column with a fixed category order (every class, even one never predicted).
 fn categorical(values: &[String], categories: &[String]) -> Column {
     let index: std::collections::HashMap<&str, i32> = categories.iter().enumerate().map(|(i, c)| (c.as_str(), i as i32)).collect();
-    Column::Categorical { codes: values.iter().map(|v| index.get(v.as_str()).copied().unwrap_or(-1)).collect(), categories: categories.to_vec(), ordered: false }
+    Column::Categorical { codes: values.iter().map(|v| index.get(v.as_str()).copied().unwrap_or(-1)).collect(), categories: categories.to_vec().into(), ordered: false }
 }
 
 /// `uns['neurofm_annotation']`: which model labelled the cells, and how.

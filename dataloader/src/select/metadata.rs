@@ -135,7 +135,7 @@ impl DictColumn {
                 }
                 Column::Categorical {
                     codes: self.codes.iter().map(|&c| if c == u32::MAX { -1 } else { remap[c as usize] }).collect(),
-                    categories: order.into_iter().map(|o| self.values[o].clone()).collect(),
+                    categories: std::sync::Arc::new(order.into_iter().map(|o| self.values[o].clone()).collect()),
                     ordered: false,
                 }
             }
@@ -179,7 +179,8 @@ mod tests {
         let mut f = obs();
         assert_eq!(join_cell_metadata(&mut f, &csv, "cell_label").unwrap(), 1, "c1 has no row");
         assert!(matches!(f.column("cluster_alias"), Some(Column::Float(_))), "a missing cell makes it float (NaN)");
-        assert_eq!(apply_keep(&f, &["cluster_alias=2523".parse().unwrap()], &csv).unwrap(), vec![0]);
+        let kept = apply_keep(&crate::source::ObsReader::Held(f), &["cluster_alias=2523".parse().unwrap()], &csv).unwrap();
+        assert_eq!(kept.to_vec(), vec![0]);
         std::fs::write(&csv, "cell_label,cluster_alias\nc0,2523\nc1,210\nc2,2523\n").unwrap();
         let mut f = obs();
         join_cell_metadata(&mut f, &csv, "cell_label").unwrap();
@@ -187,7 +188,7 @@ mod tests {
         std::fs::write(&csv, "cell_label,region\nc0,V1\nc2,ACC\n").unwrap();
         let mut f = obs();
         join_cell_metadata(&mut f, &csv, "cell_label").unwrap();
-        let want = Column::Categorical { codes: vec![1, -1, 0], categories: vec!["ACC".into(), "V1".into()], ordered: false };
+        let want = Column::Categorical { codes: vec![1, -1, 0], categories: vec!["ACC".into(), "V1".into()].into(), ordered: false };
         assert_eq!(f.column("region"), Some(&want), "sorted categories, missing cell is -1");
         std::fs::remove_dir_all(&dir).unwrap();
     }

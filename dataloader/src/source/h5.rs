@@ -1,5 +1,6 @@
 //! Thin, error-naming helpers over `hdf5` for the AnnData and loom readers.
 
+use std::ops::Range;
 use std::path::Path;
 
 use hdf5::types::{CompoundField, CompoundType, FixedAscii, FixedUnicode, H5Type, TypeDescriptor, VarLenAscii, VarLenUnicode};
@@ -78,12 +79,22 @@ macro_rules! read_as_strings {
 
 /// Reads a 1-D dataset of strings, whatever the HDF5 string flavour.
 pub fn read_strings(ds: &Dataset, path: &Path, field: &str) -> Result<Vec<String>> {
+    read_strings_at(ds, 0..ds.size(), path, field)
+}
+
+/// Reads the strings at `rows` of a 1-D dataset (obs is read so, a window of cells at a time).
+pub fn read_strings_at(ds: &Dataset, rows: Range<usize>, path: &Path, field: &str) -> Result<Vec<String>> {
     let err = h5err(path, field);
     let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(&err)?;
-    match read_as_strings!(desc.clone(), |T| ds.read_raw::<T>()) {
+    match read_as_strings!(desc.clone(), |T| ds.read_slice_1d::<T, _>(rows.clone()).map(|a| a.to_vec())) {
         Some(out) => out.map_err(err),
         None => Err(DataError::field(path, field, format!("expected strings, found {desc:?}"))),
     }
+}
+
+/// Reads the values at `rows` of a 1-D dataset, HDF5 converting the stored type to `T`.
+pub fn read_at<T: H5Type>(ds: &Dataset, rows: Range<usize>, path: &Path, field: &str) -> Result<Vec<T>> {
+    ds.read_slice_1d::<T, _>(rows).map(|a| a.into_raw_vec_and_offset().0).map_err(h5err(path, field))
 }
 
 /// The fields of a compound (record) dataset, in order: anndata < 0.7 stored obs and var so.

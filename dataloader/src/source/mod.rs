@@ -8,6 +8,7 @@ mod csc;
 mod direct;
 pub mod h5;
 mod loom;
+mod obs;
 mod rows;
 
 use std::fmt;
@@ -20,6 +21,7 @@ use crate::csr::CsrRows;
 use crate::error::{DataError, Result};
 use crate::frame::Frame;
 
+pub use obs::{slices, ObsReader};
 pub use rows::RowSource;
 
 /// Which file format a source is.
@@ -173,12 +175,18 @@ impl SourceFile {
         }
     }
 
-    /// Per-cell metadata.
+    /// Per-cell metadata, whole.
     pub fn obs(&self) -> Result<Frame> {
-        match self.format {
-            Format::H5ad => anndata::read_frame(&self.file, &self.path, "obs"),
-            Format::Loom => loom::read_attrs(&self.file, &self.path, "col_attrs"),
-        }
+        self.obs_reader()?.into_frame()
+    }
+
+    /// Per-cell metadata, to be read a window of cells at a time.
+    pub fn obs_reader(&self) -> Result<ObsReader> {
+        Ok(match self.format {
+            Format::H5ad if self.file.group("obs").is_ok() => ObsReader::Columns(anndata::H5Frame::open(&self.file, &self.path, "obs")?),
+            Format::H5ad => ObsReader::Held(anndata::read_frame(&self.file, &self.path, "obs")?),
+            Format::Loom => ObsReader::Held(loom::read_attrs(&self.file, &self.path, "col_attrs")?),
+        })
     }
 
     /// Per-gene metadata for the genes of the matrix at `loc` (`raw/var` for `raw/X`).

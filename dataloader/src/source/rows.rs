@@ -18,27 +18,38 @@ pub trait RowSource: Send {
     fn read_rows(&mut self, rows: Range<usize>) -> Result<CsrRows>;
 }
 
-/// CSR matrix in an AnnData group (`data`, `indices`, `indptr`).
+/// CSR matrix in an AnnData group (`data`, `indices`, `indptr`). The row offsets are read a
+/// block at a time, not held: an atlas's are 8 bytes a cell.
 pub struct H5Csr {
     path: PathBuf,
     field: String,
     data: Dataset,
     indices: Dataset,
+    indptr: Dataset,
     /// Parallel chunk decoders for `data` and `indices`, when their filters allow.
     direct: Option<(DirectChunks, DirectChunks)>,
-    indptr: Vec<u64>,
+    n_rows: usize,
     n_cols: usize,
 }
 
+/// Offsets swept at a time when `H5Csr::open` checks them.
+const INDPTR_SLICE: usize = 1 << 20;
+
 impl H5Csr {
-    /// Opens the group and checks `indptr` against `shape` and the array lengths.
+    /// Opens the group and checks `indptr` against `shape` and the array lengths, a slice at a
+    /// time.
     pub fn open(g: &Group, path: &Path, field: &str, n_rows: usize, n_cols: usize) -> Result<Self> {
         let data = h5::dataset(g, "data", path, &format!("{field}/data"))?;
         let indices = h5::dataset(g, "indices", path, &format!("{field}/indices"))?;
-        let raw = h5::read_i64(&h5::dataset(g, "indptr", path, &format!("{field}/indptr"))?, path, &format!("{field}/indptr"))?;
-        let indptr = check_indptr(&raw, n_rows, data.size(), indices.size(), path, field, "rows")?;
+        let f = format!("{field}/indptr");
+        let indptr = h5::dataset(g, "indptr", path, &f)?;
+        let mut check = IndptrCheck::new(indptr.size(), n_rows, path, field, "rows")?;
+        for at in super::slices(indptr.size(), INDPTR_SLICE) {
+            check.feed(&h5::read_at::<i64>(&indptr, at.clone(), path, &f)?, at.start)?;
+        }
+        check.finish(data.size(), indices.size())?;
         let direct = DirectChunks::open(&data, path, &format!("{field}/data")).zip(DirectChunks::open(&indices, path, &format!("{field}/indices")));
-        Ok(H5Csr { path: path.to_path_buf(), field: field.to_string(), data, indices, direct, indptr, n_cols })
+        Ok(H5Csr { path: path.to_path_buf(), field: field.to_string(), data, indices, indptr, direct, n_rows, n_cols })
     }
 }
 
@@ -52,37 +63,68 @@ pub(super) fn check_indptr(
     field: &str,
     major: &str,
 ) -> Result<Vec<u64>> {
-    let f = format!("{field}/indptr");
-    if raw.len() != n_major + 1 {
-        return Err(DataError::field(
-            path,
-            &f,
-            format!(
-                "has {} entries but the `shape` attribute says {n_major} {major} (expected {}); the shape attribute and the arrays disagree",
-                raw.len(),
-                n_major + 1
-            ),
-        ));
-    }
-    if raw[0] != 0 {
-        return Err(DataError::field(path, &f, format!("must start at 0, starts at {}", raw[0])));
-    }
-    if let Some(i) = raw.windows(2).position(|w| w[1] < w[0]) {
-        return Err(DataError::field(
-            path,
-            &f,
-            format!("is not monotonic: entry {} is {} but entry {} is {}", i, raw[i], i + 1, raw[i + 1]),
-        ));
-    }
-    let last = raw[n_major] as usize;
-    if last != n_data || last != n_indices {
-        return Err(DataError::field(
-            path,
-            &f,
-            format!("ends at {last} but `data` has {n_data} and `indices` has {n_indices} entries"),
-        ));
-    }
+    let mut check = IndptrCheck::new(raw.len(), n_major, path, field, major)?;
+    check.feed(raw, 0)?;
+    check.finish(n_data, n_indices)?;
     Ok(raw.iter().map(|&x| x as u64).collect())
+}
+
+/// The checks of a pointer array fed in consecutive slices: as many entries as the shape
+/// says plus one, starting at 0, never decreasing, ending at the arrays' length.
+struct IndptrCheck<'a> {
+    path: &'a Path,
+    field: String,
+    /// The last entry seen, and its position.
+    last: Option<(usize, i64)>,
+}
+
+impl<'a> IndptrCheck<'a> {
+    fn new(len: usize, n_major: usize, path: &'a Path, field: &str, major: &str) -> Result<Self> {
+        let field = format!("{field}/indptr");
+        if len != n_major + 1 {
+            return Err(DataError::field(
+                path,
+                &field,
+                format!(
+                    "has {len} entries but the `shape` attribute says {n_major} {major} (expected {}); the shape attribute and the arrays disagree",
+                    n_major + 1
+                ),
+            ));
+        }
+        Ok(IndptrCheck { path, field, last: None })
+    }
+
+    /// Checks `part`, the entries from position `first` on.
+    fn feed(&mut self, part: &[i64], first: usize) -> Result<()> {
+        if let (None, Some(&p0)) = (self.last, part.first()) {
+            if p0 != 0 {
+                return Err(DataError::field(self.path, &self.field, format!("must start at 0, starts at {p0}")));
+            }
+        }
+        for (i, &p) in part.iter().enumerate() {
+            if let Some((j, prev)) = self.last.filter(|&(_, prev)| p < prev) {
+                return Err(DataError::field(
+                    self.path,
+                    &self.field,
+                    format!("is not monotonic: entry {j} is {prev} but entry {} is {p}", first + i),
+                ));
+            }
+            self.last = Some((first + i, p));
+        }
+        Ok(())
+    }
+
+    fn finish(self, n_data: usize, n_indices: usize) -> Result<()> {
+        let last = self.last.map_or(0, |(_, p)| p) as usize;
+        if last != n_data || last != n_indices {
+            return Err(DataError::field(
+                self.path,
+                &self.field,
+                format!("ends at {last} but `data` has {n_data} and `indices` has {n_indices} entries"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Turns raw (index, value) entries of one block into sorted CSR, checking index range.
@@ -144,13 +186,15 @@ pub(super) fn build_rows(
 
 impl RowSource for H5Csr {
     fn n_rows(&self) -> usize {
-        self.indptr.len() - 1
+        self.n_rows
     }
     fn n_cols(&self) -> usize {
         self.n_cols
     }
     fn read_rows(&mut self, rows: Range<usize>) -> Result<CsrRows> {
-        let ptr = &self.indptr[rows.start..=rows.end];
+        let field = format!("{}/indptr", self.field);
+        let ptr: Vec<u64> = h5::read_at::<i64>(&self.indptr, rows.start..rows.end + 1, &self.path, &field)?.into_iter().map(|p| p as u64).collect();
+        let ptr = ptr.as_slice();
         let (lo, hi) = (ptr[0] as usize, ptr[ptr.len() - 1] as usize);
         let (values, indices) = if hi <= lo {
             (Vec::new(), Vec::new())

@@ -273,6 +273,11 @@ impl Store {
 
     /// One column of `obs` or `var`; a clear error names the columns that exist.
     pub fn column(&self, frame: &str, name: &str) -> Result<Column> {
+        self.column_slice(frame, name, 0..u64::MAX)
+    }
+
+    /// Rows `at` of a column (clipped to its length), for sweeping an atlas's column.
+    pub fn column_slice(&self, frame: &str, name: &str, at: Range<u64>) -> Result<Column> {
         let p = format!("{frame}/{name}");
         if !self.path.join(&p).join("zarr.json").exists() {
             let attrs = self.attributes(frame)?;
@@ -281,16 +286,16 @@ impl Store {
         }
         let attrs = self.attributes(&p)?;
         if attrs.get("encoding-type").and_then(|v| v.as_str()) == Some("categorical") {
-            let codes = self.read_vec::<i64>(&format!("{p}/codes"))?.into_iter().map(|c| c as i32).collect();
+            let codes = self.read_slice::<i64>(&format!("{p}/codes"), at)?.into_iter().map(|c| c as i32).collect();
             let categories = self.read_vec::<String>(&format!("{p}/categories"))?;
             let ordered = attrs.get("ordered").and_then(|v| v.as_bool()).unwrap_or(false);
-            return Ok(Column::Categorical { codes, categories, ordered });
+            return Ok(Column::Categorical { codes, categories: categories.into(), ordered });
         }
         Ok(match self.dtype(&p)?.as_str() {
-            "string" => Column::Strings(self.read_vec(&p)?),
-            "bool" => Column::Bool(self.read_vec(&p)?),
-            "float32" | "float64" => Column::Float(self.read_vec(&p)?),
-            _ => Column::Int(self.read_vec(&p)?),
+            "string" => Column::Strings(self.read_slice(&p, at)?),
+            "bool" => Column::Bool(self.read_slice(&p, at)?),
+            "float32" | "float64" => Column::Float(self.read_slice(&p, at)?),
+            _ => Column::Int(self.read_slice(&p, at)?),
         })
     }
 

@@ -121,33 +121,21 @@ impl StoreWriter {
         Ok(array)
     }
 
-    /// A 1-D numeric or bool array (`encoding-type: array`).
-    pub fn array<T: Element + ArrayDtype + Copy>(&self, path: &str, values: &[T]) -> Result<()> {
+    /// A 1-D numeric, bool or string array (`encoding-type: array` / `string-array`).
+    pub fn array<T: Element + ArrayDtype + Clone>(&self, path: &str, values: &[T]) -> Result<()> {
         let mut column = self.column(path, values.len() as u64)?;
         column.extend(values)?;
         column.finish()
     }
 
     /// A 1-D array of `len` values written a chunk at a time as they are pushed, so per-cell
-    /// tables of an atlas are never held whole.
-    pub fn column<T: Element + ArrayDtype + Copy>(&self, path: &str, len: u64) -> Result<ColumnWriter<T>> {
+    /// tables of an atlas are never held whole (nor encoded whole: strings are vlen-utf8, as
+    /// anndata writes them).
+    pub fn column<T: Element + ArrayDtype>(&self, path: &str, len: u64) -> Result<ColumnWriter<T>> {
         let chunk = TABLE_CHUNK.min(len).max(1);
         let b = self.builder(len, chunk, T::data_type(), T::fill());
-        let array = self.new_array(b, path, json!({"encoding-type": "array", "encoding-version": "0.2.0"}))?;
+        let array = self.new_array(b, path, json!({"encoding-type": T::ENCODING, "encoding-version": "0.2.0"}))?;
         Ok(ColumnWriter { array, root: self.root.clone(), path: path.to_string(), buf: Vec::with_capacity(chunk as usize), chunk, written: 0, len })
-    }
-
-    /// A 1-D string array (`encoding-type: string-array`, vlen-utf8 like anndata writes).
-    pub fn strings(&self, path: &str, values: &[String]) -> Result<()> {
-        let b = self.builder(values.len() as u64, TABLE_CHUNK.min(values.len() as u64), data_type::string(), "");
-        let array = self.new_array(b, path, json!({"encoding-type": "string-array", "encoding-version": "0.2.0"}))?;
-        // A chunk at a time: encoding a whole column of strings at once would hold a second,
-        // encoded copy of every cell's name.
-        for (i, part) in values.chunks(TABLE_CHUNK as usize).enumerate() {
-            let start = i as u64 * TABLE_CHUNK;
-            array.store_array_subset(&[start..start + part.len() as u64], part).map_err(|e| DataError::zarr(&self.root, path, e))?;
-        }
-        Ok(())
     }
 
     /// A string scalar (`encoding-type: string`), e.g. provenance JSON in `uns`.
@@ -159,32 +147,41 @@ impl StoreWriter {
 
     /// A dataframe group with its index and columns (`encoding-type: dataframe`).
     pub fn frame(&self, path: &str, frame: &Frame) -> Result<()> {
-        let index_key = if frame.column(&frame.index_name).is_some() || frame.index_name.is_empty() {
+        let mut w = self.frame_writer(path, frame, frame.len() as u64)?;
+        w.push(frame)?;
+        w.finish()
+    }
+
+    /// Starts a dataframe group of `len` rows with the columns of `schema` (its names, kinds
+    /// and categories; its rows are not written), to be filled a slice of rows at a time.
+    pub fn frame_writer(&self, path: &str, schema: &Frame, len: u64) -> Result<FrameWriter> {
+        let index_key = if schema.column(&schema.index_name).is_some() || schema.index_name.is_empty() {
             "_index".to_string()
         } else {
-            frame.index_name.clone()
+            schema.index_name.clone()
         };
-        let order: Vec<&str> = frame.column_names();
+        let order: Vec<&str> = schema.column_names();
         self.group(
             path,
             json!({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": index_key, "column-order": order}),
         )?;
-        self.strings(&format!("{path}/{index_key}"), &frame.index)?;
-        for (name, col) in &frame.columns {
+        let index = self.column(&format!("{path}/{index_key}"), len)?;
+        let mut columns = Vec::new();
+        for (name, col) in &schema.columns {
             let p = format!("{path}/{name}");
-            match col {
-                Column::Categorical { codes, categories, ordered } => {
+            columns.push(match col {
+                Column::Categorical { categories, ordered, .. } => {
                     self.group(&p, json!({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": ordered}))?;
-                    self.array(&format!("{p}/codes"), codes)?;
-                    self.strings(&format!("{p}/categories"), categories)?;
+                    self.array(&format!("{p}/categories"), categories)?;
+                    ColumnSink::Codes(self.column(&format!("{p}/codes"), len)?)
                 }
-                Column::Strings(v) => self.strings(&p, v)?,
-                Column::Float(v) => self.array(&p, v)?,
-                Column::Int(v) => self.array(&p, v)?,
-                Column::Bool(v) => self.array(&p, v)?,
-            }
+                Column::Strings(_) => ColumnSink::Strings(self.column(&p, len)?),
+                Column::Float(_) => ColumnSink::Float(self.column(&p, len)?),
+                Column::Int(_) => ColumnSink::Int(self.column(&p, len)?),
+                Column::Bool(_) => ColumnSink::Bool(self.column(&p, len)?),
+            });
         }
-        Ok(())
+        Ok(FrameWriter { path: path.to_string(), index, columns })
     }
 
     /// Starts a streamed CSR matrix group at `path` (e.g. `X`) of `n_cells` rows.
@@ -350,6 +347,56 @@ impl CsrWriter {
     }
 }
 
+/// A dataframe group being filled a slice of rows at a time (`StoreWriter::frame_writer`):
+/// conversion writes obs so, in stored order, never holding every cell's row.
+pub struct FrameWriter {
+    path: String,
+    index: ColumnWriter<String>,
+    columns: Vec<ColumnSink>,
+}
+
+/// One column's array; a categorical's categories were written when the frame was started.
+enum ColumnSink {
+    Codes(ColumnWriter<i32>),
+    Strings(ColumnWriter<String>),
+    Float(ColumnWriter<f64>),
+    Int(ColumnWriter<i64>),
+    Bool(ColumnWriter<bool>),
+}
+
+impl FrameWriter {
+    /// Appends `rows`, a frame with the schema's columns in its order and kinds.
+    pub fn push(&mut self, rows: &Frame) -> Result<()> {
+        if rows.columns.len() != self.columns.len() {
+            return Err(DataError::Internal(format!("{}: {} columns pushed into a frame of {}", self.path, rows.columns.len(), self.columns.len())));
+        }
+        self.index.extend(&rows.index)?;
+        for (sink, (name, col)) in self.columns.iter_mut().zip(&rows.columns) {
+            match (sink, col) {
+                (ColumnSink::Codes(w), Column::Categorical { codes, .. }) => w.extend(codes)?,
+                (ColumnSink::Strings(w), Column::Strings(v)) => w.extend(v)?,
+                (ColumnSink::Float(w), Column::Float(v)) => w.extend(v)?,
+                (ColumnSink::Int(w), Column::Int(v)) => w.extend(v)?,
+                (ColumnSink::Bool(w), Column::Bool(v)) => w.extend(v)?,
+                (_, col) => return Err(DataError::Internal(format!("{}/{name}: a {} slice does not match the column", self.path, col.type_name()))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the last partial chunks; refuses a frame shorter than declared.
+    pub fn finish(self) -> Result<()> {
+        self.index.finish()?;
+        self.columns.into_iter().try_for_each(|c| match c {
+            ColumnSink::Codes(w) => w.finish(),
+            ColumnSink::Strings(w) => w.finish(),
+            ColumnSink::Float(w) => w.finish(),
+            ColumnSink::Int(w) => w.finish(),
+            ColumnSink::Bool(w) => w.finish(),
+        })
+    }
+}
+
 /// A 1-D array of known length being filled in order (`StoreWriter::column`).
 pub struct ColumnWriter<T> {
     array: Array<FilesystemStore>,
@@ -361,7 +408,7 @@ pub struct ColumnWriter<T> {
     len: u64,
 }
 
-impl<T: Element + Copy> ColumnWriter<T> {
+impl<T: Element> ColumnWriter<T> {
     /// Appends one value; a full chunk is written at once.
     pub fn push(&mut self, v: T) -> Result<()> {
         if self.written == self.len {
@@ -376,8 +423,11 @@ impl<T: Element + Copy> ColumnWriter<T> {
     }
 
     /// Appends values in order.
-    pub fn extend(&mut self, values: &[T]) -> Result<()> {
-        values.iter().try_for_each(|&v| self.push(v))
+    pub fn extend(&mut self, values: &[T]) -> Result<()>
+    where
+        T: Clone,
+    {
+        values.iter().try_for_each(|v| self.push(v.clone()))
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -402,6 +452,8 @@ impl<T: Element + Copy> ColumnWriter<T> {
 
 /// Maps Rust element types to Zarr data types and AnnData-style fill values.
 pub trait ArrayDtype {
+    /// AnnData's `encoding-type` of a 1-D array of this type.
+    const ENCODING: &'static str = "array";
     fn data_type() -> DataType;
     fn fill() -> zarrs::array::builder::ArrayBuilderFillValue;
 }
@@ -423,3 +475,13 @@ dtype!(f64, float64, 0.0f64);
 dtype!(i32, int32, 0i32);
 dtype!(i64, int64, 0i64);
 dtype!(bool, bool, FillValueMetadata::Bool(false));
+
+impl ArrayDtype for String {
+    const ENCODING: &'static str = "string-array";
+    fn data_type() -> DataType {
+        data_type::string()
+    }
+    fn fill() -> zarrs::array::builder::ArrayBuilderFillValue {
+        "".into()
+    }
+}
