@@ -118,12 +118,10 @@ impl SplitSpec {
                 let mut groups = Groups::default();
                 let mut sizes: Vec<usize> = Vec::new();
                 for start in (0..n as u64).step_by(slice as usize) {
-                    for g in groups.ids(&store.column_slice("obs", col, start..start + slice)?) {
-                        sizes.resize(sizes.len().max(g as usize + 1), 0);
-                        sizes[g as usize] += 1;
-                    }
+                    let ids = groups.ids(&store.column_slice("obs", col, start..start + slice)?);
+                    sizes.resize(groups.names.len(), 0);
+                    ids.iter().for_each(|&g| sizes[g as usize] += 1);
                 }
-                sizes.resize(groups.names.len(), 0);
                 let named: Vec<(String, usize)> = groups.names.iter().cloned().zip(sizes).collect();
                 let chosen = self.choose_groups(&named, n);
                 for start in (0..n as u64).step_by(slice as usize) {

@@ -55,15 +55,14 @@ fn keep_in_slices(obs: &ObsReader, filters: &[KeepFilter], path: &Path, slice: u
             return Err(DataError::field(path, format!("obs/{}", f.column), format!("no such column for --keep; obs has: {}", obs.column_names().join(", "))));
         }
     }
-    let wanted: Vec<Vec<String>> = filters.iter().map(|f| f.values.clone()).collect();
     // Which wanted values occur anywhere in their column, whatever the other filters say.
     let mut found: Vec<Vec<bool>> = filters.iter().map(|f| vec![false; f.values.len()]).collect();
     let mut rows = CellSet::new();
     for at in source::slices(obs.len(), slice) {
         let mut keep = vec![true; at.len()];
-        for ((f, values), found) in filters.iter().zip(&wanted).zip(&mut found) {
+        for (f, found) in filters.iter().zip(&mut found) {
             let col = obs.column(&f.column, at.clone())?.ok_or_else(|| DataError::Internal(format!("obs/{} vanished", f.column)))?;
-            let wanted: HashMap<String, usize> = values.iter().enumerate().map(|(i, v)| (key(&col, v), i)).collect();
+            let wanted: HashMap<String, usize> = f.values.iter().enumerate().map(|(i, v)| (key(&col, v), i)).collect();
             for (i, k) in keep.iter_mut().enumerate() {
                 match wanted.get(&key(&col, &col.text(i))) {
                     Some(&v) => found[v] = true,
