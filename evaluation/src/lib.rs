@@ -19,6 +19,7 @@ pub mod knn;
 pub mod labels;
 pub mod layout;
 pub mod linalg;
+pub mod logistic;
 pub mod metrics;
 pub mod outputs;
 pub mod plots;

@@ -2,18 +2,17 @@
 //! readable. Logistic regression on standardized features, its L2 strength chosen by
 //! stratified cross-validation on the training part only, scored on the held-out part.
 
-use linfa::prelude::*;
-use linfa_logistic::MultiLogisticRegression;
-use ndarray::{Array1, Array2, ArrayView2, Axis};
+use ndarray::{Array2, ArrayView2, Axis};
 use rand::seq::IndexedRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::error::{EvalError, Result};
+use crate::error::Result;
 use crate::knn::{cosine_knn, knn_classify};
 use crate::labels::{Labels, Split};
 use crate::linalg::Standardizer;
+use crate::logistic::Softmax;
 use crate::metrics::{roc_auc_ovr_macro, Confusion};
 
 /// Inverse regularization strengths tried (scikit-learn's `C`).
@@ -63,31 +62,25 @@ pub struct ProbeResult {
 /// A fitted logistic regression on standardized features.
 struct Fitted {
     scaler: Standardizer,
-    model: linfa_logistic::MultiFittedLogisticRegression<f64, usize>,
-    n_classes: usize,
+    model: Softmax,
 }
+
+/// Solver iterations allowed per fit (scikit-learn's `max_iter` is 100; ours reports when it stops short).
+const MAX_ITER: usize = 500;
 
 impl Fitted {
     fn fit(x: &ArrayView2<f64>, y: &[usize], n_classes: usize, c: f64) -> Result<Fitted> {
         let scaler = Standardizer::fit(x);
-        let z = scaler.apply(x);
-        let ds = Dataset::new(z, Array1::from(y.to_vec()));
-        let model = MultiLogisticRegression::default()
-            .alpha(1.0 / c)
-            .max_iterations(300)
-            .fit(&ds)
-            .map_err(|e| EvalError::Internal(format!("logistic regression (C = {c}) did not fit: {e}")))?;
-        Ok(Fitted { scaler, model, n_classes })
+        let model = Softmax::fit(&scaler.apply(x).view(), y, n_classes, 1.0 / c, MAX_ITER);
+        if !model.converged {
+            tracing::debug!("logistic regression (C = {c}) stopped after {} iterations short of the gradient tolerance", model.iterations);
+        }
+        Ok(Fitted { scaler, model })
     }
 
     /// Class probabilities (`n × n_classes`; classes absent from training get 0) and argmax.
     fn predict(&self, x: &ArrayView2<f64>) -> (Array2<f64>, Vec<usize>) {
-        let z = self.scaler.apply(x);
-        let p = self.model.predict_probabilities(&z);
-        let mut proba = Array2::<f64>::zeros((x.nrows(), self.n_classes));
-        for (col, &class) in self.model.classes().iter().enumerate() {
-            proba.column_mut(class).assign(&p.column(col));
-        }
+        let proba = self.model.proba(&self.scaler.apply(x).view());
         let pred = proba.rows().into_iter().map(|r| argmax(r.as_slice().unwrap_or(&[]))).collect();
         (proba, pred)
     }
