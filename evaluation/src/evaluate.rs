@@ -336,8 +336,8 @@ fn evaluate_all(cfg: &EvalConfig) -> Result<EvalMetrics> {
 /// Probe, few-shot curve, kNN accuracy, Louvain agreement and silhouette of one representation;
 /// also returns the probe (for plots), the clusters and the kNN graph (reused by UMAP).
 fn score_representation(name: &str, x: &ArrayView2<f64>, labels: &Labels, split: &Split, qc: &Array2<f64>, seed: u64) -> Result<(RepresentationScores, ProbeResult, Vec<usize>, Neighbours)> {
-    let probe = logistic_probe(x, labels, split, seed)?;
-    let few = few_shot(x, labels, split, probe.c, seed)?;
+    let probe = logistic_probe(x, labels, split, seed);
+    let few = few_shot(x, labels, split, probe.c, seed);
     let knn_acc = knn_accuracy(x, labels, split);
     let nb = crate::umap::neighbours(x, GRAPH_NEIGHBOURS);
     let clusters = louvain(&fuzzy_graph(&nb, x.nrows()), 1.0, seed);

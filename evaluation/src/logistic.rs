@@ -10,7 +10,9 @@
 //! unpenalized, and its default stopping rule (the largest gradient entry of the mean loss below
 //! 10⁻⁴).
 
-use ndarray::{Array1, Array2, ArrayView2, Axis};
+use std::collections::VecDeque;
+
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 
 /// L-BFGS memory (pairs of steps and gradient changes kept).
 const MEMORY: usize = 10;
@@ -77,12 +79,11 @@ impl Problem<'_> {
     fn value_grad(&self, theta: &[f64]) -> (f64, Vec<f64>) {
         let (d, k) = (self.x.ncols(), self.k);
         let w = ArrayView2::from_shape((d, k), &theta[..d * k]).expect("theta holds d × k weights");
-        let b = ndarray::ArrayView1::from(&theta[d * k..]);
+        let b = ArrayView1::from(&theta[d * k..]);
         let mut h = self.x.dot(&w) + b;
         let mut nll = 0.0;
         for (mut row, &c) in h.rows_mut().into_iter().zip(self.col) {
-            let m = row.fold(f64::NEG_INFINITY, |a, &v| a.max(v));
-            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            let lse = log_sum_exp(row.view());
             nll += lse - row[c];
             row.mapv_inplace(|v| (v - lse).exp());
             row[c] -= 1.0;
@@ -105,14 +106,18 @@ fn max_abs(a: &[f64]) -> f64 {
     a.iter().fold(0.0, |m, v| m.max(v.abs()))
 }
 
+/// The last steps `s`, gradient changes `y` and 1 / (s·y), oldest first.
+type Memory = VecDeque<(Vec<f64>, Vec<f64>, f64)>;
+
 /// Minimizes the problem from zero; returns the parameters, iterations and convergence.
 fn lbfgs(p: &Problem, max_iter: usize) -> (Vec<f64>, usize, bool) {
     let n = p.x.nrows().max(1) as f64;
+    let converged = |g: &[f64]| max_abs(g) / n <= GRAD_TOL;
     let mut theta = vec![0.0; p.n_params()];
     let (mut f, mut g) = p.value_grad(&theta);
-    let mut memory: std::collections::VecDeque<(Vec<f64>, Vec<f64>, f64)> = std::collections::VecDeque::new();
+    let mut memory = Memory::new();
     for iter in 0..max_iter {
-        if max_abs(&g) / n <= GRAD_TOL {
+        if converged(&g) {
             return (theta, iter, true);
         }
         let mut dir = two_loop(&g, &memory);
@@ -151,12 +156,12 @@ fn lbfgs(p: &Problem, max_iter: usize) -> (Vec<f64>, usize, bool) {
         f = ft;
         g = gt;
     }
-    let converged = max_abs(&g) / n <= GRAD_TOL;
-    (theta, max_iter, converged)
+    let done = converged(&g);
+    (theta, max_iter, done)
 }
 
 /// The L-BFGS direction −H·g from the stored pairs (Nocedal & Wright, algorithm 7.4).
-fn two_loop(g: &[f64], memory: &std::collections::VecDeque<(Vec<f64>, Vec<f64>, f64)>) -> Vec<f64> {
+fn two_loop(g: &[f64], memory: &Memory) -> Vec<f64> {
     let mut q = g.to_vec();
     let mut a = Vec::with_capacity(memory.len());
     for (s, y, rho) in memory.iter().rev() {
@@ -176,13 +181,17 @@ fn two_loop(g: &[f64], memory: &std::collections::VecDeque<(Vec<f64>, Vec<f64>, 
     q
 }
 
+/// log Σ exp(v), shifted by the maximum so that no term overflows.
+fn log_sum_exp(row: ArrayView1<f64>) -> f64 {
+    let m = row.fold(f64::NEG_INFINITY, |a, &v| a.max(v));
+    m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
+}
+
 /// Row-wise softmax in place.
 fn softmax_rows(h: &mut Array2<f64>) {
     for mut row in h.rows_mut() {
-        let m = row.fold(f64::NEG_INFINITY, |a, &v| a.max(v));
-        row.mapv_inplace(|v| (v - m).exp());
-        let z = row.sum();
-        row.mapv_inplace(|v| v / z);
+        let lse = log_sum_exp(row.view());
+        row.mapv_inplace(|v| (v - lse).exp());
     }
 }
 

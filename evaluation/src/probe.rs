@@ -8,7 +8,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::error::Result;
 use crate::knn::{cosine_knn, knn_classify};
 use crate::labels::{Labels, Split};
 use crate::linalg::Standardizer;
@@ -69,13 +68,13 @@ struct Fitted {
 const MAX_ITER: usize = 500;
 
 impl Fitted {
-    fn fit(x: &ArrayView2<f64>, y: &[usize], n_classes: usize, c: f64) -> Result<Fitted> {
+    fn fit(x: &ArrayView2<f64>, y: &[usize], n_classes: usize, c: f64) -> Fitted {
         let scaler = Standardizer::fit(x);
         let model = Softmax::fit(&scaler.apply(x).view(), y, n_classes, 1.0 / c, MAX_ITER);
         if !model.converged {
             tracing::debug!("logistic regression (C = {c}) stopped after {} iterations short of the gradient tolerance", model.iterations);
         }
-        Ok(Fitted { scaler, model })
+        Fitted { scaler, model }
     }
 
     /// Class probabilities (`n × n_classes`; classes absent from training get 0) and argmax.
@@ -100,7 +99,7 @@ fn classes(labels: &Labels, idx: &[usize]) -> Vec<usize> {
 
 /// Logistic-regression probe: `C` by stratified CV on `split.train`, refit, scored on `split.test`.
 /// `x` has one row per evaluated cell (`labels.cells` order).
-pub fn logistic_probe(x: &ArrayView2<f64>, labels: &Labels, split: &Split, seed: u64) -> Result<ProbeResult> {
+pub fn logistic_probe(x: &ArrayView2<f64>, labels: &Labels, split: &Split, seed: u64) -> ProbeResult {
     let k = labels.n_classes();
     let min_train = (0..k).map(|c| split.train.iter().filter(|&&i| labels.y[i] == c).count()).min().unwrap_or(0);
     let folds = Split::folds(labels, &split.train, CV_FOLDS.min(min_train).max(2), seed);
@@ -109,7 +108,7 @@ pub fn logistic_probe(x: &ArrayView2<f64>, labels: &Labels, split: &Split, seed:
         let mut correct = 0usize;
         for (f, held) in folds.iter().enumerate() {
             let fit_on: Vec<usize> = folds.iter().enumerate().filter(|&(g, _)| g != f).flat_map(|(_, v)| v.iter().copied()).collect();
-            let m = Fitted::fit(&rows(x, &fit_on).view(), &classes(labels, &fit_on), k, c)?;
+            let m = Fitted::fit(&rows(x, &fit_on).view(), &classes(labels, &fit_on), k, c);
             let (_, pred) = m.predict(&rows(x, held).view());
             correct += pred.iter().zip(classes(labels, held)).filter(|(p, t)| **p == *t).count();
         }
@@ -117,10 +116,10 @@ pub fn logistic_probe(x: &ArrayView2<f64>, labels: &Labels, split: &Split, seed:
     }
     // Best CV accuracy; ties go to the stronger regularization (smaller C).
     let c = cv_accuracy.iter().fold((f64::NAN, -1.0), |best, &(c, a)| if a > best.1 + 1e-12 { (c, a) } else { best }).0;
-    let m = Fitted::fit(&rows(x, &split.train).view(), &classes(labels, &split.train), k, c)?;
+    let m = Fitted::fit(&rows(x, &split.train).view(), &classes(labels, &split.train), k, c);
     let (proba, pred) = m.predict(&rows(x, &split.test).view());
     let (scores, confusion) = Scores::of(&classes(labels, &split.test), &pred, &proba, k);
-    Ok(ProbeResult { scores, confusion, c, cv_accuracy, pred, proba })
+    ProbeResult { scores, confusion, c, cv_accuracy, pred, proba }
 }
 
 /// One point of the few-shot curve: mean and standard deviation over draws.
@@ -136,7 +135,7 @@ pub struct FewShotPoint {
 
 /// Probes trained on `n` random training cells per class (with the full probe's `C`), tested
 /// on the whole test part; sizes some class cannot supply are skipped.
-pub fn few_shot(x: &ArrayView2<f64>, labels: &Labels, split: &Split, c: f64, seed: u64) -> Result<Vec<FewShotPoint>> {
+pub fn few_shot(x: &ArrayView2<f64>, labels: &Labels, split: &Split, c: f64, seed: u64) -> Vec<FewShotPoint> {
     let k = labels.n_classes();
     let by_class: Vec<Vec<usize>> = (0..k).map(|cl| split.train.iter().copied().filter(|&i| labels.y[i] == cl).collect()).collect();
     let truth = classes(labels, &split.test);
@@ -150,7 +149,7 @@ pub fn few_shot(x: &ArrayView2<f64>, labels: &Labels, split: &Split, c: f64, see
         for draw in 0..FEW_SHOT_DRAWS {
             let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ((n as u64) << 32) ^ draw as u64);
             let pick: Vec<usize> = by_class.iter().flat_map(|v| v.choose_multiple(&mut rng, n).copied().collect::<Vec<_>>()).collect();
-            let m = Fitted::fit(&rows(x, &pick).view(), &classes(labels, &pick), k, c)?;
+            let m = Fitted::fit(&rows(x, &pick).view(), &classes(labels, &pick), k, c);
             let (proba, pred) = m.predict(&x_test.view());
             let (s, _) = Scores::of(&truth, &pred, &proba, k);
             acc.push(s.accuracy);
@@ -160,7 +159,7 @@ pub fn few_shot(x: &ArrayView2<f64>, labels: &Labels, split: &Split, c: f64, see
         let (fm, fsd) = mean_std(&f1);
         out.push(FewShotPoint { cells_per_class: n, draws: FEW_SHOT_DRAWS, accuracy_mean: am, accuracy_std: asd, macro_f1_mean: fm, macro_f1_std: fsd });
     }
-    Ok(out)
+    out
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -212,11 +211,11 @@ mod tests {
     fn the_probe_separates_well_separated_classes() {
         let (x, labels) = blobs(60, 8.0, 1);
         let s = split(&labels);
-        let r = logistic_probe(&x.view(), &labels, &s, 0).unwrap();
+        let r = logistic_probe(&x.view(), &labels, &s, 0);
         assert!(r.scores.accuracy > 0.97, "{:?}", r.scores);
         assert!(r.scores.roc_auc.unwrap() > 0.99);
         assert!(knn_accuracy(&x.view(), &labels, &s) > 0.97);
-        let curve = few_shot(&x.view(), &labels, &s, r.c, 0).unwrap();
+        let curve = few_shot(&x.view(), &labels, &s, r.c, 0);
         assert_eq!(curve.iter().map(|p| p.cells_per_class).collect::<Vec<_>>(), vec![5, 10]);
         assert!(curve[1].accuracy_mean > 0.9, "{curve:?}");
     }
@@ -226,7 +225,7 @@ mod tests {
         let (x, mut labels) = blobs(60, 8.0, 2);
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         labels.y.shuffle(&mut rng);
-        let r = logistic_probe(&x.view(), &labels, &split(&labels), 0).unwrap();
+        let r = logistic_probe(&x.view(), &labels, &split(&labels), 0);
         assert!(r.scores.accuracy < 0.6, "{:?}", r.scores);
     }
 }
