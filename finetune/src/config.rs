@@ -15,7 +15,7 @@ use trainer::pooling::Pooling;
 use crate::error::{FinetuneError, Result};
 
 /// Everything a fine-tuning run needs to know.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FinetuneConfig {
     /// One seed for the head's initialization, the validation carve, shuffling and dropout;
@@ -57,6 +57,25 @@ pub struct TaskConfig {
     /// At most this many labelled cells, a seeded sample with every class's share: the same
     /// sample `neurofm-eval --max-cells` takes, so the test cells are the same.
     pub max_cells: usize,
+}
+
+impl Default for FinetuneConfig {
+    /// Pretraining's optimizer settings but a higher rate: at 5e-4 (with layer decay 0.8 and
+    /// 10 epochs) the classifier under-fits its training cells (benches/README.md, "Fine-tuning").
+    fn default() -> Self {
+        FinetuneConfig {
+            seed: 0,
+            task: TaskConfig::default(),
+            head: HeadConfig::default(),
+            encoder: EncoderConfig::default(),
+            loss: LossConfig::default(),
+            optim: OptimConfig { lr: 2e-3, ..OptimConfig::default() },
+            train: LoopConfig::default(),
+            data: DataSection::default(),
+            augment: AugmentConfig::default(),
+            baselines: BaselineConfig::default(),
+        }
+    }
 }
 
 impl Default for TaskConfig {
@@ -119,7 +138,7 @@ pub struct EncoderConfig {
 
 impl Default for EncoderConfig {
     fn default() -> Self {
-        EncoderConfig { freeze: false, layer_decay: 0.8, dropout: None }
+        EncoderConfig { freeze: false, layer_decay: 1.0, dropout: None }
     }
 }
 
@@ -154,10 +173,15 @@ pub struct LoopConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step (cells per step = batch_size × grad_accum × ranks).
     pub grad_accum: usize,
+    /// Passes over the training cells; the default (60, about 1,200 steps on a reference of
+    /// 1,000 cells) is what a small reference needs to fit. Larger references need fewer:
+    /// set this or `max_steps`.
     pub epochs: u64,
     /// Stop after this many optimizer steps (0: after `epochs`).
     pub max_steps: u64,
-    /// Stop after this many validations without a better macro F1 (0: never stop early).
+    /// Stop after this many validations without a better macro F1 (0: never stop early, the
+    /// default: on a validation part of a few cells a class macro F1 is too noisy to stop on,
+    /// and the `best` checkpoint is still chosen by it).
     pub patience: u64,
     /// Steps between training log rows.
     pub log_every: u64,
@@ -179,9 +203,9 @@ impl Default for LoopConfig {
         LoopConfig {
             batch_size: 32,
             grad_accum: 1,
-            epochs: 10,
+            epochs: 60,
             max_steps: 0,
-            patience: 5,
+            patience: 0,
             log_every: 10,
             val_every: 0,
             keep_last: 2,
@@ -268,6 +292,11 @@ impl FinetuneConfig {
             }
             None => (toml::Table::new(), "the fine-tuning config".to_string()),
         };
+        // Keys the file leaves out take fine-tuning's defaults, inside a table too: serde alone
+        // would fill a partial `[optim]` from pretraining's `OptimConfig::default()`.
+        let mut defaults = toml::Table::try_from(FinetuneConfig::default()).map_err(|e| FinetuneError::Internal(format!("defaults do not serialize: {e}")))?;
+        merge(&mut defaults, table);
+        table = defaults;
         for o in overrides {
             apply_override(&mut table, o)?;
         }
@@ -335,6 +364,18 @@ impl FinetuneConfig {
     }
 }
 
+/// Writes `over` into `base`, key by key inside tables, so a partial table keeps the rest.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,6 +383,21 @@ mod tests {
 
     fn required() -> Vec<String> {
         ["task.pretrained=runs/p", "task.data=/tmp/x.zarr", "task.label_col=cell_type"].iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A partial `[optim]` (from `--set` or a file) keeps fine-tuning's rate, not pretraining's.
+    #[test]
+    fn a_partial_table_keeps_the_fine_tuning_defaults() {
+        let mut o = required();
+        o.push("optim.weight_decay=0.0".into());
+        let cfg = FinetuneConfig::load(None, &o).unwrap();
+        assert_eq!((cfg.optim.lr, cfg.optim.weight_decay), (FinetuneConfig::default().optim.lr, 0.0));
+        assert_ne!(cfg.optim.lr, OptimConfig::default().lr, "the test needs the two defaults to differ");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ft.toml");
+        std::fs::write(&file, "[optim]\nwarmup_steps = 3\n[train]\nbatch_size = 8\n").unwrap();
+        let cfg = FinetuneConfig::load(Some(&file), &required()).unwrap();
+        assert_eq!((cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.batch_size, cfg.train.epochs), (2e-3, 3, 8, LoopConfig::default().epochs));
     }
 
     #[test]
