@@ -52,7 +52,9 @@ pub struct TaskConfig {
     pub split: String,
     /// Share of the labelled cells held out for the test (as `neurofm-eval --test-frac`).
     pub test_frac: f64,
-    /// Share of the training cells (per class) held out for early stopping and model selection.
+    /// Share of the training cells (per class) held out for early stopping and model selection;
+    /// 0: fit every training cell (as the baselines do) for the fixed `train.epochs`, no
+    /// validation, and `best` is the last checkpoint.
     pub val_frac: f64,
     /// At most this many labelled cells, a seeded sample with every class's share: the same
     /// sample `neurofm-eval --max-cells` takes, so the test cells are the same.
@@ -109,7 +111,8 @@ pub struct HeadConfig {
     /// How token states become the cell vector; unset: the pretrained run's `embedding.pooling`
     /// (the resolved value is written to `finetune.toml`).
     pub pooling: Option<Pooling>,
-    /// Which layer is pooled (-1 last, k ≥ 1 layer k); unset: the pretrained run's choice.
+    /// Which layer is pooled (-1 last, -2 the one before, k ≥ 1 layer k); unset: the pretrained
+    /// run's choice. The layers above it are not run.
     pub layer: Option<i64>,
     /// Width of the hidden layer of the MLP; 0: a linear head.
     pub hidden: usize,
@@ -324,10 +327,14 @@ impl FinetuneConfig {
             return bad("task.label_col", "is empty: pass --label-col COLUMN (an obs column holding the labels)".into());
         }
         t.split_kind()?;
-        for (key, f) in [("task.test_frac (--test-frac)", t.test_frac), ("task.val_frac", t.val_frac)] {
-            if !(f > 0.0 && f < 1.0) {
-                return bad(key, format!("{f} must be strictly between 0 and 1"));
-            }
+        if !(t.test_frac > 0.0 && t.test_frac < 1.0) {
+            return bad("task.test_frac (--test-frac)", format!("{} must be strictly between 0 and 1", t.test_frac));
+        }
+        if !(t.val_frac >= 0.0 && t.val_frac < 1.0) {
+            return bad("task.val_frac", format!("{} must be in [0, 1); 0 fits every training cell without validation", t.val_frac));
+        }
+        if t.val_frac == 0.0 && self.train.patience > 0 {
+            return bad("train.patience", format!("{}: early stopping needs validation cells; set task.val_frac > 0 or train.patience = 0", self.train.patience));
         }
         if t.max_cells < 2 {
             return bad("task.max_cells", format!("{}: need at least 2 cells", t.max_cells));

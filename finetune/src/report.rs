@@ -207,7 +207,11 @@ fn task_info(plan: &Plan) -> TaskInfo {
         data: c.task.data.clone(),
         label_col: t.labels.column.clone(),
         classes: t.labels.classes.clone(),
-        split: format!("{}, test fraction {}; validation: {} of each class's training cells", c.task.split, c.task.test_frac, c.task.val_frac),
+        split: if c.task.val_frac > 0.0 {
+            format!("{}, test fraction {}; validation: {} of each class's training cells", c.task.split, c.task.test_frac, c.task.val_frac)
+        } else {
+            format!("{}, test fraction {}; no validation cells: every training cell fit for the fixed epochs, the last checkpoint kept", c.task.split, c.task.test_frac)
+        },
         seed: c.seed,
         fit_cells: t.fit.len(),
         val_cells: t.val.len(),

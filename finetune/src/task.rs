@@ -148,8 +148,12 @@ pub fn labelled_batches(batcher: Batcher, genes: GeneMap, class_of_row: Arc<Vec<
 }
 
 /// Splits the training positions into fit and validation parts, stratified by class with
-/// evaluation's own splitter (so a class too small for it is named the same way).
+/// evaluation's own splitter (so a class too small for it is named the same way); with
+/// `val_frac` 0 every training cell is fit.
 fn carve_validation(labels: &Labels, train: &[usize], val_frac: f64, seed: u64, obs: &Frame, path: &Path) -> Result<(Vec<usize>, Vec<usize>)> {
+    if val_frac == 0.0 {
+        return Ok((train.to_vec(), Vec::new()));
+    }
     let sub = Labels {
         column: labels.column.clone(),
         classes: labels.classes.clone(),

@@ -213,7 +213,10 @@ fn train_phase(plan: &Plan, dir: &RunDir, phase: Phase, opts: &RunOptions, comm:
         let (stop_here, last) = (opts.stop_at_step == Some(step), step == s.total_steps);
         let validate = last || if t.val_every > 0 { step % t.val_every == 0 } else { epoch_done };
         let mut is_best = false;
-        if validate {
+        if validate && plan.task.val.is_empty() {
+            // No validation cells (task.val_frac = 0): the latest model is the one kept.
+            (is_best, s.extra.best_step) = (true, step);
+        } else if validate {
             is_best = s.validate(epoch, started.elapsed().as_secs_f64())?;
         }
         let early = t.patience > 0 && s.extra.stale_validations >= t.patience;

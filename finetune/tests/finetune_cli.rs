@@ -298,6 +298,43 @@ fn early_stopping_ends_the_run_at_the_first_stale_validation() {
     assert_eq!(best, PathBuf::from(format!("step-{:07}", val[0])));
 }
 
+/// `task.val_frac = 0`: every training cell is fit (none held out for validation), no
+/// validation row is logged, and `best` is the last checkpoint; early stopping without
+/// validation cells is refused.
+#[test]
+fn without_validation_cells_every_training_cell_is_fit_and_the_last_model_kept() {
+    let f = fixture();
+    let run_dir = f.root.join("no-val");
+    let quiet = ["--set", "train.epochs=2", "--set", "baselines.logistic=false", "--set", "baselines.random_forest=false"];
+    let mut a = vec!["--set", "task.val_frac=0"];
+    a.extend(quiet);
+    ok("no validation", &finetune(&run_dir, &a));
+    let cells = std::fs::read_to_string(run_dir.join("cells.tsv")).unwrap();
+    let parts: Vec<&str> = cells.lines().skip(1).map(|l| l.split('\t').nth(3).unwrap()).collect();
+    assert!(!parts.contains(&"val"), "no cell is held out for validation");
+    // The same test cells as with validation, so all the others are fit.
+    let with_val = f.root.join("with-val");
+    ok("with validation", &finetune(&with_val, &quiet));
+    let test_of = |dir: &Path| -> Vec<String> {
+        std::fs::read_to_string(dir.join("cells.tsv")).unwrap().lines().skip(1).filter(|l| l.ends_with("\ttest")).map(String::from).collect()
+    };
+    assert_eq!(test_of(&run_dir), test_of(&with_val));
+    assert_eq!(parts.iter().filter(|p| **p == "fit").count(), parts.len() - test_of(&run_dir).len());
+    let r = rows(&run_dir);
+    assert!(r.iter().all(|r| r.1 != "val"), "a validation row was logged without validation cells");
+    let last = r.iter().map(|r| r.0).max().unwrap();
+    assert_eq!(std::fs::read_link(run_dir.join("checkpoints/best")).unwrap(), PathBuf::from(format!("step-{last:07}")));
+    assert_eq!(json(&run_dir.join("metrics.json"))["model"]["detail"]["best_step"], last);
+
+    let refused = f.root.join("no-val-patience");
+    let mut a = vec!["--set", "task.val_frac=0", "--set", "train.patience=2"];
+    a.extend(quiet);
+    let out = finetune(&refused, &a);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("early stopping needs validation cells"));
+    assert!(!refused.exists());
+}
+
 /// Label transfer across a condition shift: trained on one condition, tested on the other.
 #[test]
 fn labels_transfer_to_a_condition_never_trained_on() {
