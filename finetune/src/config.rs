@@ -287,7 +287,7 @@ impl FinetuneConfig {
     /// Reads `path` (or starts from the defaults), applies `key=value` overrides, checks every
     /// value.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let (mut table, name) = match path {
+        let (file, name) = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| FinetuneError::io(p, e))?;
                 let table: toml::Table = text.parse().map_err(|e| FinetuneError::Usage(format!("{}: {e}", p.display())))?;
@@ -297,9 +297,8 @@ impl FinetuneConfig {
         };
         // Keys the file leaves out take fine-tuning's defaults, inside a table too: serde alone
         // would fill a partial `[optim]` from pretraining's `OptimConfig::default()`.
-        let mut defaults = toml::Table::try_from(FinetuneConfig::default()).map_err(|e| FinetuneError::Internal(format!("defaults do not serialize: {e}")))?;
-        merge(&mut defaults, table);
-        table = defaults;
+        let mut table = toml::Table::try_from(FinetuneConfig::default()).map_err(|e| FinetuneError::Internal(format!("defaults do not serialize: {e}")))?;
+        merge(&mut table, file);
         for o in overrides {
             apply_override(&mut table, o)?;
         }

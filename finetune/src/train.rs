@@ -213,10 +213,7 @@ fn train_phase(plan: &Plan, dir: &RunDir, phase: Phase, opts: &RunOptions, comm:
         let (stop_here, last) = (opts.stop_at_step == Some(step), step == s.total_steps);
         let validate = last || if t.val_every > 0 { step % t.val_every == 0 } else { epoch_done };
         let mut is_best = false;
-        if validate && plan.task.val.is_empty() {
-            // No validation cells (task.val_frac = 0): the latest model is the one kept.
-            (is_best, s.extra.best_step) = (true, step);
-        } else if validate {
+        if validate {
             is_best = s.validate(epoch, started.elapsed().as_secs_f64())?;
         }
         let early = t.patience > 0 && s.extra.stale_validations >= t.patience;
@@ -548,8 +545,13 @@ impl<'a> Session<'a> {
     }
 
     /// Scores the validation cells (each rank its part, the counts summed), logs them, and says
-    /// whether this is the best model so far (macro F1, ties to the lower loss).
+    /// whether this is the best model so far (macro F1, ties to the lower loss); without
+    /// validation cells (`task.val_frac = 0`) the latest model is the best.
     fn validate(&mut self, epoch: u64, elapsed: f64) -> Result<bool> {
+        if self.plan.task.val.is_empty() {
+            self.extra.best_step = self.step;
+            return Ok(true);
+        }
         let cfg = &self.plan.cfg;
         let task = &self.plan.task;
         let k = task.n_classes();
