@@ -22,7 +22,7 @@ use crate::knn::Neighbours;
 use crate::labels::{ClassSpec, Labels, Split, SplitKind};
 use crate::linalg::{log_normalized, qc_features, Pca};
 use crate::metrics::{adjusted_rand_index, normalized_mutual_info};
-use crate::probe::{few_shot, knn_accuracy, logistic_probe, FewShotPoint, ProbeResult, Scores};
+use crate::probe::{few_shot, knn_accuracy, logistic_probe, FewShotPoint, ProbeResult, Scaling, Scores};
 use crate::report::num;
 use crate::umap::fuzzy_graph;
 use crate::{outputs, plots};
@@ -336,7 +336,7 @@ fn evaluate_all(cfg: &EvalConfig) -> Result<EvalMetrics> {
 /// Probe, few-shot curve, kNN accuracy, Louvain agreement and silhouette of one representation;
 /// also returns the probe (for plots), the clusters and the kNN graph (reused by UMAP).
 fn score_representation(name: &str, x: &ArrayView2<f64>, labels: &Labels, split: &Split, qc: &Array2<f64>, seed: u64) -> Result<(RepresentationScores, ProbeResult, Vec<usize>, Neighbours)> {
-    let probe = logistic_probe(x, labels, split, seed);
+    let probe = logistic_probe(x, labels, split, seed, Scaling::Standardize);
     let few = few_shot(x, labels, split, probe.c, seed);
     let knn_acc = knn_accuracy(x, labels, split);
     let nb = crate::umap::neighbours(x, GRAPH_NEIGHBOURS);

@@ -1,10 +1,11 @@
 //! What the fine-tuned model must beat, trained on the same training cells and scored on the
-//! same test cells: logistic regression (evaluation's probe: standardized features, `C` by
-//! stratified 5-fold CV) and a random forest, both on log1p(CP10k) expression of the model's
-//! genes (genes the data lacks are zero columns, which carry nothing).
+//! same test cells: logistic regression (evaluation's probe, `C` by stratified 5-fold CV) and a
+//! random forest, both on log1p(CP10k) expression of the model's genes (genes the data lacks
+//! are zero columns, which carry nothing). The regression reads the expression as it is, not
+//! standardized: that is the stronger baseline (MetaNeighbor 0.71 against 0.58 macro F1).
 
 use evaluation::linalg::log_normalized;
-use evaluation::probe::logistic_probe;
+use evaluation::probe::{logistic_probe, Scaling};
 use ndarray::{Array2, Axis};
 use serde::Serialize;
 
@@ -43,7 +44,7 @@ fn test_truth(task: &Task) -> Vec<usize> {
 
 /// Logistic regression on `x` (one row per labelled cell).
 pub fn logistic(x: &Array2<f64>, task: &Task, seed: u64) -> Result<Baseline> {
-    let r = logistic_probe(&x.view(), &task.labels, &task.split, seed);
+    let r = logistic_probe(&x.view(), &task.labels, &task.split, seed, Scaling::AsIs);
     let scores = ClassScores::of(&test_truth(task), &r.pred, &r.proba, task.n_classes());
     Ok(Baseline { name: "logistic_expression", scores, pred: r.pred, proba: r.proba, detail: BaselineDetail::Logistic { c: r.c, cv_accuracy: r.cv_accuracy } })
 }

@@ -53,8 +53,10 @@ pub struct TaskConfig {
     /// Share of the labelled cells held out for the test (as `neurofm-eval --test-frac`).
     pub test_frac: f64,
     /// Share of the training cells (per class) held out for early stopping and model selection;
-    /// 0: fit every training cell (as the baselines do) for the fixed `train.epochs`, no
-    /// validation, and `best` is the last checkpoint.
+    /// 0 (the default): fit every training cell, as the baselines do, for the fixed
+    /// `train.epochs` and keep the last model. On a reference of a few cells a class a
+    /// validation part costs the classifier a fifth of its cells and selects on noise
+    /// (MetaNeighbor +0.06 macro F1 with the layer below the top: benches/README.md, "Fine-tuning").
     pub val_frac: f64,
     /// At most this many labelled cells, a seeded sample with every class's share: the same
     /// sample `neurofm-eval --max-cells` takes, so the test cells are the same.
@@ -91,7 +93,7 @@ impl Default for TaskConfig {
             min_class_cells: 0,
             split: "stratified".into(),
             test_frac: 0.2,
-            val_frac: 0.2,
+            val_frac: 0.0,
             max_cells: 50_000,
         }
     }
@@ -111,8 +113,10 @@ pub struct HeadConfig {
     /// How token states become the cell vector; unset: the pretrained run's `embedding.pooling`
     /// (the resolved value is written to `finetune.toml`).
     pub pooling: Option<Pooling>,
-    /// Which layer is pooled (-1 last, -2 the one before, k ≥ 1 layer k); unset: the pretrained
-    /// run's choice. The layers above it are not run.
+    /// Which layer is pooled (-1 last, -2 the one before, k ≥ 1 layer k); unset: the layer
+    /// below the top (the top of a one-layer encoder), whose `[CLS]` is less shaped by the
+    /// pretraining objectives and fine-tunes better than the top's (benches/README.md). The
+    /// layers above it are not run.
     pub layer: Option<i64>,
     /// Width of the hidden layer of the MLP; 0: a linear head.
     pub hidden: usize,
@@ -267,7 +271,8 @@ impl Default for DataSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BaselineConfig {
-    /// Logistic regression on log-normalized expression of the model's genes (C by CV).
+    /// Logistic regression on log-normalized expression of the model's genes, not standardized
+    /// (C by CV).
     pub logistic: bool,
     /// A random forest on the same features.
     pub random_forest: bool,

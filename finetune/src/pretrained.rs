@@ -62,11 +62,12 @@ pub struct Architecture {
     pub precision: Precision,
 }
 
-/// Fills the fine-tune config's unset `head.pooling`, `head.layer` and `encoder.dropout` with
-/// the pretraining run's choices, so `finetune.toml` holds the values used.
+/// Fills the fine-tune config's unset `head.pooling` and `encoder.dropout` with the pretraining
+/// run's choices and `head.layer` with the layer below the top, so `finetune.toml` holds the
+/// values used.
 pub fn resolve_defaults(cfg: &mut FinetuneConfig, encoder: &TrainConfig) {
     cfg.head.pooling.get_or_insert(encoder.embedding.pooling);
-    cfg.head.layer.get_or_insert(encoder.embedding.layer);
+    cfg.head.layer.get_or_insert(if encoder.model.n_layers >= 2 { -2 } else { -1 });
     cfg.encoder.dropout.get_or_insert(encoder.model.dropout);
 }
 

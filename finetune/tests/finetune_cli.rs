@@ -110,6 +110,13 @@ fn sibling_bin(name: &str) -> PathBuf {
     exe
 }
 
+/// The TensorBoard tags of `tags` that the run's events file lacks.
+fn events_without<'a>(run: &Path, tags: &[&'a str]) -> Vec<&'a str> {
+    let events = std::fs::read_dir(run).unwrap().flatten().find(|e| e.file_name().to_string_lossy().starts_with("events.out.tfevents")).expect("events file");
+    let bytes = std::fs::read(events.path()).unwrap();
+    tags.iter().copied().filter(|tag| !bytes.windows(tag.len()).any(|w| w == tag.as_bytes())).collect()
+}
+
 /// (step, split, loss) of every metrics.csv row, by header name.
 fn rows(run: &Path) -> Vec<(u64, String, f64)> {
     trainer::metrics::read(&run.join("metrics.csv"))
@@ -131,14 +138,14 @@ fn weights(ckpt: &Path) -> Vec<(String, tch::Tensor)> {
 fn fine_tuning_learns_the_planted_types_beside_its_controls() {
     let f = fixture();
     let run_dir = f.root.join("ft");
-    let out = finetune(&run_dir, &["--from-scratch"]);
+    let out = finetune(&run_dir, &["--from-scratch", "--set", "train.epochs=12"]);
     ok("fine-tune", &out);
     let m = json(&run_dir.join("metrics.json"));
     let model = &m["model"];
-    // Three balanced types: chance is 1/3 (this 16-wide model, pretrained for 18 steps and
-    // fine-tuned for 84, reaches about 0.7).
-    assert!(model["accuracy"].as_f64().unwrap() > 0.6, "{model}");
-    assert!(model["macro_f1"].as_f64().unwrap() > 0.6, "{model}");
+    // Three balanced types: chance is 1/3 (this 16-wide model, pretrained for 18 steps, with
+    // its layer 1 of 2 fine-tuned for 216 steps, reaches about 0.6 on split seeds 0, 1 and 2).
+    assert!(model["accuracy"].as_f64().unwrap() > 0.5, "{model}");
+    assert!(model["macro_f1"].as_f64().unwrap() > 0.5, "{model}");
     for b in ["logistic_expression", "random_forest", "from_scratch"] {
         let e = &m["baselines"][b];
         assert!(e["macro_f1"].as_f64().is_some(), "{b} missing: {}", m["baselines"]);
@@ -149,18 +156,15 @@ fn fine_tuning_learns_the_planted_types_beside_its_controls() {
     assert_eq!(support, m["task"]["test_cells"].as_u64().unwrap());
     assert!(m["throughput"]["finetune_cells_per_s"].as_f64().unwrap() > 0.0);
     assert!(m["throughput"]["pretraining_cells_per_s"].as_f64().unwrap() > 0.0);
-    for file in ["finetune.toml", "config.toml", "tokenizer.json", "classes.json", "report.html", "report.md", "predictions.tsv", "cells.tsv", "confusion_model.png", "training.png", "throughput.json", "finetune.log", "from-scratch/checkpoints/best/model.safetensors"] {
+    for file in ["finetune.toml", "config.toml", "tokenizer.json", "classes.json", "report.html", "report.md", "predictions.tsv", "cells.tsv", "confusion_model.png", "throughput.json", "finetune.log", "from-scratch/checkpoints/best/model.safetensors"] {
         assert!(run_dir.join(file).exists(), "{file} missing");
     }
     let toml = std::fs::read_to_string(run_dir.join("finetune.toml")).unwrap();
-    for key in ["pooling = \"mean\"", "layer = -1", "layer_decay = 0.8", "balance = \"class-weights\"", "from_scratch = true"] {
+    // The defaults: no validation part, the layer below the top (layer 1 of 2).
+    for key in ["val_frac = 0.0", "pooling = \"mean\"", "layer = -2", "layer_decay = 0.8", "balance = \"class-weights\"", "from_scratch = true"] {
         assert!(toml.contains(key), "{key} not in finetune.toml:\n{toml}");
     }
-    let events = std::fs::read_dir(&run_dir).unwrap().flatten().find(|e| e.file_name().to_string_lossy().starts_with("events.out.tfevents")).expect("events file");
-    let bytes = std::fs::read(events.path()).unwrap();
-    for tag in ["finetune/loss", "finetune/lr", "val/macro_f1", "val/loss"] {
-        assert!(bytes.windows(tag.len()).any(|w| w == tag.as_bytes()), "no {tag} in the events");
-    }
+    assert_eq!(events_without(&run_dir, &["finetune/loss", "finetune/lr"]), Vec::<&str>::new());
     // The fine-tune starts from the pretrained encoder, the control from random weights.
     let table = |ckpt: &Path| weights(ckpt).into_iter().find(|(n, _)| n == "gene_embedding.weight").expect("gene table").1;
     let pre = table(&f.pretrained.join("checkpoints/best"));
@@ -205,7 +209,7 @@ fn fine_tuning_learns_the_planted_types_beside_its_controls() {
 fn a_resumed_fine_tune_continues_exactly() {
     let f = fixture();
     // One log row per step: a row averaging steps on both sides of the stop could not match.
-    let quick = ["--set", "train.max_steps=12", "--set", "train.val_every=4", "--set", "train.log_every=1", "--set", "head.dropout=0.3", "--set", "encoder.dropout=0.2", "--set", "baselines.logistic=false", "--set", "baselines.random_forest=false"];
+    let quick = ["--set", "task.val_frac=0.2", "--set", "train.max_steps=12", "--set", "train.val_every=4", "--set", "train.log_every=1", "--set", "head.dropout=0.3", "--set", "encoder.dropout=0.2", "--set", "baselines.logistic=false", "--set", "baselines.random_forest=false"];
     let (straight, split) = (f.root.join("resume-straight"), f.root.join("resume-split"));
     ok("straight", &finetune(&straight, &quick));
     let mut first: Vec<&str> = quick.to_vec();
@@ -259,11 +263,11 @@ fn a_frozen_encoder_keeps_the_pretrained_weights() {
 
 /// Layer-wise learning-rate decay: after one Adam step every update is the undecayed run's
 /// times the parameter's factor: 1 for the head and the top layer, 0.5 for the layer below,
-/// 0.25 for the embeddings under two layers.
+/// 0.25 for the embeddings under two layers (every layer runs: `head.layer = -1`).
 #[test]
 fn layer_wise_decay_scales_each_layers_first_step() {
     let f = fixture();
-    let one_step = ["--set", "train.max_steps=1", "--set", "optim.warmup_steps=0", "--set", "optim.weight_decay=0", "--set", "head.dropout=0", "--set", "baselines.logistic=false", "--set", "baselines.random_forest=false"];
+    let one_step = ["--set", "head.layer=-1", "--set", "train.max_steps=1", "--set", "optim.warmup_steps=0", "--set", "optim.weight_decay=0", "--set", "head.dropout=0", "--set", "baselines.logistic=false", "--set", "baselines.random_forest=false"];
     let (flat, decayed) = (f.root.join("decay-1"), f.root.join("decay-half"));
     let mut a: Vec<&str> = one_step.to_vec();
     a.extend(["--set", "encoder.layer_decay=1.0"]);
@@ -288,7 +292,7 @@ fn layer_wise_decay_scales_each_layers_first_step() {
 fn early_stopping_ends_the_run_at_the_first_stale_validation() {
     let f = fixture();
     let run_dir = f.root.join("early");
-    ok("early", &finetune(&run_dir, &["--set", "optim.lr=1e-9", "--set", "train.patience=1", "--set", "train.epochs=10", "--set", "baselines.logistic=false", "--set", "baselines.random_forest=false"]));
+    ok("early", &finetune(&run_dir, &["--set", "task.val_frac=0.2", "--set", "optim.lr=1e-9", "--set", "train.patience=1", "--set", "train.epochs=10", "--set", "baselines.logistic=false", "--set", "baselines.random_forest=false"]));
     let val: Vec<u64> = rows(&run_dir).into_iter().filter(|r| r.1 == "val").map(|r| r.0).collect();
     assert_eq!(val.len(), 2, "validations {val:?}");
     let m = json(&run_dir.join("metrics.json"));
@@ -296,6 +300,9 @@ fn early_stopping_ends_the_run_at_the_first_stale_validation() {
     assert_eq!(m["model"]["detail"]["best_step"], val[0]);
     let best = std::fs::read_link(run_dir.join("checkpoints/best")).unwrap();
     assert_eq!(best, PathBuf::from(format!("step-{:07}", val[0])));
+    // Validation is logged and drawn beside the training loss.
+    assert_eq!(events_without(&run_dir, &["finetune/loss", "val/macro_f1", "val/loss"]), Vec::<&str>::new());
+    assert!(run_dir.join("training.png").exists());
 }
 
 /// `task.val_frac = 0`: every training cell is fit (none held out for validation), no
@@ -314,7 +321,9 @@ fn without_validation_cells_every_training_cell_is_fit_and_the_last_model_kept()
     assert!(!parts.contains(&"val"), "no cell is held out for validation");
     // The same test cells as with validation, so all the others are fit.
     let with_val = f.root.join("with-val");
-    ok("with validation", &finetune(&with_val, &quiet));
+    let mut a = vec!["--set", "task.val_frac=0.2"];
+    a.extend(quiet);
+    ok("with validation", &finetune(&with_val, &a));
     let test_of = |dir: &Path| -> Vec<String> {
         std::fs::read_to_string(dir.join("cells.tsv")).unwrap().lines().skip(1).filter(|l| l.ends_with("\ttest")).map(String::from).collect()
     };
@@ -420,7 +429,7 @@ fn two_mpi_ranks_equal_one_rank_at_the_global_batch() {
         return;
     }
     let f = fixture();
-    let same = ["--set", "head.dropout=0", "--set", "encoder.dropout=0", "--set", "train.max_steps=10", "--set", "train.val_every=5", "--set", "baselines.logistic=false", "--set", "baselines.random_forest=false"];
+    let same = ["--set", "task.val_frac=0.2", "--set", "head.dropout=0", "--set", "encoder.dropout=0", "--set", "train.max_steps=10", "--set", "train.val_every=5", "--set", "baselines.logistic=false", "--set", "baselines.random_forest=false"];
     let (one, two) = (f.root.join("one-rank"), f.root.join("two-ranks"));
     let mut args: Vec<&str> = same.to_vec();
     args.extend(["--set", "train.batch_size=16"]);
