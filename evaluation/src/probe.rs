@@ -67,7 +67,7 @@ pub enum Scaling {
     Standardize,
     /// The features as given: for log-normalized expression, whose common unit is meaningful;
     /// standardizing it lifts rare, noisy genes to the weight of markers (MetaNeighbor's 38
-    /// subtypes: 0.58 macro F1 standardized, 0.71 as is; benches/README.md, "Fine-tuning").
+    /// subtypes, three splits: 0.57 macro F1 standardized, 0.77 as is; benches/README.md, "Fine-tuning").
     AsIs,
 }
 
