@@ -207,7 +207,7 @@ fn task_info(plan: &Plan) -> TaskInfo {
         data: c.task.data.clone(),
         label_col: t.labels.column.clone(),
         classes: t.labels.classes.clone(),
-        split: if c.task.val_frac > 0.0 {
+        split: if !t.val.is_empty() {
             format!("{}, test fraction {}; validation: {} of each class's training cells", c.task.split, c.task.test_frac, c.task.val_frac)
         } else {
             format!("{}, test fraction {}; no validation cells: every training cell fit for the fixed epochs, the last checkpoint kept", c.task.split, c.task.test_frac)
@@ -313,12 +313,7 @@ fn write_report(out: &Path, m: &FinetuneMetrics, scored: &[Scored], figures: &[(
         if t.freeze_encoder { "encoder frozen, head trained".to_string() } else { format!("encoder and head trained, layer-wise learning-rate decay {}", t.layer_decay) }
     )));
     b.push(Block::Heading("Fine-tuned model vs baselines (test cells)".into()));
-    let neural = if t.val_cells > 0 {
-        "The neural models fit on the training cells less a validation part, which selects their checkpoint by macro F1"
-    } else {
-        "The neural models fit on all training cells for the fixed epochs and keep the last checkpoint"
-    };
-    b.push(Block::Paragraph(format!("Every classifier is scored on the same test cells and never sees them in training. {neural}; the baselines fit on all training cells (logistic regression chooses C by cross-validation on them) and see log1p(CP10k) expression of the model's genes, not standardized.")));
+    b.push(Block::Paragraph("Every classifier is scored on the same test cells and never sees them in training. The neural models fit on the fit cells, their checkpoint chosen as the split above says; the baselines fit on all training cells (logistic regression chooses C by cross-validation on them) and see log1p(CP10k) expression of the model's genes, not standardized.".into()));
     let head = ["classifier", "accuracy", "balanced acc.", "macro F1", "ROC-AUC"];
     let rows = scored
         .iter()
