@@ -192,6 +192,9 @@ pub struct Batcher {
     /// Which vocabulary genes each cell's dataset measures: the others are left out of its
     /// sequence, never filled in as zeros.
     pub panels: Arc<Panels>,
+    /// Seeds the views' perturbations when nothing is masked (fine-tuning's augmentation, so
+    /// each classifier of an ensemble sees its own draws); with a mask they follow its seed.
+    pub view_seed: u64,
 }
 
 impl Batcher {
@@ -207,12 +210,18 @@ impl Batcher {
             }
         }
         views.validate()?;
-        Ok(Batcher { tokenizer, mode, mask, views, median_depth: 0.0, panels: Arc::new(Panels::default()) })
+        Ok(Batcher { tokenizer, mode, mask, views, median_depth: 0.0, panels: Arc::new(Panels::default()), view_seed: 0 })
     }
 
     /// Sets which genes each cell's dataset measures (default: every vocabulary gene).
     pub fn with_panels(mut self, panels: Arc<Panels>) -> Self {
         self.panels = panels;
+        self
+    }
+
+    /// Sets the seed of unmasked views' perturbations (see `view_seed`).
+    pub fn with_view_seed(mut self, seed: u64) -> Self {
+        self.view_seed = seed;
         self
     }
 
@@ -295,7 +304,7 @@ impl Batcher {
         if !self.views.perturbs() || epoch == VALIDATION_EPOCH || (v == 0 && self.views.keep_first) {
             return counts;
         }
-        let seed = self.mask.map(|m| m.seed).unwrap_or(0);
+        let seed = self.mask.map(|m| m.seed).unwrap_or(self.view_seed);
         buf.clear();
         if self.views.thins() {
             let mut rng = rng_for(&[seed, Purpose::ViewThinning as u64, epoch, cell as u64, v as u64]);
@@ -628,6 +637,10 @@ mod tests {
         assert!(mean.abs() < 0.05 && (sd - 0.5).abs() < 0.05, "log factors: mean {mean}, sd {sd}");
         assert_ne!(bt.view_counts(&dense, 9, 0, 1, &mut b), a.as_slice(), "each view draws its own factors");
         assert_ne!(bt.view_counts(&dense, 9, 1, 0, &mut b), a.as_slice(), "and each epoch");
+        let unmasked = Batcher::new(bt.tokenizer.clone(), SequenceMode::FullPanel, None, views).unwrap();
+        let seeded = unmasked.clone().with_view_seed(5);
+        let (mut c, mut d) = (Vec::new(), Vec::new());
+        assert_ne!(unmasked.view_counts(&dense, 9, 0, 0, &mut c), seeded.view_counts(&dense, 9, 0, 0, &mut d), "without a mask the view seed draws them");
         assert_eq!(bt.view_counts(&dense, 9, VALIDATION_EPOCH, 0, &mut b), dense.as_slice(), "validation is not perturbed");
         let plain = Batcher::new(bt.tokenizer.clone(), SequenceMode::FullPanel, Some(M), ViewConfig::SINGLE).unwrap();
         assert_eq!(plain.view_counts(&dense, 9, 0, 0, &mut b), dense.as_slice());

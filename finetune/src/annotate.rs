@@ -25,7 +25,7 @@ use trainer::model::load_weights;
 
 use crate::classifier::{Classifier, EncoderInit};
 use crate::error::{FinetuneError, Result};
-use crate::predict::{argmax, forward_host};
+use crate::predict::{argmax, combine, forward_host};
 use crate::run_files::FinetuneRun;
 use crate::task::labelled_batches;
 use crate::train::predict_batch_size;
@@ -39,7 +39,8 @@ pub struct AnnotateConfig {
     /// Fine-tune run directory written by neurofm-finetune (`--run-dir` also works).
     #[arg(long, visible_alias = "run-dir")]
     pub model: PathBuf,
-    /// `best`, `last`, or a checkpoint directory of the fine-tune.
+    /// `best`, `last` (of every ensemble member), or one checkpoint directory of the fine-tune
+    /// (that classifier alone).
     #[arg(long, default_value = "best")]
     pub checkpoint: String,
     /// The cells to label: an .h5ad/.loom file or a zarr store.
@@ -96,9 +97,14 @@ pub fn annotate(cfg: &AnnotateConfig) -> Result<AnnotateSummary> {
     let env = launcher::env::DistEnv::from_env().map_err(|e| FinetuneError::Usage(e.to_string()))?;
     let device = cfg.device.resolve(LocalRank { rank: env.local_rank, world: env.local_world })?;
     let classes = run.classes().to_vec();
-    let model = Classifier::new(&run.arch, classes.len(), device, EncoderInit::Random(0), 0)?;
-    load_weights(&model.vs, &run.weights())?;
-    info!("model: {} ({} classes: {}) on {device:?}", run.checkpoint.display(), classes.len(), classes.join(", "));
+    let mut models = Vec::with_capacity(run.weights.len());
+    for w in &run.weights {
+        let model = Classifier::new(&run.arch, classes.len(), device, EncoderInit::Random(0), 0)?;
+        load_weights(&model.vs, w)?;
+        models.push(model);
+    }
+    let ensemble = if models.len() > 1 { format!(", an ensemble of {} members", models.len()) } else { String::new() };
+    info!("model: {}{ensemble} ({} classes: {}) on {device:?}", run.checkpoint.display(), classes.len(), classes.join(", "));
 
     let scratch = cfg.out.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let data = EvalData::open(&cfg.data, &scratch, cfg.allow_non_integer)?;
@@ -121,10 +127,17 @@ pub fn annotate(cfg: &AnnotateConfig) -> Result<AnnotateSummary> {
         let hi = (lo + batch).min(n);
         let b = tokens_of(CellBatch { cells: (lo as u32..hi as u32).collect(), counts: data.store.read_rows(lo..hi)? })?;
         let dev = DeviceBatch::new(&b.tokens, device, tokenizer.gene_pad(), false)?;
-        let (p, e) = forward_host(&model, &dev)?;
-        for (i, row) in p.chunks(k).enumerate() {
-            proba.row_mut(lo + i).assign(&ndarray::ArrayView1::from(row));
+        // Every member's probabilities, combined as the fine-tune's report combined them; the
+        // embedding is member 0's.
+        let (mut members, mut e) = (Vec::with_capacity(models.len()), Vec::new());
+        for (m, model) in models.iter().enumerate() {
+            let (p, emb) = forward_host(model, &dev)?;
+            members.push(Array2::from_shape_vec((hi - lo, k), p.iter().map(|&x| x as f64).collect()).map_err(|e| FinetuneError::Internal(e.to_string()))?);
+            if m == 0 {
+                e = emb;
+            }
         }
+        proba.slice_mut(ndarray::s![lo..hi, ..]).assign(&combine(&members).mapv(|x| x as f32));
         for (i, row) in e.chunks(dim).enumerate() {
             emb.row_mut(lo + i).assign(&ndarray::ArrayView1::from(row));
         }

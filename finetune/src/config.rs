@@ -186,6 +186,12 @@ pub struct LoopConfig {
     pub epochs: u64,
     /// Stop after this many optimizer steps (0: after `epochs`).
     pub max_steps: u64,
+    /// Classifiers trained and averaged (mean class log-probability). Each starts from the
+    /// pretrained weights with its own head initialization, data order, augmentation draws and
+    /// dropout (member 0 from `seed` itself, in the run directory; member m in `members/m/`).
+    /// A fine-tune on a small reference varies a lot from seed to seed, and averaging removes
+    /// much of that (benches/README.md, "Fine-tuning"); each member costs one more training.
+    pub members: usize,
     /// Stop after this many validations without a better macro F1 (0: never stop early, the
     /// default: on a validation part of a few cells a class macro F1 is too noisy to stop on,
     /// and the `best` checkpoint is still chosen by it).
@@ -212,6 +218,7 @@ impl Default for LoopConfig {
             grad_accum: 1,
             epochs: 60,
             max_steps: 0,
+            members: 1,
             patience: 0,
             log_every: 10,
             val_every: 0,
@@ -358,6 +365,9 @@ impl FinetuneConfig {
         let l = &self.train;
         if l.batch_size == 0 || l.grad_accum == 0 {
             return bad("train.batch_size / train.grad_accum", "must be ≥ 1".into());
+        }
+        if l.members == 0 {
+            return bad("train.members", "must be ≥ 1 (1: a single classifier)".into());
         }
         if l.epochs == 0 && l.max_steps == 0 {
             return bad("train.epochs", "0 with train.max_steps = 0 would train nothing".into());

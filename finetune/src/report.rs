@@ -19,7 +19,7 @@ use trainer::metrics::{self as run_metrics, Column};
 
 use crate::baselines::{self, Baseline, BaselineDetail};
 use crate::error::{FinetuneError, Result};
-use crate::predict::{ClassScores, PerClass, Predictions};
+use crate::predict::{argmax, ClassScores, PerClass, Predictions};
 use crate::run_files;
 use crate::train::{load_best, score, Phase, PhaseOutcome, Plan};
 
@@ -86,6 +86,8 @@ pub struct TaskInfo {
     pub layer_decay: f64,
     pub pooling: String,
     pub layer: usize,
+    /// Classifiers averaged (`train.members`).
+    pub members: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -110,24 +112,19 @@ struct Scored {
     detail: serde_json::Value,
 }
 
-/// Scores everything and writes the run's result files. Returns `metrics.json`'s content.
-pub fn finish(plan: &Plan, main: &PhaseOutcome, control: Option<&PhaseOutcome>, device: Device) -> Result<FinetuneMetrics> {
+/// Scores everything and writes the run's result files (in member 0's directory, the run's).
+/// Returns `metrics.json`'s content.
+pub fn finish(plan: &Plan, main: &[PhaseOutcome], control: Option<&[PhaseOutcome]>, device: Device) -> Result<FinetuneMetrics> {
     let task = &plan.task;
     let cfg = &plan.cfg;
     let classes = &task.labels.classes;
     let batcher = Batcher::new(plan.pretrained.tokenizer.clone(), plan.arch.sequence, None, ViewConfig::SINGLE)?;
     let test: Vec<usize> = task.split.test.clone(); // ascending, as `predict_stream` reads
     let started = Instant::now();
-    let (model, ckpt, extra) = load_best(plan, &main.dir, device)?;
-    let (pred, scores) = score(plan, &model, &batcher, &test, device)?;
+    let mut scored = vec![phase_scored(plan, Phase::Finetune, main, &batcher, &test, device)?];
     let predict_cells_per_s = test.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
-    check_order(&pred, task, &test)?;
-    let mut scored = vec![phase_scored(Phase::Finetune, pred, scores, &ckpt, &extra)];
     if let Some(c) = control {
-        let (m, ckpt, extra) = load_best(plan, &c.dir, device)?;
-        let (p, s) = score(plan, &m, &batcher, &test, device)?;
-        check_order(&p, task, &test)?;
-        scored.push(phase_scored(Phase::FromScratch, p, s, &ckpt, &extra));
+        scored.push(phase_scored(plan, Phase::FromScratch, c, &batcher, &test, device)?);
     }
     if cfg.baselines.logistic || cfg.baselines.random_forest {
         let x = baselines::expression(task, plan.pretrained.tokenizer.genes.len())?;
@@ -150,12 +147,12 @@ pub fn finish(plan: &Plan, main: &PhaseOutcome, control: Option<&PhaseOutcome>, 
             run(baselines::random_forest(&x, task, cfg.baselines.forest_trees, cfg.seed), "random forest on expression")?;
         }
     }
-    let out = &main.dir;
+    let out = &main[0].dir;
     let throughput = Throughput {
         device: format!("{device:?}"),
-        finetune_cells_per_s: cells_per_s(&main.dir),
+        finetune_cells_per_s: cells_per_s(out),
         pretraining_cells_per_s: plan.pretrained.cells_per_s(),
-        from_scratch_cells_per_s: control.and_then(|c| cells_per_s(&c.dir)),
+        from_scratch_cells_per_s: control.and_then(|c| cells_per_s(&c[0].dir)),
         predict_cells_per_s,
     };
     let m = FinetuneMetrics {
@@ -165,25 +162,46 @@ pub fn finish(plan: &Plan, main: &PhaseOutcome, control: Option<&PhaseOutcome>, 
         throughput,
     };
     write_tables(out, plan, &scored)?;
-    let figures = write_figures(out, plan, &scored, control)?;
+    let figures = write_figures(out, plan, &scored, control.map(|c| c[0].dir.as_path()))?;
     write_report(out, &m, &scored, &figures)?;
     run_files::write(out, "metrics.json", &run_files::json(&m)?)?;
     info!("wrote {}", out.join("report.html").display());
     Ok(m)
 }
 
-fn phase_scored(phase: Phase, p: Predictions, s: ClassScores, ckpt: &Path, extra: &run_files::FinetuneState) -> Scored {
-    let (key, title) = match phase {
+/// The members of a phase scored on the test cells, one by one and together (mean class
+/// log-probability, `predict::combine`). The detail names member 0's checkpoint; with more
+/// members it also lists each one's checkpoint and test scores.
+fn phase_scored(plan: &Plan, phase: Phase, members: &[PhaseOutcome], batcher: &Batcher, test: &[usize], device: Device) -> Result<Scored> {
+    let (key, mut title) = match phase {
         Phase::Finetune => ("model", "fine-tuned neurofm".to_string()),
         Phase::FromScratch => ("from_scratch", "same architecture from scratch".to_string()),
     };
-    let detail = serde_json::json!({
-        "checkpoint": ckpt,
-        "best_step": extra.best_step,
-        "best_val_macro_f1": extra.best_macro_f1,
-        "stopped_early": extra.stopped_early,
-    });
-    Scored { key, title, scores: s, pred: p.pred, proba: p.proba, detail }
+    let k = plan.task.n_classes();
+    let (mut probas, mut details) = (Vec::new(), Vec::new());
+    for member in members {
+        let (model, ckpt, extra) = load_best(plan, &member.dir, device)?;
+        let (p, s) = score(plan, &model, batcher, test, device)?;
+        check_order(&p, &plan.task, test)?;
+        details.push(serde_json::json!({
+            "checkpoint": ckpt,
+            "best_step": extra.best_step,
+            "best_val_macro_f1": extra.best_macro_f1,
+            "stopped_early": extra.stopped_early,
+            "test_macro_f1": s.scores.macro_f1,
+        }));
+        probas.push(p.proba);
+    }
+    let mut detail = details[0].clone();
+    if members.len() > 1 {
+        title = format!("{title} ({} members averaged)", members.len());
+        detail["members"] = serde_json::Value::Array(details);
+    }
+    let proba = crate::predict::combine(&probas);
+    let pred: Vec<usize> = proba.rows().into_iter().map(|r| argmax(r.iter().copied())).collect();
+    let truth: Vec<usize> = test.iter().map(|&i| plan.task.labels.y[i]).collect();
+    let scores = ClassScores::of(&truth, &pred, &proba, k);
+    Ok(Scored { key, title, scores, pred, proba, detail })
 }
 
 /// Predictions come back in store-row order; the test positions are ascending and so are
@@ -225,6 +243,7 @@ fn task_info(plan: &Plan) -> TaskInfo {
         layer_decay: c.encoder.layer_decay,
         pooling: plan.arch.choice.pooling.name().to_string(),
         layer: plan.arch.choice.layer,
+        members: c.train.members,
     }
 }
 
@@ -258,7 +277,7 @@ fn write_tables(out: &Path, plan: &Plan, scored: &[Scored]) -> Result<()> {
 }
 
 /// Confusion matrices and training curves, with captions, in report order.
-fn write_figures(out: &Path, plan: &Plan, scored: &[Scored], control: Option<&PhaseOutcome>) -> Result<Vec<(String, String)>> {
+fn write_figures(out: &Path, plan: &Plan, scored: &[Scored], control: Option<&Path>) -> Result<Vec<(String, String)>> {
     let classes = &plan.task.labels.classes;
     let mut figs = Vec::new();
     for s in scored {
@@ -268,7 +287,7 @@ fn write_figures(out: &Path, plan: &Plan, scored: &[Scored], control: Option<&Ph
     }
     let mut runs = vec![("fine-tune", out.to_path_buf())];
     if let Some(c) = control {
-        runs.push(("from scratch", c.dir.clone()));
+        runs.push(("from scratch", c.to_path_buf()));
     }
     let mut loss = Vec::new();
     let mut f1 = Vec::new();
@@ -294,7 +313,7 @@ fn write_report(out: &Path, m: &FinetuneMetrics, scored: &[Scored], figures: &[(
     let t = &m.task;
     let mut b = vec![Block::Heading("Task".into())];
     b.push(Block::Paragraph(format!(
-        "{}: label column `{}`, {} classes. Split {}: {} fit / {} validation / {} test cells (seed {}). {} genes in the data; {} of the model's {} genes missing (left out of the sequences, not read as zero). Pretrained run {} ({}); {} pooling of layer {}; {}.",
+        "{}: label column `{}`, {} classes. Split {}: {} fit / {} validation / {} test cells (seed {}). {} genes in the data; {} of the model's {} genes missing (left out of the sequences, not read as zero). Pretrained run {} ({}); {} pooling of layer {}; {}{}.",
         t.data.display(),
         t.label_col,
         t.classes.len(),
@@ -310,7 +329,8 @@ fn write_report(out: &Path, m: &FinetuneMetrics, scored: &[Scored], figures: &[(
         t.pretrained_checkpoint.display(),
         t.pooling,
         t.layer,
-        if t.freeze_encoder { "encoder frozen, head trained".to_string() } else { format!("encoder and head trained, layer-wise learning-rate decay {}", t.layer_decay) }
+        if t.freeze_encoder { "encoder frozen, head trained".to_string() } else { format!("encoder and head trained, layer-wise learning-rate decay {}", t.layer_decay) },
+        if t.members > 1 { format!("; an ensemble of {} such classifiers, each with its own seed, their class log-probabilities averaged (each member's test scores are in metrics.json)", t.members) } else { String::new() }
     )));
     b.push(Block::Heading("Fine-tuned model vs baselines (test cells)".into()));
     b.push(Block::Paragraph("Every classifier is scored on the same test cells and never sees them in training. The neural models fit on the fit cells, their checkpoint chosen as the split above says; the baselines fit on all training cells (logistic regression chooses C by cross-validation on them) and see log1p(CP10k) expression of the model's genes, not standardized.".into()));

@@ -9,6 +9,7 @@
 //!   checkpoints/step-NNNNNNN/{model,optimizer}.safetensors, state.json, finetune.json
 //!   events.out.tfevents.*, metrics.csv, finetune.log, throughput.json
 //!   metrics.json, predictions.tsv, cells.tsv, report.md, report.html, *.png
+//!   members/M/        checkpoints and logs of ensemble member M ≥ 1 (train.members > 1)
 //!   from-scratch/     the same for the control trained from random weights (--from-scratch)
 //! ```
 //!
@@ -35,6 +36,12 @@ pub const CLASSES: &str = "classes.json";
 pub const FINETUNE_STATE: &str = "finetune.json";
 /// Where `--from-scratch` trains its control, inside the run directory.
 pub const FROM_SCRATCH_DIR: &str = "from-scratch";
+
+/// Where ensemble member `m` of a phase trains: member 0 in the phase's own directory (so a
+/// one-member run looks as it always did), member m ≥ 1 in `members/m/` inside it.
+pub fn member_dir(phase_dir: &Path, m: usize) -> PathBuf {
+    if m == 0 { phase_dir.to_path_buf() } else { phase_dir.join("members").join(m.to_string()) }
+}
 
 /// `classes.json`: what the classes are and how many cells each part holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,6 +89,9 @@ pub struct FinetuneRun {
     pub state: TrainState,
     pub finetune_state: FinetuneState,
     pub arch: Architecture,
+    /// The weights of every ensemble member, member 0 (`checkpoint`'s) first; one file for a
+    /// checkpoint named by path.
+    pub weights: Vec<PathBuf>,
 }
 
 impl FinetuneRun {
@@ -111,15 +121,21 @@ impl FinetuneRun {
         }
         let tokenizer = Tokenizer::load(&tok_path)?;
         let arch = Architecture::new(&config, &encoder_config, &state)?;
-        Ok(FinetuneRun { dir: dir.to_path_buf(), config, encoder_config, tokenizer, checkpoint, state, finetune_state, arch })
+        let mut weights = vec![checkpoint.join(MODEL_FILE)];
+        if matches!(which, "best" | "last") {
+            for m in 1..config.train.members {
+                let member = member_dir(dir, m);
+                let ckpt = Checkpoints::new(&member).resolve(which).map_err(|_| {
+                    FinetuneError::input(&member, format!("holds no `{which}` checkpoint of ensemble member {m} (train.members = {}); let neurofm-finetune finish (--resume auto)", config.train.members))
+                })?;
+                weights.push(ckpt.join(MODEL_FILE));
+            }
+        }
+        Ok(FinetuneRun { dir: dir.to_path_buf(), config, encoder_config, tokenizer, checkpoint, state, finetune_state, arch, weights })
     }
 
     pub fn classes(&self) -> &[String] {
         &self.finetune_state.classes
-    }
-
-    pub fn weights(&self) -> PathBuf {
-        self.checkpoint.join(MODEL_FILE)
     }
 }
 

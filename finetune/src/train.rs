@@ -135,7 +135,17 @@ impl Phase {
     }
 }
 
-/// How a phase ended.
+/// Second key of an ensemble member's seed (no `dataloader::rng::Purpose` or other local key
+/// uses it).
+const MEMBER_SEED: u64 = 61;
+
+/// The seed of ensemble member `m`: the run's own for member 0, so a one-member run draws what
+/// it always drew; its own stream for every other member.
+pub fn member_seed(seed: u64, m: usize) -> u64 {
+    if m == 0 { seed } else { hash_keys(&[seed, MEMBER_SEED, m as u64]) }
+}
+
+/// How one member of a phase ended.
 pub struct PhaseOutcome {
     pub dir: PathBuf,
     /// Stopped by `--stop-at-step` (continue with `--resume auto`).
@@ -144,45 +154,62 @@ pub struct PhaseOutcome {
     pub cells_per_s: Option<f64>,
 }
 
-/// Fine-tunes according to `plan` in `run` as one rank of `comm`'s group, then trains the
-/// from-scratch control if asked; rank 0 then scores everything (`crate::report`) and returns
-/// `metrics.json`'s content. `None` on other ranks and after `--stop-at-step`.
+/// Fine-tunes according to `plan` in `run` as one rank of `comm`'s group (every ensemble
+/// member in turn), then trains the from-scratch control if asked; rank 0 then scores
+/// everything (`crate::report`) and returns `metrics.json`'s content. `None` on other ranks and
+/// after `--stop-at-step`.
 pub fn run(plan: &Plan, run: &RunDir, opts: &RunOptions, comm: &dyn Communicator) -> Result<Option<FinetuneMetrics>> {
-    let (batch, accum) = (plan.cfg.train.batch_size, plan.cfg.train.grad_accum);
-    let oom = |e: FinetuneError| match e {
-        FinetuneError::Torch(t) | FinetuneError::Train(TrainError::Torch(t)) => FinetuneError::Train(classify_oom(t, batch, accum)),
-        other => other,
-    };
-    let main = train_phase(plan, run, Phase::Finetune, opts, comm).map_err(oom)?;
-    if main.interrupted {
-        return Ok(None);
-    }
+    let Some(main) = train_members(plan, run, Phase::Finetune, opts, comm)? else { return Ok(None) };
     let mut control = None;
     if plan.cfg.baselines.from_scratch {
-        let path = run.path.join(run_files::FROM_SCRATCH_DIR);
-        let dir = if comm.rank() == 0 {
-            let d = RunDir::prepare(&path, &trainer::run_dir::Resume::Auto, false);
-            comm.barrier()?;
-            d?
-        } else {
-            comm.barrier()?;
-            RunDir::join(&path, &trainer::run_dir::Resume::Auto)?
-        };
-        let c = train_phase(plan, &dir, Phase::FromScratch, opts, comm).map_err(oom)?;
-        if c.interrupted {
-            return Ok(None);
-        }
+        let dir = sub_run_dir(&run.path.join(run_files::FROM_SCRATCH_DIR), comm)?;
+        let Some(c) = train_members(plan, &dir, Phase::FromScratch, opts, comm)? else { return Ok(None) };
         control = Some(c);
     }
     if comm.rank() != 0 {
         return Ok(None);
     }
-    Ok(Some(crate::report::finish(plan, &main, control.as_ref(), opts.device)?))
+    Ok(Some(crate::report::finish(plan, &main, control.as_deref(), opts.device)?))
 }
 
-/// Trains one phase to its end (or to `--stop-at-step`), resuming from `dir.resume_from`.
-fn train_phase(plan: &Plan, dir: &RunDir, phase: Phase, opts: &RunOptions, comm: &dyn Communicator) -> Result<PhaseOutcome> {
-    let mut s = Session::start(plan, dir, phase, opts, comm)?;
+/// Trains the `train.members` classifiers of `phase`, member 0 in `dir` and member m in
+/// `run_files::member_dir`; `None` after `--stop-at-step`.
+fn train_members(plan: &Plan, dir: &RunDir, phase: Phase, opts: &RunOptions, comm: &dyn Communicator) -> Result<Option<Vec<PhaseOutcome>>> {
+    let (batch, accum) = (plan.cfg.train.batch_size, plan.cfg.train.grad_accum);
+    let oom = |e: FinetuneError| match e {
+        FinetuneError::Torch(t) | FinetuneError::Train(TrainError::Torch(t)) => FinetuneError::Train(classify_oom(t, batch, accum)),
+        other => other,
+    };
+    let mut done = Vec::new();
+    for m in 0..plan.cfg.train.members {
+        let member = if m == 0 { None } else { Some(sub_run_dir(&run_files::member_dir(&dir.path, m), comm)?) };
+        let outcome = train_phase(plan, member.as_ref().unwrap_or(dir), phase, m, opts, comm).map_err(oom)?;
+        if outcome.interrupted {
+            return Ok(None);
+        }
+        done.push(outcome);
+    }
+    Ok(Some(done))
+}
+
+/// A directory inside the run (the control's, a member's) that continues where it stopped:
+/// rank 0 creates it, the others join it after a barrier.
+fn sub_run_dir(path: &Path, comm: &dyn Communicator) -> Result<RunDir> {
+    let resume = trainer::run_dir::Resume::Auto;
+    if comm.rank() == 0 {
+        let d = RunDir::prepare(path, &resume, false);
+        comm.barrier()?;
+        Ok(d?)
+    } else {
+        comm.barrier()?;
+        Ok(RunDir::join(path, &resume)?)
+    }
+}
+
+/// Trains member `member` of one phase to its end (or to `--stop-at-step`), resuming from
+/// `dir.resume_from`.
+fn train_phase(plan: &Plan, dir: &RunDir, phase: Phase, member: usize, opts: &RunOptions, comm: &dyn Communicator) -> Result<PhaseOutcome> {
+    let mut s = Session::start(plan, dir, phase, member, opts, comm)?;
     let outcome = |interrupted, cells_per_s| PhaseOutcome { dir: dir.path.clone(), interrupted, cells_per_s };
     if s.extra.done {
         info!("{}: already trained (step {}, best macro F1 {:.3} at step {})", phase.name(), s.step, s.extra.best_macro_f1.unwrap_or(f64::NAN), s.extra.best_step);
@@ -289,6 +316,8 @@ pub struct ValScores {
 struct Session<'a> {
     plan: &'a Plan,
     phase: Phase,
+    /// This member's seed (`member_seed`): head initialization, data order, augmentation, dropout.
+    seed: u64,
     rank: Rank,
     device: Device,
     model: Classifier,
@@ -314,8 +343,9 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    fn start(plan: &'a Plan, dir: &RunDir, phase: Phase, opts: &RunOptions, comm: &'a dyn Communicator) -> Result<Session<'a>> {
+    fn start(plan: &'a Plan, dir: &RunDir, phase: Phase, member: usize, opts: &RunOptions, comm: &'a dyn Communicator) -> Result<Session<'a>> {
         let cfg = &plan.cfg;
+        let seed = member_seed(cfg.seed, member);
         let device = opts.device;
         if cfg.train.threads > 0 {
             tch::set_num_threads(cfg.train.threads as i32);
@@ -348,10 +378,10 @@ impl<'a> Session<'a> {
 
         let knobs = TestKnobs::from_env();
         let per_rank = if knobs.init_per_rank { rank.rank() as u64 } else { 0 };
-        let head_seed = hash_keys(&[cfg.seed, Purpose::Init as u64, 1, per_rank]);
+        let head_seed = hash_keys(&[seed, Purpose::Init as u64, 1, per_rank]);
         let init = match phase {
             Phase::Finetune => EncoderInit::Pretrained(&plan.pretrained.checkpoint.join(MODEL_FILE)),
-            Phase::FromScratch => EncoderInit::Random(hash_keys(&[cfg.seed, Purpose::Init as u64, 2, per_rank])),
+            Phase::FromScratch => EncoderInit::Random(hash_keys(&[seed, Purpose::Init as u64, 2, per_rank])),
         };
         let mut model = Classifier::new(&plan.arch, plan.task.n_classes(), device, init, head_seed)?;
         model.freeze(cfg.encoder.freeze);
@@ -398,11 +428,11 @@ impl<'a> Session<'a> {
         if !knobs.skip_broadcast {
             ddp.broadcast_parameters()?;
         }
-        let reader = plan.task.reader(rank, cfg.train.batch_size, cfg.seed)?;
+        let reader = plan.task.reader(rank, cfg.train.batch_size, seed)?;
         let per_epoch = plan.steps_per_epoch(&reader)?;
         let total_steps = if cfg.train.max_steps > 0 { cfg.train.max_steps } else { cfg.train.epochs * per_epoch };
         // Training batches are perturbed as `[augment]` says; predictions (VALIDATION_EPOCH) never are.
-        let batcher = Batcher::new(plan.pretrained.tokenizer.clone(), plan.arch.sequence, None, cfg.augment.view())?;
+        let batcher = Batcher::new(plan.pretrained.tokenizer.clone(), plan.arch.sequence, None, cfg.augment.view())?.with_view_seed(seed);
         let weights = plan.task.class_weights(cfg.loss.balance);
         let weights_t = Tensor::f_from_slice(&weights.iter().map(|&w| w as f32).collect::<Vec<_>>())?.f_to_device(device)?;
         let (all, trained) = model.param_counts();
@@ -428,6 +458,9 @@ impl<'a> Session<'a> {
             t.split.test.len(),
             rank.world() * cfg.train.batch_size * cfg.train.grad_accum
         );
+        if cfg.train.members > 1 {
+            info!("{}: ensemble member {member} of {} (numbered from 0; seed {seed}) in {}", phase.name(), cfg.train.members, dir.path.display());
+        }
         if rank.world() > 1 {
             let c = ddp.take_cost();
             info!("data parallel over {} ranks ({}): {:.2} MB of gradients all-reduced per step in {} buckets", rank.world(), comm.name(), c.bytes_per_step as f64 / 1e6, c.buckets);
@@ -440,6 +473,7 @@ impl<'a> Session<'a> {
         Ok(Session {
             plan,
             phase,
+            seed,
             rank,
             device,
             gene_pad: plan.pretrained.tokenizer.gene_pad(),
@@ -508,7 +542,7 @@ impl<'a> Session<'a> {
         let weight_total = group[0].max(f64::MIN_POSITIVE);
 
         self.opt.zero_grad()?;
-        tch::manual_seed(hash_keys(&[self.plan.cfg.seed, Purpose::Dropout as u64, self.step, self.rank.rank() as u64]) as i64 >> 1);
+        tch::manual_seed(hash_keys(&[self.seed, Purpose::Dropout as u64, self.step, self.rank.rank() as u64]) as i64 >> 1);
         let mut sums = Tensor::f_zeros([2], (Kind::Float, self.device))?;
         for (dev, y) in &uploaded {
             let out = self.model.forward(&dev.views[0], true)?;

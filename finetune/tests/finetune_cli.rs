@@ -418,6 +418,52 @@ fn annotate_writes_labels_probabilities_and_the_gene_overlap() {
     assert_eq!(again.status.code(), Some(2));
 }
 
+/// An ensemble of two: member 1 trains in `members/1/` from its own seed (other weights), the
+/// report scores the two combined and lists each, and annotate combines them the same way: its
+/// probabilities on the store's test cells are `predictions.tsv`'s, and differ from member 0's
+/// alone.
+#[test]
+fn an_ensemble_is_scored_and_annotated_as_one_classifier() {
+    let f = fixture();
+    let run_dir = f.root.join("ensemble");
+    ok("fine-tune", &finetune(&run_dir, &["--set", "train.members=2", "--set", "train.max_steps=20", "--set", "baselines.random_forest=false", "--set", "baselines.logistic=false"]));
+    let m = json(&run_dir.join("metrics.json"));
+    let members = m["model"]["detail"]["members"].as_array().expect("metrics.json lists the members");
+    assert_eq!(members.len(), 2);
+    let head = |ckpt: &Path| weights(ckpt).into_iter().find(|(n, _)| n == "classifier.fc1.weight").expect("head weights").1;
+    assert!(!head(&run_dir.join("checkpoints/last")).equal(&head(&run_dir.join("members/1/checkpoints/last"))), "each member starts from its own seed");
+
+    let tsv = std::fs::read_to_string(run_dir.join("predictions.tsv")).unwrap();
+    let mut lines = tsv.lines();
+    let cols: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    let first_p = cols.iter().position(|c| c.starts_with("p_")).unwrap();
+    let test: Vec<(usize, Vec<f32>)> = lines
+        .map(|l| {
+            let v: Vec<&str> = l.split('\t').collect();
+            (v[1].parse().unwrap(), v[first_p..].iter().map(|x| x.parse::<f64>().unwrap() as f32).collect())
+        })
+        .collect();
+    let probabilities = |args: &[&str], name: &str| -> Vec<f32> {
+        let out = f.root.join(name);
+        let mut a = vec!["--model", s(&run_dir), "--data", s(&f.store), "--out", s(&out), "--device", "cpu"];
+        a.extend(args);
+        ok("annotate", &annotate(&a));
+        hdf5::File::open(&out).unwrap().dataset("obsm/neurofm_probabilities").unwrap().read_raw().unwrap()
+    };
+    let together = probabilities(&[], "ensemble.h5ad");
+    let member0 = members[0]["checkpoint"].as_str().unwrap().to_string();
+    let alone = probabilities(&["--checkpoint", &member0], "member0.h5ad");
+    let (mut largest_gap, mut moved) = (0.0f32, 0.0f32);
+    for (row, p) in &test {
+        for (c, &want) in p.iter().enumerate() {
+            largest_gap = largest_gap.max((together[row * 3 + c] - want).abs());
+            moved = moved.max((alone[row * 3 + c] - want).abs());
+        }
+    }
+    assert!(largest_gap < 1e-5, "annotate's ensemble differs from the report's by {largest_gap}");
+    assert!(moved > 1e-3, "member 0 alone should differ from the ensemble (largest difference {moved})");
+}
+
 /// Two CPU ranks under mpirun (through neurofm-launch) with batch 8 each take exactly the steps
 /// of one rank with batch 16: same losses and weights; the ranks start from different head
 /// weights, so rank 0's broadcast is what makes them one model.
