@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::forest::{ForestConfig, RandomForest};
-use crate::predict::{argmax, ClassScores};
+use crate::predict::{predicted, ClassScores};
 use crate::task::Task;
 
 /// A baseline's test predictions and scores.
@@ -57,7 +57,7 @@ pub fn random_forest(x: &Array2<f64>, task: &Task, trees: usize, seed: u64) -> R
     let cfg = ForestConfig { trees, max_features: 0, seed };
     let forest = RandomForest::fit(&train.view(), &y, task.n_classes(), cfg);
     let proba = forest.predict_proba(&x.select(Axis(0), &task.split.test).view());
-    let pred: Vec<usize> = proba.rows().into_iter().map(|r| argmax(r.iter().copied())).collect();
+    let pred = predicted(&proba);
     let scores = ClassScores::of(&test_truth(task), &pred, &proba, task.n_classes());
     let max_features = ((x.ncols() as f64).sqrt().floor() as usize).max(1);
     Ok(Baseline { name: "random_forest", scores, pred, proba, detail: BaselineDetail::Forest { trees, max_features } })

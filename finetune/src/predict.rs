@@ -60,7 +60,7 @@ pub fn predict(
     }
     let n = rows.len();
     let proba = Array2::from_shape_vec((n, k), proba).map_err(|e| FinetuneError::Internal(e.to_string()))?;
-    let pred = proba.rows().into_iter().map(|r| argmax(r.iter().copied())).collect();
+    let pred = predicted(&proba);
     let embedding = if keep_embedding { Some(Array2::from_shape_vec((n, dim), emb).map_err(|e| FinetuneError::Internal(e.to_string()))?) } else { None };
     Ok(Predictions { rows, truth, pred, proba, embedding })
 }
@@ -86,6 +86,11 @@ pub fn combine(members: &[Array2<f64>]) -> Array2<f64> {
             log
         }
     }
+}
+
+/// The most probable class of each row of `proba`.
+pub fn predicted(proba: &Array2<f64>) -> Vec<usize> {
+    proba.rows().into_iter().map(|r| argmax(r.iter().copied())).collect()
 }
 
 /// Index of the largest value; ties go to the lower index (as NumPy's argmax).

@@ -19,7 +19,7 @@ use trainer::metrics::{self as run_metrics, Column};
 
 use crate::baselines::{self, Baseline, BaselineDetail};
 use crate::error::{FinetuneError, Result};
-use crate::predict::{argmax, ClassScores, PerClass, Predictions};
+use crate::predict::{predicted, ClassScores, PerClass, Predictions};
 use crate::run_files;
 use crate::train::{load_best, score, Phase, PhaseOutcome, Plan};
 
@@ -177,8 +177,7 @@ fn phase_scored(plan: &Plan, phase: Phase, members: &[PhaseOutcome], batcher: &B
         Phase::Finetune => ("model", "fine-tuned neurofm".to_string()),
         Phase::FromScratch => ("from_scratch", "same architecture from scratch".to_string()),
     };
-    let k = plan.task.n_classes();
-    let (mut probas, mut details) = (Vec::new(), Vec::new());
+    let (mut probas, mut details, mut truth) = (Vec::new(), Vec::new(), Vec::new());
     for member in members {
         let (model, ckpt, extra) = load_best(plan, &member.dir, device)?;
         let (p, s) = score(plan, &model, batcher, test, device)?;
@@ -191,6 +190,7 @@ fn phase_scored(plan: &Plan, phase: Phase, members: &[PhaseOutcome], batcher: &B
             "test_macro_f1": s.scores.macro_f1,
         }));
         probas.push(p.proba);
+        truth = p.truth; // the same for every member: `check_order` holds their rows to the test cells'
     }
     let mut detail = details[0].clone();
     if members.len() > 1 {
@@ -198,9 +198,8 @@ fn phase_scored(plan: &Plan, phase: Phase, members: &[PhaseOutcome], batcher: &B
         detail["members"] = serde_json::Value::Array(details);
     }
     let proba = crate::predict::combine(&probas);
-    let pred: Vec<usize> = proba.rows().into_iter().map(|r| argmax(r.iter().copied())).collect();
-    let truth: Vec<usize> = test.iter().map(|&i| plan.task.labels.y[i]).collect();
-    let scores = ClassScores::of(&truth, &pred, &proba, k);
+    let pred = predicted(&proba);
+    let scores = ClassScores::of(&truth, &pred, &proba, plan.task.n_classes());
     Ok(Scored { key, title, scores, pred, proba, detail })
 }
 
