@@ -684,4 +684,14 @@ mod tests {
         assert_eq!(mv.gene_ids[hidden[0]], tok.gene_mask());
         assert_eq!(mv.targets[hidden[0]], v.gene_ids[hidden[0]], "the target is the hidden gene");
     }
+
+    #[test]
+    fn expression_ranked_sequences_order_expressed_genes_by_their_counts() {
+        // The same cell as above, without medians: the most expressed gene leads.
+        let tok = tokenizer(4, Binning::RankExpression, 4);
+        let b = Batcher::new(tok.clone(), SequenceMode::FullPanel, None, ViewConfig::SINGLE).unwrap().build(&cells(&[1.0, 0.0, 6.0, 3.0], 4), 0);
+        let v = b.first();
+        assert_eq!(v.gene_ids, vec![tok.gene_cls(), 2, 3, 0, tok.gene_pad()], "by CP10k: 6, 3, 1 → 2, 3, 0");
+        assert_eq!(&v.input_bins[..4], &[tok.vocab.cls(), 0, 1, 2], "a position's bin is its rank");
+    }
 }

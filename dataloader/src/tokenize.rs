@@ -7,10 +7,15 @@
 //! - `cell-quantile` (scGPT, Cui et al. 2024): equal-frequency bins of the cell's own non-zero
 //!   values; equal values share the bin of their lowest rank, so ties are deterministic.
 //!
-//! And one ranking, `rank-value` (Geneformer, Theodoris et al. 2023): the cell's expressed genes
-//! ordered by normalized expression over each gene's median among the training cells that
-//! express it, highest first. The order carries the information (the "bin" of a position is
-//! its rank), so a cell's depth changes little but which genes make its top list.
+//! And two rankings of the cell's expressed genes, highest first; the order carries the
+//! information (the "bin" of a position is its rank), so a cell's depth changes little but
+//! which genes make its top list:
+//! - `rank-value` (Geneformer, Theodoris et al. 2023): CP10k over each gene's median among the
+//!   training cells that express it, which lifts rarely high genes into the list;
+//! - `rank-expression`: CP10k itself, so the list is the cell's most expressed genes. A linear
+//!   read-out of its top-256 ranks separates MetaNeighbor's and Furlan's types as well as all
+//!   genes' log expression does, where the median-normalized ranks lose 0.09 and 0.24
+//!   (benches/README.md, "Which genes make the list").
 
 use std::path::Path;
 
@@ -61,6 +66,8 @@ pub enum Binning {
     CellQuantile,
     /// `medians[g]`: the median CP10k value of gene g where it is expressed (0: never seen).
     RankValue { medians: Vec<f32>, fit_cells: usize },
+    /// Ranked by CP10k alone: nothing to fit.
+    RankExpression,
 }
 
 /// Turns counts into bins for a fixed gene order.
@@ -79,6 +86,14 @@ pub enum BinningKind {
     GeneQuantile,
     CellQuantile,
     RankValue,
+    RankExpression,
+}
+
+impl BinningKind {
+    /// Whether sequences are ranked expressed genes (a rank per position) rather than binned values.
+    pub fn is_ranked(self) -> bool {
+        matches!(self, BinningKind::RankValue | BinningKind::RankExpression)
+    }
 }
 
 impl Tokenizer {
@@ -92,6 +107,7 @@ impl Tokenizer {
         let genes = corpus.vocabulary.clone();
         let binning = match kind {
             BinningKind::CellQuantile => Binning::CellQuantile,
+            BinningKind::RankExpression => Binning::RankExpression,
             BinningKind::GeneQuantile => {
                 let (values, fit_cells) = nonzero_values(corpus, train_cells, genes.len(), max_fit_cells, seed)?;
                 let edges = values.into_iter().map(|mut v| quantile_edges(&mut v, n_bins)).collect();
@@ -131,13 +147,15 @@ impl Tokenizer {
         self.genes.len() + SPECIAL_TOKENS
     }
 
-    /// Whether sequences are ranked expressed genes (`rank-value`) rather than binned values.
+    /// Whether sequences are ranked expressed genes (`rank-value`, `rank-expression`) rather
+    /// than binned values.
     pub fn is_ranked(&self) -> bool {
-        matches!(self.binning, Binning::RankValue { .. })
+        matches!(self.binning, Binning::RankValue { .. } | Binning::RankExpression)
     }
 
-    /// Ranking scores of a cell's non-zero entries (CP10k over the gene's median; larger ranks
-    /// first), into `out`. Genes never seen expressed in training score their CP10k value.
+    /// Ranking scores of a cell's non-zero entries (CP10k, over the gene's median for
+    /// `rank-value`; larger ranks first), into `out`. Genes never seen expressed in training
+    /// score their CP10k value.
     pub fn rank_scores(&self, idx: &[u32], counts: &[f32], out: &mut Vec<f32>) {
         out.clear();
         let total: f32 = counts.iter().sum();
@@ -170,7 +188,7 @@ impl Tokenizer {
                 }));
             }
             // Ranked sequences carry no bins; an expressed gene is bin 1.
-            Binning::RankValue { .. } => out.extend(counts.iter().map(|&c| i64::from(c > 0.0))),
+            Binning::RankValue { .. } | Binning::RankExpression => out.extend(counts.iter().map(|&c| i64::from(c > 0.0))),
             Binning::CellQuantile => {
                 let mut norm = Vec::with_capacity(counts.len());
                 normalize(counts, &mut norm);

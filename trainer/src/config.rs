@@ -366,10 +366,10 @@ impl TrainConfig {
             return bad("train.bucket_mb", format!("{} must be > 0", t.bucket_mb));
         }
         self.views.validate()?;
-        let ranked = self.tokenizer.kind == BinningKind::RankValue;
+        let ranked = self.tokenizer.kind.is_ranked();
         self.objectives.validate(self.views.count)?;
         if self.model.depth_tokens && ranked {
-            return bad("model.depth_tokens", "is for binned sequences; ranked (rank-value) sequences are depth-robust by construction".into());
+            return bad("model.depth_tokens", "is for binned sequences; ranked (rank-*) sequences are depth-robust by construction".into());
         }
         if self.tokenizer.n_bins < 3 {
             return bad("tokenizer.n_bins", format!("{}: need at least 3 (zero + two expression bins)", self.tokenizer.n_bins));

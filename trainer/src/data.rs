@@ -9,7 +9,7 @@ use dataloader::mask::{batch_fn, sequence_len, Batcher, MaskConfig, MaskedBatch,
 use dataloader::rng::Purpose;
 use dataloader::shard::{eval_plan, BatchStream, Rank, ReadStats, ReaderPosition, ShardConfig, ShardReader};
 use dataloader::split::SplitSpec;
-use dataloader::tokenize::{BinningKind, Tokenizer};
+use dataloader::tokenize::Tokenizer;
 use tracing::{info, warn};
 
 use crate::config::TrainConfig;
@@ -59,7 +59,7 @@ impl RunData {
                 // Ranked sequences: a position's "bin" is its rank, so there are as many bins
                 // as gene positions.
                 let n_genes = corpus.vocabulary.len();
-                let n_bins = if t.kind == BinningKind::RankValue { sequence_len(cfg.sequence, n_genes) - 1 } else { t.n_bins };
+                let n_bins = if t.kind.is_ranked() { sequence_len(cfg.sequence, n_genes) - 1 } else { t.n_bins };
                 Tokenizer::fit(&corpus, &split.train, t.kind, n_bins, t.max_fit_cells, cfg.seed)?
             }
         };
