@@ -13,9 +13,10 @@
 //! - `rank-value` (Geneformer, Theodoris et al. 2023): CP10k over each gene's median among the
 //!   training cells that express it, which lifts rarely high genes into the list;
 //! - `rank-expression`: CP10k itself, so the list is the cell's most expressed genes. A linear
-//!   read-out of its top-256 ranks separates MetaNeighbor's and Furlan's types as well as all
-//!   genes' log expression does, where the median-normalized ranks lose 0.09 and 0.24
-//!   (benches/README.md, "Which genes make the list").
+//!   read-out of its top-256 ranks separates the types of panels that are not variable-gene
+//!   selections (MetaNeighbor's, Furlan's unselected) as well as all genes' log expression
+//!   does, where the median-normalized ranks lose 0.09 and 0.21; on selected panels the two
+//!   agree (benches/README.md, "Which genes make the list").
 
 use std::path::Path;
 

@@ -137,6 +137,19 @@ fn rank_value_medians_come_from_expressing_training_cells() {
     assert!(tok.is_ranked());
 }
 
+/// Expression ranking fits nothing, is ranked, and survives the tokenizer file.
+#[test]
+fn rank_expression_is_a_ranked_tokenizer_that_saves_and_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let tok = Tokenizer::fit(&corpus(&s), &(0..301).collect(), BinningKind::RankExpression, 40, 100_000, 0).unwrap();
+    assert_eq!(tok.binning, dataloader::tokenize::Binning::RankExpression);
+    assert!(tok.is_ranked() && BinningKind::RankExpression.is_ranked());
+    let path = dir.path().join("tokenizer.json");
+    tok.save(&path).unwrap();
+    assert_eq!(Tokenizer::load(&path).unwrap(), tok);
+}
+
 #[test]
 fn group_split_keeps_every_library_on_one_side() {
     let dir = tempfile::tempdir().unwrap();
