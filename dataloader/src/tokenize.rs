@@ -97,6 +97,18 @@ impl BinningKind {
     }
 }
 
+impl Binning {
+    /// The config kind this binning was fitted as, so kind-level questions have one answer.
+    pub fn kind(&self) -> BinningKind {
+        match self {
+            Binning::GeneQuantile { .. } => BinningKind::GeneQuantile,
+            Binning::CellQuantile => BinningKind::CellQuantile,
+            Binning::RankValue { .. } => BinningKind::RankValue,
+            Binning::RankExpression => BinningKind::RankExpression,
+        }
+    }
+}
+
 impl Tokenizer {
     /// Builds a tokenizer over the corpus vocabulary; `gene-quantile` edges and `rank-value`
     /// medians are fitted per gene on (a whole-chunk sample of at most `max_fit_cells` of)
@@ -151,7 +163,7 @@ impl Tokenizer {
     /// Whether sequences are ranked expressed genes (`rank-value`, `rank-expression`) rather
     /// than binned values.
     pub fn is_ranked(&self) -> bool {
-        matches!(self.binning, Binning::RankValue { .. } | Binning::RankExpression)
+        self.binning.kind().is_ranked()
     }
 
     /// Ranking scores of a cell's non-zero entries (CP10k, over the gene's median for

@@ -199,7 +199,7 @@ mod tests {
     }
 
     fn accuracy(p: &Array2<f64>, y: &[usize]) -> f64 {
-        let pred = crate::predict::predicted(&p);
+        let pred = crate::predict::predicted(p);
         pred.iter().zip(y).filter(|(a, b)| a == b).count() as f64 / y.len() as f64
     }
 
