@@ -421,6 +421,21 @@ mod tests {
         assert_eq!((cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.batch_size, cfg.train.epochs), (2e-3, 3, 8, LoopConfig::default().epochs));
     }
 
+    /// Every fine-tuning preset in configs/finetune/ loads with the current keys.
+    #[test]
+    fn every_shipped_preset_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/finetune");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                FinetuneConfig::load(Some(&path), &required()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 1, "found no presets in {}", dir.display());
+    }
+
     #[test]
     fn defaults_round_trip_and_every_key_is_written() {
         let mut cfg = FinetuneConfig::load(None, &required()).unwrap();
