@@ -113,7 +113,7 @@ impl ViewConfig {
     }
 
     /// Whether views differ from the cell as measured (beyond masking).
-    fn perturbs(&self) -> bool {
+    pub fn perturbs(&self) -> bool {
         self.thins() || self.gene_scale > 0.0
     }
 }

@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use dataloader::frame::{Column, Frame};
 use dataloader::h5write::{dict_group, encoding, frame, strings};
-use dataloader::mask::{Batcher, ViewConfig};
 use dataloader::shard::CellBatch;
 use dataloader::source::h5::h5err;
 use evaluation::dataset::EvalData;
@@ -25,7 +24,8 @@ use trainer::model::load_weights;
 
 use crate::classifier::{Classifier, EncoderInit};
 use crate::error::{FinetuneError, Result};
-use crate::predict::{argmax, combine, forward_host};
+use crate::config::AugmentConfig;
+use crate::predict::{argmax, combine, forward_host, test_views};
 use crate::run_files::FinetuneRun;
 use crate::task::labelled_batches;
 use crate::train::predict_batch_size;
@@ -65,6 +65,10 @@ pub struct AnnotateConfig {
     /// Accept non-integer counts in an .h5ad input (e.g. RPKM), as the fine-tune's data had.
     #[arg(long)]
     pub allow_non_integer: bool,
+    /// Views of each cell averaged (default: the fine-tune's `augment.test_views`, as its
+    /// report scored); 1 predicts from the measured cells alone, the fastest.
+    #[arg(long)]
+    pub test_views: Option<usize>,
 }
 
 /// What an annotation did.
@@ -113,9 +117,20 @@ pub fn annotate(cfg: &AnnotateConfig) -> Result<AnnotateSummary> {
     let (n_model, found) = (run.tokenizer.genes.len(), genes.overlap.shared);
 
     let tokenizer = std::sync::Arc::new(run.tokenizer.clone());
-    let batcher = Batcher::new(tokenizer.clone(), run.arch.sequence, None, ViewConfig::SINGLE)?;
-    // Fine-tuning's own transform: the same genes, sequences and padding of missing genes.
-    let tokens_of = labelled_batches(batcher, genes.clone(), Arc::new(Vec::new()), 0);
+    let augment = AugmentConfig { test_views: cfg.test_views.unwrap_or(run.config.augment.test_views), ..run.config.augment.clone() };
+    if augment.test_views == 0 || (augment.test_views > 1 && !augment.view().perturbs()) {
+        let why = format!("--test-views {}: must be ≥ 1, and 1 when the fine-tune perturbed nothing (its augment.gene_scale 0, thin_min 1)", augment.test_views);
+        return Err(FinetuneError::Usage(why));
+    }
+    // Fine-tuning's own transform for each view the report averaged: the same genes,
+    // sequences, padding of missing genes and perturbations.
+    let views: Vec<_> = test_views(tokenizer.clone(), run.arch.sequence, &augment, run.config.seed)?
+        .into_iter()
+        .map(|(batcher, epoch)| labelled_batches(batcher, genes.clone(), Arc::new(Vec::new()), epoch))
+        .collect();
+    if views.len() > 1 {
+        info!("each cell's probabilities average {} views: the measured cell and {} perturbed copies (augment.test_views)", views.len(), views.len() - 1);
+    }
     let n = data.store.n_cells();
     let (k, dim) = (classes.len(), run.arch.embedding_dim());
     let mut proba = Array2::<f32>::zeros((n, k));
@@ -125,16 +140,19 @@ pub fn annotate(cfg: &AnnotateConfig) -> Result<AnnotateSummary> {
     let start = Instant::now();
     for lo in (0..n).step_by(batch) {
         let hi = (lo + batch).min(n);
-        let b = tokens_of(CellBatch { cells: (lo as u32..hi as u32).collect(), counts: data.store.read_rows(lo..hi)? })?;
-        let dev = DeviceBatch::new(&b.tokens, device, tokenizer.gene_pad(), false)?;
-        // Every member's probabilities, combined as the fine-tune's report combined them; the
-        // embedding is member 0's.
-        let (mut members, mut e) = (Vec::with_capacity(models.len()), Vec::new());
-        for (m, model) in models.iter().enumerate() {
-            let (p, emb) = forward_host(model, &dev)?;
-            members.push(Array2::from_shape_vec((hi - lo, k), p.iter().map(|&x| x as f64).collect()).map_err(|e| FinetuneError::Internal(e.to_string()))?);
-            if m == 0 {
-                e = emb;
+        let cells = CellBatch { cells: (lo as u32..hi as u32).collect(), counts: data.store.read_rows(lo..hi)? };
+        // Every member's probabilities on every view, combined as the fine-tune's report
+        // combined them; the embedding is member 0's of the measured cells.
+        let (mut members, mut e) = (Vec::with_capacity(models.len() * views.len()), Vec::new());
+        for (v, tokens_of) in views.iter().enumerate() {
+            let b = tokens_of(cells.clone())?;
+            let dev = DeviceBatch::new(&b.tokens, device, tokenizer.gene_pad(), false)?;
+            for (m, model) in models.iter().enumerate() {
+                let (p, emb) = forward_host(model, &dev)?;
+                members.push(Array2::from_shape_vec((hi - lo, k), p.iter().map(|&x| x as f64).collect()).map_err(|e| FinetuneError::Internal(e.to_string()))?);
+                if v == 0 && m == 0 {
+                    e = emb;
+                }
             }
         }
         proba.slice_mut(ndarray::s![lo..hi, ..]).assign(&combine(&members).mapv(|x| x as f32));

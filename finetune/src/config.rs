@@ -243,11 +243,16 @@ pub struct AugmentConfig {
     pub gene_scale: f64,
     /// Keep a fraction U(thin_min, 1) of each cell's counts (1: none).
     pub thin_min: f64,
+    /// Test-time augmentation: predictions (the report's and `neurofm-annotate`'s) average the
+    /// class log-probabilities of the measured cell and `test_views - 1` copies perturbed as
+    /// the training cells are (1: the measured cell alone). A classifier that has only seen
+    /// perturbed cells answers best on perturbed ones; each view costs one more forward pass.
+    pub test_views: usize,
 }
 
 impl Default for AugmentConfig {
     fn default() -> Self {
-        AugmentConfig { gene_scale: 1.0, thin_min: 1.0 }
+        AugmentConfig { gene_scale: 1.0, thin_min: 1.0, test_views: 1 }
     }
 }
 
@@ -362,6 +367,12 @@ impl FinetuneConfig {
         }
         self.optim.validate()?;
         self.augment.view().validate().map_err(|e| FinetuneError::Usage(format!("augment: {e}")))?;
+        if self.augment.test_views == 0 {
+            return bad("augment.test_views", "must be ≥ 1 (1: the measured cells alone)".into());
+        }
+        if self.augment.test_views > 1 && !self.augment.view().perturbs() {
+            return bad("augment.test_views", format!("{} copies of unperturbed cells are the same cell; set augment.gene_scale > 0 or augment.thin_min < 1, or test_views = 1", self.augment.test_views));
+        }
         let l = &self.train;
         if l.batch_size == 0 || l.grad_accum == 0 {
             return bad("train.batch_size / train.grad_accum", "must be ≥ 1".into());

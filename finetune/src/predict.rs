@@ -1,7 +1,12 @@
 //! Batched prediction without gradients, and the scores of predictions against labels
 //! (evaluation's scikit-learn-exact definitions, plus per-class precision, recall and F1).
 
+use std::sync::Arc;
+
+use dataloader::mask::{Batcher, SequenceMode, ViewConfig, VALIDATION_EPOCH};
+use dataloader::rng::hash_keys;
 use dataloader::shard::ReaderPosition;
+use dataloader::tokenize::Tokenizer;
 use evaluation::metrics::Confusion;
 use evaluation::probe::Scores;
 use ndarray::Array2;
@@ -10,6 +15,7 @@ use tch::{Device, Kind};
 use trainer::batch::DeviceBatch;
 
 use crate::classifier::Classifier;
+use crate::config::AugmentConfig;
 use crate::error::{FinetuneError, Result};
 use crate::task::LabelledBatch;
 
@@ -25,6 +31,20 @@ pub struct Predictions {
     pub proba: Array2<f64>,
     /// `cells × dim` cell embeddings (the head's input), when asked for.
     pub embedding: Option<Array2<f32>>,
+}
+
+/// Keys the test views' perturbations apart from every training draw.
+const TEST_VIEWS: u64 = 67;
+
+/// The views a prediction averages (`augment.test_views`), each a batcher and the epoch it
+/// builds for: the measured cells first, then copies perturbed as the training cells are, each
+/// its own draw. Keyed by the fine-tune's seed and the cell's row, so the report and
+/// `neurofm-annotate` of the same store see the same copies of a cell.
+pub fn test_views(tokenizer: Arc<Tokenizer>, sequence: SequenceMode, augment: &AugmentConfig, seed: u64) -> Result<Vec<(Batcher, u64)>> {
+    let measured = Batcher::new(tokenizer.clone(), sequence, None, ViewConfig::SINGLE)?;
+    let perturbed = Batcher::new(tokenizer, sequence, None, augment.view())?.with_view_seed(hash_keys(&[seed, TEST_VIEWS]));
+    let copies = (1..augment.test_views as u64).map(|epoch| (perturbed.clone(), epoch));
+    Ok(std::iter::once((measured, VALIDATION_EPOCH)).chain(copies).collect())
 }
 
 /// The softmax probabilities and embeddings of one uploaded batch, on the host.
@@ -148,6 +168,33 @@ pub fn class_scores(p: &Predictions, k: usize) -> ClassScores {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dataloader::csr::CsrRows;
+    use dataloader::shard::CellBatch;
+    use dataloader::tokenize::{Binning, Vocab};
+
+    /// View 0 is the cell as measured (a ranked list: genes by descending count); every further
+    /// view is its own perturbed draw, the same on every call and keyed by the seed, so the
+    /// report and `neurofm-annotate` average the same copies of a cell.
+    #[test]
+    fn test_views_are_the_measured_cell_then_reproducible_perturbed_copies() {
+        let tok = Arc::new(Tokenizer { vocab: Vocab { n_bins: 16 }, genes: (0..12).map(|g| format!("g{g}")).collect(), binning: Binning::RankExpression });
+        let mut counts = CsrRows::new();
+        counts.push_row(&(0..12).collect::<Vec<u32>>(), &(1..=12).map(|c| c as f32 * 10.0).collect::<Vec<_>>());
+        let cells = CellBatch { cells: vec![3], counts };
+        let mode = SequenceMode::NonzeroPlusZeros { max_len: 13 };
+        let augment = AugmentConfig { gene_scale: 1.0, thin_min: 1.0, test_views: 3 };
+        let lists = |seed: u64, augment: &AugmentConfig| -> Vec<Vec<i64>> {
+            test_views(tok.clone(), mode, augment, seed).unwrap().iter().map(|(b, epoch)| b.build(&cells, *epoch).first().gene_ids.clone()).collect()
+        };
+        let got = lists(5, &augment);
+        let measured: Vec<i64> = std::iter::once(tok.gene_cls()).chain((0..12).rev()).collect();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], measured, "view 0 is the measured cell");
+        assert!(got[1] != measured && got[2] != measured && got[1] != got[2], "each copy is its own draw: {got:?}");
+        assert_eq!(lists(5, &augment), got, "the same copies on every call");
+        assert_ne!(lists(6, &augment)[1], got[1], "keyed by the fine-tune's seed");
+        assert_eq!(lists(5, &AugmentConfig { test_views: 1, ..augment }), vec![measured], "1: the measured cell alone");
+    }
 
     #[test]
     fn per_class_scores_follow_the_confusion_matrix() {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use dataloader::mask::{Batcher, ViewConfig};
+use dataloader::mask::Batcher;
 use evaluation::outputs;
 use evaluation::plots;
 use evaluation::report::{num, Block};
@@ -19,7 +19,7 @@ use trainer::metrics::{self as run_metrics, Column};
 
 use crate::baselines::{self, Baseline, BaselineDetail};
 use crate::error::{FinetuneError, Result};
-use crate::predict::{predicted, ClassScores, PerClass, Predictions};
+use crate::predict::{predicted, test_views, ClassScores, PerClass, Predictions};
 use crate::run_files;
 use crate::train::{load_best, score, Phase, PhaseOutcome, Plan};
 
@@ -88,6 +88,8 @@ pub struct TaskInfo {
     pub layer: usize,
     /// Classifiers averaged (`train.members`).
     pub members: usize,
+    /// Views of each test cell averaged (`augment.test_views`).
+    pub test_views: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -118,13 +120,13 @@ pub fn finish(plan: &Plan, main: &[PhaseOutcome], control: Option<&[PhaseOutcome
     let task = &plan.task;
     let cfg = &plan.cfg;
     let classes = &task.labels.classes;
-    let batcher = Batcher::new(plan.pretrained.tokenizer.clone(), plan.arch.sequence, None, ViewConfig::SINGLE)?;
+    let views = test_views(plan.pretrained.tokenizer.clone(), plan.arch.sequence, &cfg.augment, cfg.seed)?;
     let test: Vec<usize> = task.split.test.clone(); // ascending, as `predict_stream` reads
     let started = Instant::now();
-    let mut scored = vec![phase_scored(plan, Phase::Finetune, main, &batcher, &test, device)?];
+    let mut scored = vec![phase_scored(plan, Phase::Finetune, main, &views, &test, device)?];
     let predict_cells_per_s = test.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
     if let Some(c) = control {
-        scored.push(phase_scored(plan, Phase::FromScratch, c, &batcher, &test, device)?);
+        scored.push(phase_scored(plan, Phase::FromScratch, c, &views, &test, device)?);
     }
     if cfg.baselines.logistic || cfg.baselines.random_forest {
         let x = baselines::expression(task, plan.pretrained.tokenizer.genes.len())?;
@@ -172,7 +174,7 @@ pub fn finish(plan: &Plan, main: &[PhaseOutcome], control: Option<&[PhaseOutcome
 /// The members of a phase scored on the test cells, one by one and together (mean class
 /// log-probability, `predict::combine`). The detail names member 0's checkpoint; with more
 /// members it also lists each one's checkpoint and test scores.
-fn phase_scored(plan: &Plan, phase: Phase, members: &[PhaseOutcome], batcher: &Batcher, test: &[usize], device: Device) -> Result<Scored> {
+fn phase_scored(plan: &Plan, phase: Phase, members: &[PhaseOutcome], views: &[(Batcher, u64)], test: &[usize], device: Device) -> Result<Scored> {
     let (key, mut title) = match phase {
         Phase::Finetune => ("model", "fine-tuned neurofm".to_string()),
         Phase::FromScratch => ("from_scratch", "same architecture from scratch".to_string()),
@@ -180,7 +182,7 @@ fn phase_scored(plan: &Plan, phase: Phase, members: &[PhaseOutcome], batcher: &B
     let (mut probas, mut details, mut truth) = (Vec::new(), Vec::new(), Vec::new());
     for member in members {
         let (model, ckpt, extra) = load_best(plan, &member.dir, device)?;
-        let (p, s) = score(plan, &model, batcher, test, device)?;
+        let (p, s) = score(plan, &model, views, test, device)?;
         check_order(&p, &plan.task, test)?;
         details.push(serde_json::json!({
             "checkpoint": ckpt,
@@ -193,9 +195,16 @@ fn phase_scored(plan: &Plan, phase: Phase, members: &[PhaseOutcome], batcher: &B
         truth = p.truth; // the same for every member: `check_order` holds their rows to the test cells'
     }
     let mut detail = details[0].clone();
+    let mut averaged = Vec::new();
     if members.len() > 1 {
-        title = format!("{title} ({} members averaged)", members.len());
+        averaged.push(format!("{} members", members.len()));
         detail["members"] = serde_json::Value::Array(details);
+    }
+    if views.len() > 1 {
+        averaged.push(format!("{} test views", views.len()));
+    }
+    if !averaged.is_empty() {
+        title = format!("{title} ({} averaged)", averaged.join(", "));
     }
     let proba = crate::predict::combine(&probas);
     let pred = predicted(&proba);
@@ -243,6 +252,7 @@ fn task_info(plan: &Plan) -> TaskInfo {
         pooling: plan.arch.choice.pooling.name().to_string(),
         layer: plan.arch.choice.layer,
         members: c.train.members,
+        test_views: c.augment.test_views,
     }
 }
 

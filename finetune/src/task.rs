@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use dataloader::frame::Frame;
-use dataloader::mask::{Batcher, MaskedBatch, VALIDATION_EPOCH};
+use dataloader::mask::{Batcher, MaskedBatch};
 use dataloader::rng::hash_keys;
 use dataloader::shard::{eval_plan, BatchFn, BatchStream, CellBatch, EpochPlan, Rank, ReadPlan, ReaderPosition, ShardConfig, ShardReader};
 use dataloader::store::Store;
@@ -115,16 +115,17 @@ impl Task {
     }
 
     /// Batches of `plan` from `start`, read, tokenized and labelled by background workers;
-    /// `epoch` keys the genes a `nonzero-plus-zeros` sequence samples (0 for prediction, as
-    /// `neurofm-eval` embeds).
+    /// `epoch` keys the genes a `nonzero-plus-zeros` sequence samples and the perturbations
+    /// (`VALIDATION_EPOCH` for the cells as measured, which predictions and annotation use).
     pub fn stream(&self, batcher: &Batcher, plan: EpochPlan, start: ReaderPosition, epoch: u64, workers: usize, prefetch: usize) -> BatchStream<LabelledBatch> {
         BatchStream::new(self.store.clone(), plan, start, workers, prefetch, labelled_batches(batcher.clone(), self.genes.clone(), self.class_of_row.clone(), epoch))
     }
 
-    /// Batches of every cell of `positions`, in store order, this rank's contiguous part.
-    pub fn predict_stream(&self, batcher: &Batcher, positions: &[usize], rank: Rank, batch_size: usize, workers: usize) -> BatchStream<LabelledBatch> {
+    /// Batches of every cell of `positions`, in store order, this rank's contiguous part, built
+    /// for `epoch` (`VALIDATION_EPOCH`: the cells as measured; a test view's own otherwise).
+    pub fn predict_stream(&self, batcher: &Batcher, positions: &[usize], rank: Rank, batch_size: usize, workers: usize, epoch: u64) -> BatchStream<LabelledBatch> {
         let plan = eval_plan(&self.rows(positions), rank, batch_size);
-        self.stream(batcher, plan, ReaderPosition::default(), VALIDATION_EPOCH, workers, 4)
+        self.stream(batcher, plan, ReaderPosition::default(), epoch, workers, 4)
     }
 }
 

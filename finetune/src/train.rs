@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use dataloader::mask::Batcher;
+use dataloader::mask::{Batcher, VALIDATION_EPOCH};
 use dataloader::rng::{hash_keys, Purpose};
 use dataloader::shard::{BatchStream, Rank, ReaderPosition, ShardReader};
 use tch::{Device, Kind, Tensor};
@@ -35,7 +35,7 @@ use trainer::TrainError;
 use crate::classifier::{weighted_ce_sum, Classifier, EncoderInit};
 use crate::config::FinetuneConfig;
 use crate::error::{FinetuneError, Result};
-use crate::predict::{class_scores, predict, Predictions};
+use crate::predict::{class_scores, combine, predict, predicted, Predictions};
 use crate::pretrained::{resolve_defaults, Architecture, Pretrained};
 use crate::report::FinetuneMetrics;
 use crate::run_files::{self, read_finetune_state, ClassesFile, FinetuneState, FINETUNE_STATE};
@@ -590,7 +590,7 @@ impl<'a> Session<'a> {
         let task = &self.plan.task;
         let k = task.n_classes();
         let batch = predict_batch_size(cfg.train.predict_batch_size, self.device);
-        let stream = task.predict_stream(&self.batcher, &task.val, self.rank, batch, cfg.data.workers);
+        let stream = task.predict_stream(&self.batcher, &task.val, self.rank, batch, cfg.data.workers, VALIDATION_EPOCH);
         let p = predict(&self.model, stream, self.device, self.gene_pad, false)?;
         // Confusion counts, weighted loss and weight, summed over ranks.
         let mut sums = vec![0.0; k * k + 2];
@@ -732,11 +732,18 @@ pub fn load_best(plan: &Plan, dir: &Path, device: Device) -> Result<(Classifier,
 }
 
 /// Predictions of `model` for `positions` of the task (rank 0 alone), in ascending position
-/// order, with their per-class scores.
-pub fn score(plan: &Plan, model: &Classifier, batcher: &Batcher, positions: &[usize], device: Device) -> Result<(Predictions, crate::predict::ClassScores)> {
+/// order, averaged over the test `views` (`predict::test_views`), with their per-class scores.
+pub fn score(plan: &Plan, model: &Classifier, views: &[(Batcher, u64)], positions: &[usize], device: Device) -> Result<(Predictions, crate::predict::ClassScores)> {
     let batch = predict_batch_size(plan.cfg.train.predict_batch_size, device);
-    let stream = plan.task.predict_stream(batcher, positions, Rank::single(), batch, plan.cfg.data.workers);
-    let p = predict(model, stream, device, plan.pretrained.tokenizer.gene_pad(), false)?;
+    let mut each = Vec::with_capacity(views.len());
+    for (batcher, epoch) in views {
+        let stream = plan.task.predict_stream(batcher, positions, Rank::single(), batch, plan.cfg.data.workers, *epoch);
+        each.push(predict(model, stream, device, plan.pretrained.tokenizer.gene_pad(), false)?);
+    }
+    let proba = combine(&each.iter().map(|p| p.proba.clone()).collect::<Vec<_>>());
+    let mut p = each.into_iter().next().ok_or_else(|| FinetuneError::Internal("no test views".into()))?;
+    p.pred = predicted(&proba);
+    p.proba = proba;
     let s = class_scores(&p, plan.task.n_classes());
     Ok((p, s))
 }

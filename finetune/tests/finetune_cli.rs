@@ -418,18 +418,21 @@ fn annotate_writes_labels_probabilities_and_the_gene_overlap() {
     assert_eq!(again.status.code(), Some(2));
 }
 
-/// An ensemble of two: member 1 trains in `members/1/` from its own seed (other weights), the
-/// report scores the two combined and lists each, and annotate combines them the same way: its
-/// probabilities on the store's test cells are `predictions.tsv`'s, and differ from member 0's
-/// alone.
+/// An ensemble of two, each averaged over three test views: member 1 trains in `members/1/`
+/// from its own seed (other weights), the report scores the members and views combined and
+/// lists each member, and annotate combines them the same way: its probabilities on the
+/// store's test cells are `predictions.tsv`'s, and differ from member 0's alone and from the
+/// measured cells alone (`--test-views 1`).
 #[test]
 fn an_ensemble_is_scored_and_annotated_as_one_classifier() {
     let f = fixture();
     let run_dir = f.root.join("ensemble");
-    ok("fine-tune", &finetune(&run_dir, &["--set", "train.members=2", "--set", "train.max_steps=20", "--set", "baselines.random_forest=false", "--set", "baselines.logistic=false"]));
+    let train = ["--set", "train.members=2", "--set", "augment.test_views=3", "--set", "train.max_steps=20"];
+    ok("fine-tune", &finetune(&run_dir, &[&train[..], &["--set", "baselines.random_forest=false", "--set", "baselines.logistic=false"]].concat()));
     let m = json(&run_dir.join("metrics.json"));
     let members = m["model"]["detail"]["members"].as_array().expect("metrics.json lists the members");
     assert_eq!(members.len(), 2);
+    assert_eq!(m["task"]["test_views"], 3);
     let head = |ckpt: &Path| weights(ckpt).into_iter().find(|(n, _)| n == "classifier.fc1.weight").expect("head weights").1;
     assert!(!head(&run_dir.join("checkpoints/last")).equal(&head(&run_dir.join("members/1/checkpoints/last"))), "each member starts from its own seed");
 
@@ -453,15 +456,18 @@ fn an_ensemble_is_scored_and_annotated_as_one_classifier() {
     let together = probabilities(&[], "ensemble.h5ad");
     let member0 = members[0]["checkpoint"].as_str().unwrap().to_string();
     let alone = probabilities(&["--checkpoint", &member0], "member0.h5ad");
-    let (mut largest_gap, mut moved) = (0.0f32, 0.0f32);
+    let measured = probabilities(&["--test-views", "1"], "measured.h5ad");
+    let (mut largest_gap, mut moved, mut viewed) = (0.0f32, 0.0f32, 0.0f32);
     for (row, p) in &test {
         for (c, &want) in p.iter().enumerate() {
             largest_gap = largest_gap.max((together[row * 3 + c] - want).abs());
             moved = moved.max((alone[row * 3 + c] - want).abs());
+            viewed = viewed.max((measured[row * 3 + c] - want).abs());
         }
     }
     assert!(largest_gap < 1e-5, "annotate's ensemble differs from the report's by {largest_gap}");
     assert!(moved > 1e-3, "member 0 alone should differ from the ensemble (largest difference {moved})");
+    assert!(viewed > 1e-3, "the measured cells alone should differ from the three views (largest difference {viewed})");
 }
 
 /// Two CPU ranks under mpirun (through neurofm-launch) with batch 8 each take exactly the steps
