@@ -118,9 +118,8 @@ pub fn annotate(cfg: &AnnotateConfig) -> Result<AnnotateSummary> {
 
     let tokenizer = std::sync::Arc::new(run.tokenizer.clone());
     let augment = AugmentConfig { test_views: cfg.test_views.unwrap_or(run.config.augment.test_views), ..run.config.augment.clone() };
-    if augment.test_views == 0 || (augment.test_views > 1 && !augment.view().perturbs()) {
-        let why = format!("--test-views {}: must be ≥ 1, and 1 when the fine-tune perturbed nothing (its augment.gene_scale 0, thin_min 1)", augment.test_views);
-        return Err(FinetuneError::Usage(why));
+    if let Some(why) = augment.test_views_problem() {
+        return Err(FinetuneError::Usage(format!("--test-views {}: {why} (the fine-tune's [augment] in {})", augment.test_views, cfg.model.display())));
     }
     // Fine-tuning's own transform for each view the report averaged: the same genes,
     // sequences, padding of missing genes and perturbations.

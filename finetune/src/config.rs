@@ -261,6 +261,18 @@ impl AugmentConfig {
     pub fn view(&self) -> ViewConfig {
         ViewConfig { gene_scale: self.gene_scale, thin_min: self.thin_min, ..ViewConfig::SINGLE }
     }
+
+    /// Why `test_views` cannot be averaged, if it cannot: the config's check and
+    /// `neurofm-annotate --test-views`'s, so both refuse the same values.
+    pub fn test_views_problem(&self) -> Option<String> {
+        if self.test_views == 0 {
+            return Some("must be ≥ 1 (1: the measured cells alone)".into());
+        }
+        if self.test_views > 1 && !self.view().perturbs() {
+            return Some(format!("{} copies of unperturbed cells are the same cell; set augment.gene_scale > 0 or augment.thin_min < 1, or test views 1", self.test_views));
+        }
+        None
+    }
 }
 
 /// Background reading.
@@ -367,11 +379,8 @@ impl FinetuneConfig {
         }
         self.optim.validate()?;
         self.augment.view().validate().map_err(|e| FinetuneError::Usage(format!("augment: {e}")))?;
-        if self.augment.test_views == 0 {
-            return bad("augment.test_views", "must be ≥ 1 (1: the measured cells alone)".into());
-        }
-        if self.augment.test_views > 1 && !self.augment.view().perturbs() {
-            return bad("augment.test_views", format!("{} copies of unperturbed cells are the same cell; set augment.gene_scale > 0 or augment.thin_min < 1, or test_views = 1", self.augment.test_views));
+        if let Some(why) = self.augment.test_views_problem() {
+            return bad("augment.test_views", why);
         }
         let l = &self.train;
         if l.batch_size == 0 || l.grad_accum == 0 {
@@ -477,5 +486,14 @@ mod tests {
         let mut o = required();
         o.push("encoder.layer_decay=0".into());
         assert!(FinetuneConfig::load(None, &o).unwrap_err().to_string().contains("encoder.layer_decay"));
+        for views in [&["augment.test_views=0"][..], &["augment.test_views=3", "augment.gene_scale=0"]] {
+            let mut o = required();
+            o.extend(views.iter().map(|v| v.to_string()));
+            let e = FinetuneConfig::load(None, &o).unwrap_err().to_string();
+            assert!(e.contains("augment.test_views"), "{views:?}: {e}");
+        }
+        let mut o = required();
+        o.push("augment.test_views=3".into());
+        assert_eq!(FinetuneConfig::load(None, &o).expect("perturbed copies").augment.test_views, 3);
     }
 }

@@ -422,7 +422,7 @@ fn annotate_writes_labels_probabilities_and_the_gene_overlap() {
 /// from its own seed (other weights), the report scores the members and views combined and
 /// lists each member, and annotate combines them the same way: its probabilities on the
 /// store's test cells are `predictions.tsv`'s, and differ from member 0's alone and from the
-/// measured cells alone (`--test-views 1`).
+/// measured cells alone (`--test-views 1`); `--test-views 0` is refused.
 #[test]
 fn an_ensemble_is_scored_and_annotated_as_one_classifier() {
     let f = fixture();
@@ -468,6 +468,11 @@ fn an_ensemble_is_scored_and_annotated_as_one_classifier() {
     assert!(largest_gap < 1e-5, "annotate's ensemble differs from the report's by {largest_gap}");
     assert!(moved > 1e-3, "member 0 alone should differ from the ensemble (largest difference {moved})");
     assert!(viewed > 1e-3, "the measured cells alone should differ from the three views (largest difference {viewed})");
+
+    let out = f.root.join("no-views.h5ad");
+    let refused = annotate(&["--model", s(&run_dir), "--data", s(&f.store), "--out", s(&out), "--device", "cpu", "--test-views", "0"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", String::from_utf8_lossy(&refused.stderr));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--test-views 0") && !out.exists());
 }
 
 /// Two CPU ranks under mpirun (through neurofm-launch) with batch 8 each take exactly the steps
