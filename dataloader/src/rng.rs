@@ -36,6 +36,8 @@ pub enum Purpose {
     ValidationSample = 41,
     /// The training cells the context-free baselines are fitted on.
     BaselineSample = 42,
+    /// The perturbed copies of a cell that a fine-tune's predictions average (`augment.test_views`).
+    TestViews = 67,
     /// The untrained model's (or a fresh model's) initial weights.
     Init = 50,
 }

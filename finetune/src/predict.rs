@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use dataloader::mask::{Batcher, SequenceMode, ViewConfig, VALIDATION_EPOCH};
-use dataloader::rng::hash_keys;
+use dataloader::rng::{hash_keys, Purpose};
 use dataloader::shard::ReaderPosition;
 use dataloader::tokenize::Tokenizer;
 use evaluation::metrics::Confusion;
@@ -33,16 +33,13 @@ pub struct Predictions {
     pub embedding: Option<Array2<f32>>,
 }
 
-/// Keys the test views' perturbations apart from every training draw.
-const TEST_VIEWS: u64 = 67;
-
 /// The views a prediction averages (`augment.test_views`), each a batcher and the epoch it
 /// builds for: the measured cells first, then copies perturbed as the training cells are, each
 /// its own draw. Keyed by the fine-tune's seed and the cell's row, so the report and
 /// `neurofm-annotate` of the same store see the same copies of a cell.
 pub fn test_views(tokenizer: Arc<Tokenizer>, sequence: SequenceMode, augment: &AugmentConfig, seed: u64) -> Result<Vec<(Batcher, u64)>> {
     let measured = Batcher::new(tokenizer.clone(), sequence, None, ViewConfig::SINGLE)?;
-    let perturbed = Batcher::new(tokenizer, sequence, None, augment.view())?.with_view_seed(hash_keys(&[seed, TEST_VIEWS]));
+    let perturbed = Batcher::new(tokenizer, sequence, None, augment.view())?.with_view_seed(hash_keys(&[seed, Purpose::TestViews as u64]));
     let copies = (1..augment.test_views as u64).map(|epoch| (perturbed.clone(), epoch));
     Ok(std::iter::once((measured, VALIDATION_EPOCH)).chain(copies).collect())
 }

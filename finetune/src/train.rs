@@ -740,7 +740,7 @@ pub fn score(plan: &Plan, model: &Classifier, views: &[(Batcher, u64)], position
         let stream = plan.task.predict_stream(batcher, positions, Rank::single(), batch, plan.cfg.data.workers, *epoch);
         each.push(predict(model, stream, device, plan.pretrained.tokenizer.gene_pad(), false)?);
     }
-    let proba = combine(&each.iter().map(|p| p.proba.clone()).collect::<Vec<_>>());
+    let proba = combine(&each.iter_mut().map(|p| std::mem::take(&mut p.proba)).collect::<Vec<_>>());
     let mut p = each.into_iter().next().ok_or_else(|| FinetuneError::Internal("no test views".into()))?;
     p.pred = predicted(&proba);
     p.proba = proba;
