@@ -380,12 +380,24 @@ mod tests {
     }
 
     #[test]
-    fn jacobi_diagonalizes_a_known_matrix() {
+    fn symmetric_eigen_diagonalizes_known_and_degenerate_matrices() {
         let a = ndarray::array![[2.0, 1.0], [1.0, 2.0]];
         let (vals, vecs) = symmetric_eigen(&a);
         assert!((vals[0] - 3.0).abs() < 1e-12 && (vals[1] - 1.0).abs() < 1e-12);
         let back = vecs.dot(&Array2::from_diag(&vals)).dot(&vecs.t());
         assert!((back - a).iter().all(|v| v.abs() < 1e-12));
+        // A rank-10 Gram matrix of 40 dimensions (30 zero eigenvalues), padded with a zero
+        // row and column: orthonormal vectors, descending values, exact reconstruction.
+        let x = random(10, 40, 3);
+        let mut g = Array2::<f64>::zeros((41, 41));
+        g.slice_mut(s![..40, ..40]).assign(&x.t().dot(&x));
+        let (vals, vecs) = symmetric_eigen(&g);
+        assert!(vals.windows(2).into_iter().all(|w| w[0] >= w[1]), "{vals}");
+        assert!(vals.iter().skip(10).all(|v| v.abs() < 1e-9 * vals[0]), "{vals}");
+        assert!((vecs.t().dot(&vecs) - Array2::<f64>::eye(41)).iter().all(|v| v.abs() < 1e-10));
+        let back = vecs.dot(&Array2::from_diag(&vals)).dot(&vecs.t());
+        assert!((back - &g).iter().all(|v| v.abs() < 1e-9 * vals[0]));
+        assert_eq!(symmetric_eigen(&Array2::zeros((3, 3))).0, Array1::<f64>::zeros(3));
     }
 
     #[test]
