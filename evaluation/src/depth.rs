@@ -72,13 +72,16 @@ struct Ridge {
     vectors: Array2<f64>,
     /// A V: the training rows in the eigenbasis.
     projected: Array2<f64>,
+    /// (A V)²: each row's leverage terms, shared by every target and penalty.
+    squared: Array2<f64>,
 }
 
 impl Ridge {
     fn fit(a: &Array2<f64>) -> Ridge {
         let (values, vectors) = symmetric_eigen(&a.t().dot(a));
         let projected = a.dot(&vectors);
-        Ridge { values: values.mapv(|v| v.max(0.0)), vectors, projected }
+        let squared = projected.mapv(|p| p * p);
+        Ridge { values: values.mapv(|v| v.max(0.0)), vectors, projected, squared }
     }
 
     /// The coefficients for the centred target `y`, at the penalty (from `PENALTIES`) with
@@ -88,11 +91,10 @@ impl Ridge {
     fn best_by_leave_one_out(&self, y: &Array1<f64>) -> Array1<f64> {
         let n = y.len() as f64;
         let target = self.projected.t().dot(y);
-        let squared = self.projected.mapv(|p| p * p);
         let press = |penalty: f64| -> f64 {
             let inv = self.values.mapv(|v| 1.0 / (v + penalty));
             let fitted = self.projected.dot(&(&target * &inv));
-            let leverage = squared.dot(&inv) + 1.0 / n;
+            let leverage = self.squared.dot(&inv) + 1.0 / n;
             (0..y.len()).map(|i| ((y[i] - fitted[i]) / (1.0 - leverage[i]).max(1e-12)).powi(2)).sum()
         };
         let (_, penalty) = PENALTIES.iter().map(|&p| (p * n).max(1e-9)).map(|p| (press(p), p)).fold((f64::INFINITY, 1e-9), |best, c| if c.0 < best.0 { c } else { best });
